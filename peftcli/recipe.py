@@ -1,0 +1,212 @@
+"""Recipe schema, loading, `--set a.b=c` overrides and the resolved dump.
+
+A recipe is plain data: it is validated once here (pydantic, unknown keys are errors) and the
+resolved :class:`Recipe` is passed down to every other module. Method-specific keys live beside
+``method.name`` and are validated by that method's own config class (see ``peftcli.methods``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from peftcli.errors import UserError
+from peftcli.methods import METHOD_CONFIGS
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """The frozen base model."""
+
+    name_or_path: str = Field("smollm2-135m", description="alias of the embedded default (smollm2-135m), a local HF dir, or a hub id")
+    quantization: Literal["none", "nf4", "fp4", "int8"] = Field("none", description="load the frozen base through bitsandbytes")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the frozen base weights (and 4-bit compute dtype)")
+    double_quant: bool = Field(True, description="4-bit only: quantise the quantisation constants too (Dettmers et al. 2023, §3)")
+    trust_remote_code: bool = Field(False, description="allow model code from the model dir; off unless set")
+
+
+class DataSource(_Strict):
+    """One data file."""
+
+    path: str = Field(description="JSON, JSONL, CSV or Parquet file")
+    format: Literal["alpaca", "completion", "chat", "text"] = "alpaca"
+
+
+class DataConfig(_Strict):
+    train: DataSource
+    eval: DataSource | None = None
+    eval_split: float | None = Field(None, gt=0, lt=1, description="hold out this fraction of train when no eval file is given")
+    max_seq_len: int = Field(512, gt=1, description="tokens per example after truncation")
+    train_on_prompt: bool = Field(False, description="also supervise prompt tokens")
+    packing: bool = False
+    max_samples: int | None = Field(None, gt=0, description="use only the first N train rows")
+
+    @model_validator(mode="after")
+    def _one_eval(self):
+        if self.eval is not None and self.eval_split is not None:
+            raise ValueError("give data.eval or data.eval_split, not both")
+        return self
+
+
+class TrainConfig(_Strict):
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
+    epochs: float | None = Field(None, gt=0, description="passes over the train rows (default 1 when max_steps is unset)")
+    micro_batch_size: int = Field(4, gt=0, description="examples per forward pass")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    lr: float = Field(2.0e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the global gradient norm; null for none")
+    scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    optimizer: Literal["adamw"] = "adamw"
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = Field("auto", description="auto: bf16 autocast where the device supports it")
+    gradient_checkpointing: bool = False
+    eval_every: int = Field(50, ge=0, description="steps between evals; 0 for only at the end")
+    save_every: int = Field(100, ge=0, description="steps between checkpoints; 0 for none")
+    log_every: int = Field(10, gt=0)
+    eval_max_samples: int | None = Field(None, gt=0, description="eval rows used during training")
+
+
+class OutputConfig(_Strict):
+    dir: str = "runs/run"
+
+
+MethodConfig = Annotated[Union[tuple(METHOD_CONFIGS.values())], Field(discriminator="name")]
+
+
+class Recipe(_Strict):
+    """A whole recipe, every default filled."""
+
+    model: ModelConfig = ModelConfig()
+    method: MethodConfig
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _qlora_needs_4bit(self):
+        # qlora is LoRA on a 4-bit base (Dettmers et al. 2023): resolve the base's quantisation.
+        if self.method.name == "qlora" and self.model.quantization not in ("nf4", "fp4"):
+            if self.model.quantization != "none":
+                raise ValueError(f"method qlora needs model.quantization nf4 or fp4, not {self.model.quantization}")
+            self.model.quantization = "nf4"
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _format_error(err: ValidationError) -> str:
+    """One line naming the first bad key, e.g. ``method.lorra_alpha: unknown key``."""
+    e = err.errors()[0]
+    loc = [str(p) for p in e["loc"]]
+    # the discriminated union puts the method name into the location: method.lora.r -> method.r
+    if len(loc) >= 2 and loc[0] == "method" and loc[1] in METHOD_CONFIGS:
+        loc.pop(1)
+    key = ".".join(loc) or "recipe"
+    kind = e["type"]
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key"
+    if kind == "missing":
+        return f"{key}: missing required key"
+    if kind == "union_tag_invalid":
+        return f"{key}.name: unknown method {e['input'].get('name')!r} (choose from {', '.join(METHOD_CONFIGS)})"
+    if kind == "union_tag_not_found":
+        return f"{key}.name: missing required key (choose from {', '.join(METHOD_CONFIGS)})"
+    msg = e["msg"].removeprefix("Value error, ")
+    return f"{key}: {msg} (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else f"{key}: {msg}"
+
+
+def parse_override(item: str) -> tuple[list[str], object]:
+    """``"train.max_steps=3"`` -> (["train", "max_steps"], 3). The value is read as YAML, so
+    numbers, booleans, null and ``[a, b]`` lists get their types.
+
+    Raises:
+        UserError: no ``=`` or an empty key.
+    """
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_steps=3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set each ``a.b=c`` into the nested dict ``data`` (in place, and returned)."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"--set {item}: {'.'.join(path[:-1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a recipe file into a dict.
+
+    Raises:
+        UserError: missing file, or malformed YAML (names file and line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{line}: malformed YAML: {e.problem or e.context}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: malformed YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a recipe is a mapping of sections (model, method, data, train, output)")
+    return data
+
+
+def validate(data: dict) -> Recipe:
+    """Validate a recipe dict.
+
+    Raises:
+        UserError: one line naming the first bad key.
+    """
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise UserError(_format_error(e)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), output_dir: str | None = None) -> Recipe:
+    """Load, override and validate a recipe file.
+
+    Raises:
+        UserError: missing file, malformed YAML, unknown key or bad value.
+    """
+    data = apply_overrides(read_yaml(path), list(overrides))
+    if output_dir:
+        data.setdefault("output", {})
+        data["output"]["dir"] = output_dir
+    return validate(data)
+
+
+def dump(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (every default filled)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
