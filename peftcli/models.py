@@ -66,6 +66,7 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     clean.tie_weights()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    tmp.chmod(0o755)
     clean.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     if clean.generation_config is not None:

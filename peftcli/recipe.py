@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from peftcli.errors import UserError
 from peftcli.methods import METHOD_CONFIGS
@@ -73,6 +73,11 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, gt=0)
     eval_max_samples: int | None = Field(None, gt=0, description="eval rows used during training")
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v):
+        return "no" if v is False else v  # YAML 1.1 reads a bare `no` as false
+
 
 class OutputConfig(_Strict):
     dir: str = "runs/run"
@@ -125,6 +130,9 @@ def _format_error(err: ValidationError) -> str:
     return f"{key}: {msg} (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else f"{key}: {msg}"
 
 
+_YAML11_BOOLS = {"yes", "no", "on", "off", "y", "n"}
+
+
 def parse_override(item: str) -> tuple[list[str], object]:
     """``"train.max_steps=3"`` -> (["train", "max_steps"], 3). The value is read as YAML, so
     numbers, booleans, null and ``[a, b]`` lists get their types.
@@ -135,6 +143,8 @@ def parse_override(item: str) -> tuple[list[str], object]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_steps=3")
+    if raw.strip().lower() in _YAML11_BOOLS:
+        return key.strip().split("."), raw.strip()  # --set train.mixed_precision=no is the string "no"
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:

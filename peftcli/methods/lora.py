@@ -173,7 +173,8 @@ def apply(model: nn.Module, cfg: Config) -> list[str]:
         p.requires_grad_(False)
     for name in targets:
         base = model.get_submodule(name)
-        _set_submodule(model, name, LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora))
+        # keep the mode the base layer was in: LoRA dropout is off on a model in eval mode
+        _set_submodule(model, name, LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora).train(base.training))
     return targets
 
 

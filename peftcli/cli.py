@@ -1,0 +1,240 @@
+"""The ``peft`` command: a thin Typer shell — parse, call, print.
+
+User errors (:class:`peftcli.errors.UserError`) become one line on stderr and exit code 2;
+anything else is an internal error (exit 1 with its traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from peftcli.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Parameter-efficient fine-tuning of causal language models from YAML recipes.")
+out = Console()
+err = Console(stderr=True)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    for name in ("transformers", "bitsandbytes", "accelerate", "datasets", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def user_errors(fn):
+    """Turn a UserError into one line on stderr and exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        _quiet_libraries()
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+@app.command()
+@user_errors
+def train(
+    recipe: Path = typer.Argument(..., help="recipe YAML"),
+    set_: List[str] = typer.Option([], "--set", help="override a key: --set train.max_steps=3"),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", help="run dir (default: the recipe's output.dir)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the run dir's latest checkpoint"),
+    smoke: bool = typer.Option(False, "--smoke", help="CI check: a few steps on a few rows, then verify loss and adapter round-trip"),
+):
+    """Train a recipe; writes the run dir (adapter/, metrics.jsonl, summary.json, loss.png)."""
+    from peftcli import recipe as recipes
+    from peftcli import smoke as smoke_check
+    from peftcli.trainer import train as run_training
+
+    overrides = list(set_)
+    if smoke:
+        overrides = smoke_check.SMOKE_OVERRIDES + overrides
+    r = recipes.load_recipe(recipe, overrides, output_dir)
+    if smoke and not output_dir:
+        r.output.dir = r.output.dir.rstrip("/") + "-smoke"
+    result = run_training(r, resume=resume, console=err)
+    if smoke:
+        report = smoke_check.check(result)
+        for line in report.lines:
+            err.print(line)
+        if not report.ok:
+            raise typer.Exit(1)
+    out.print(str(result.run_dir))
+
+
+def _fmt(v, pct=False):
+    if v is None:
+        return "-"
+    return f"{100 * v:.1f}%" if pct else f"{v:.4f}"
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    target: str = typer.Argument(..., help="run dir, adapter dir or recipe"),
+    data: Optional[str] = typer.Option(None, "--data", help="eval file (default: the recipe's eval set)"),
+    fmt: Optional[str] = typer.Option(None, "--format", help="alpaca | completion | chat | text"),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+):
+    """Held-out loss, perplexity and exact match: base vs adapted."""
+    from peftcli.evaluate import evaluate
+
+    result = evaluate(target, data, fmt, max_samples)
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table(title=f"{result['rows']} rows of {result['data']} ({result['format']})")
+    table.add_column("model")
+    for col in ("loss", "perplexity", "exact match"):
+        table.add_column(col, justify="right")
+    for name in ("base", "adapted"):
+        m = result.get(name)
+        if m:
+            table.add_row(name, _fmt(m["loss"]), _fmt(m["perplexity"]), _fmt(m["exact_match"], pct=True))
+    out.print(table)
+
+
+@app.command()
+@user_errors
+def merge(
+    target: str = typer.Argument(..., help="run dir or adapter dir"),
+    output: Path = typer.Option(..., "-o", "--output", help="dir for the merged transformers model"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: the base's)"),
+):
+    """Fold the adapter into the base weights; writes a transformers model dir."""
+    from peftcli.merge import merge_adapter
+
+    path = merge_adapter(target, output, dtype, log=err.print)
+    out.print(f"merged model written to {path}")
+
+
+@app.command()
+@user_errors
+def generate(
+    target: str = typer.Argument(..., help="run dir or adapter dir"),
+    prompt: str = typer.Argument(...),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+    raw: bool = typer.Option(False, "--raw", help="send the prompt as is, not in the run's train format"),
+):
+    """Greedy generation with the adapted model."""
+    from peftcli import artifacts
+    from peftcli.data import render_prompt
+    from peftcli.evaluate import generate as greedy
+
+    model, tok, info = artifacts.load_adapted(target)
+    fmt = ((info.get("recipe") or {}).get("data") or {}).get("train", {}).get("format", "text")
+    text = prompt if raw else render_prompt(_as_row(prompt, fmt), fmt, tok)
+    out.print(greedy(model, tok, [text], max_new_tokens)[0], highlight=False, markup=False)
+
+
+def _as_row(prompt: str, fmt: str) -> dict:
+    return {"alpaca": {"instruction": prompt, "input": "", "output": ""},
+            "completion": {"prompt": prompt, "completion": ""},
+            "chat": {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]},
+            }.get(fmt, {"text": prompt})
+
+
+@app.command()
+@user_errors
+def validate(
+    recipe: Path = typer.Argument(...),
+    set_: List[str] = typer.Option([], "--set"),
+):
+    """Resolve a recipe; list matched modules, trainable parameters and a peak-memory estimate."""
+    from peftcli import methods, models
+    from peftcli import recipe as recipes
+    from peftcli.trainer import parameter_counts
+
+    r = recipes.load_recipe(recipe, set_)
+    out.print(recipes.dump(r), highlight=False, markup=False)
+    model, tok, path = models.load_base(**r.model.model_dump())
+    targets = methods.get(r.method.name).apply(model, r.method)
+    trainable, total = parameter_counts(model)
+    out.print(f"base: {path}")
+    out.print(f"matched {len(targets)} modules: {', '.join(targets[:6])}{' ...' if len(targets) > 6 else ''}")
+    out.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    cfg = model.config
+    activations = r.train.micro_batch_size * r.data.max_seq_len * cfg.hidden_size * cfg.num_hidden_layers * 4 * 16
+    estimate = weights + trainable * 4 * 3 + activations
+    out.print(f"peak memory estimate: {estimate / 2**30:.2f} GiB (weights {weights / 2**30:.2f} GiB; rough)")
+
+
+@app.command("methods")
+@user_errors
+def methods_():
+    """List the method library."""
+    from peftcli.methods import METHODS
+
+    table = Table()
+    for col in ("name", "trains", "merges", "paper"):
+        table.add_column(col)
+    for name, m in METHODS.items():
+        table.add_row(name, m.SUMMARY, "yes" if m.CAN_MERGE else "no", m.PAPER)
+    out.print(table)
+
+
+def recipes_dir() -> Path:
+    """The bundled recipes: ./recipes, else the one beside the installed package."""
+    here = Path("recipes")
+    return here if here.is_dir() else Path(__file__).resolve().parent.parent / "recipes"
+
+
+@app.command("recipes")
+@user_errors
+def recipes_():
+    """List the bundled recipes."""
+    from peftcli.recipe import read_yaml
+
+    for path in sorted(recipes_dir().glob("*.yaml")):
+        method = (read_yaml(path).get("method") or {}).get("name", "?")
+        out.print(f"{path.stem:24} {method:14} {path}")
+
+
+@app.command()
+@user_errors
+def init(name: str = typer.Argument(..., help="bundled recipe name (see `peft recipes`)"), dest: Path = typer.Argument(...)):
+    """Copy a bundled recipe to start from."""
+    src = recipes_dir() / f"{name.removesuffix('.yaml')}.yaml"
+    if not src.is_file():
+        names = ", ".join(p.stem for p in sorted(recipes_dir().glob("*.yaml")))
+        raise UserError(f"no bundled recipe {name!r} (choose from {names})")
+    if dest.is_dir():
+        dest = dest / src.name
+    if dest.exists():
+        raise UserError(f"{dest}: already exists")
+    shutil.copyfile(src, dest)
+    out.print(f"wrote {dest}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,126 @@
+"""Held-out metrics: loss per supervised token, perplexity and greedy exact match, base vs adapted."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from peftcli import artifacts, data, models
+from peftcli.errors import UserError
+from peftcli.recipe import DataSource, load_recipe, validate
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, use_cache: bool = True) -> list[str]:
+    """Greedy continuations of ``prompts`` (a left-padded batch), decoded without special tokens.
+
+    Each prompt is tokenized as in training (``add_special_tokens=True``); generation stops at EOS.
+    """
+    ids = [tokenizer(p, add_special_tokens=True).input_ids for p in prompts]
+    width = max(len(x) for x in ids)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])  # (B, T) left-padded
+    attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+    device = next(model.parameters()).device
+    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=False,
+                         max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                         use_cache=use_cache, temperature=None, top_p=None, top_k=None)
+    return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+
+
+def exact_match(model: nn.Module, tokenizer, rows: list[dict], fmt: str, batch_size: int = 16) -> dict:
+    """Share of rows with a reference whose greedy answer equals it (both stripped).
+
+    Returns {"exact_match": fraction in [0, 1] or None, "n_references": count, "samples": first 3
+    (prompt, reference, answer)}.
+    """
+    pairs = [(data.render_prompt(r, fmt, tokenizer), data.reference(r, fmt)) for r in rows]
+    pairs = [(p, ref) for p, ref in pairs if ref is not None]
+    if not pairs:
+        return {"exact_match": None, "n_references": 0, "samples": []}
+    hits, samples = 0, []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        longest = max(len(tokenizer(ref, add_special_tokens=False).input_ids) for _, ref in chunk)
+        answers = generate(model, tokenizer, [p for p, _ in chunk], max_new_tokens=min(longest + 8, 256))
+        for (p, ref), ans in zip(chunk, answers):
+            hits += ans.strip() == ref.strip()
+            if len(samples) < 3:
+                samples.append({"reference": ref, "answer": ans.strip()})
+    return {"exact_match": hits / len(pairs), "n_references": len(pairs), "samples": samples}
+
+
+def score(model: nn.Module, tokenizer, examples: list[dict], rows: list[dict], fmt: str, micro_batch_size: int = 8) -> dict:
+    """Loss (nats per supervised token), perplexity and exact match of one model (float32, eval mode)."""
+    from peftcli.trainer import eval_loss
+
+    model.eval()
+    out = eval_loss(model, examples, tokenizer.pad_token_id, micro_batch_size, nullcontext) if examples else {}
+    result = {"loss": out.get("eval_loss"), "perplexity": out.get("eval_ppl"), "supervised_tokens": out.get("eval_tokens", 0)}
+    result.update(exact_match(model, tokenizer, rows, fmt))
+    return result
+
+
+def _eval_data(recipe_dict: dict | None, data_path: str | None, fmt: str | None, tokenizer, max_samples: int | None):
+    """(examples, rows, format) from --data, else from the recipe's eval file / eval split."""
+    if data_path:
+        source = DataSource(path=data_path, format=fmt or "alpaca")
+        rows = data.load_rows(source)[:max_samples]
+        max_len = (recipe_dict or {}).get("data", {}).get("max_seq_len", 512)
+        examples, _ = data.tokenize_rows(rows, source.format, tokenizer, max_len, False, data_path)
+        return examples, rows, source.format
+    if recipe_dict is None:
+        raise UserError("no eval data: pass --data PATH [--format F]")
+    recipe = validate(recipe_dict)
+    if recipe.data.eval is None and recipe.data.eval_split is None:
+        raise UserError("the recipe has no data.eval or data.eval_split: pass --data PATH [--format F]")
+    ds = data.build(recipe.data, tokenizer, recipe.train.seed)
+    rows = ds.eval_rows[:max_samples] if max_samples else ds.eval_rows
+    examples = ds.eval[:max_samples] if max_samples else ds.eval
+    return examples, rows, ds.eval_format
+
+
+def evaluate(target: str, data_path: str | None = None, fmt: str | None = None, max_samples: int | None = None) -> dict:
+    """Score the base model and the adapted one on held-out data.
+
+    ``target`` is a run dir, an adapter dir, or a recipe (whose ``output.dir`` holds the run;
+    with no adapter there yet, only the base is scored).
+
+    Returns {"base": metrics, "adapted": metrics or None, "data": str, "rows": n}.
+    Raises:
+        UserError: nothing at ``target``, no eval data, adapter/base mismatch.
+    """
+    path = Path(target)
+    recipe_dict, adapter_source = None, None
+    if path.is_file():
+        recipe = load_recipe(path)
+        recipe_dict = recipe.model_dump(mode="json")
+        if (Path(recipe.output.dir) / "adapter" / "adapter_config.json").is_file():
+            adapter_source = recipe.output.dir
+    elif path.is_dir():
+        adapter_source = str(path)
+    else:
+        raise UserError(f"{target}: no such run dir, adapter dir or recipe")
+
+    adapted, info = None, None
+    if adapter_source is not None:
+        adapted, tokenizer, info = artifacts.load_adapted(adapter_source)
+        recipe_dict = recipe_dict or info.get("recipe")
+        model_cfg = info["model"]
+    else:
+        model_cfg = recipe_dict["model"]
+    base, tok, _ = models.load_base(**model_cfg)
+    tokenizer = tok if adapted is None else tokenizer
+    examples, rows, eval_fmt = _eval_data(recipe_dict, data_path, fmt, tokenizer, max_samples)
+    if not rows:
+        raise UserError("eval data is empty")
+    result = {"data": data_path or "recipe eval set", "rows": len(rows), "format": eval_fmt,
+              "base": score(base, tokenizer, examples, rows, eval_fmt)}
+    del base
+    result["adapted"] = score(adapted, tokenizer, examples, rows, eval_fmt) if adapted is not None else None
+    if info is not None:
+        result["adapter"] = str(info["adapter_dir"])
+    return result

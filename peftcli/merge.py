@@ -1,0 +1,155 @@
+"""Folding an adapter into its base: ``peft merge RUN -o OUT`` writes a plain transformers dir.
+
+For LoRA the merged weight is W + scale·B·A, summed in float32 and rounded once to the output
+dtype (Hu et al. 2021, §4.1: "no additional inference latency"). A 4-bit or 8-bit base is
+dequantised first, so a QLoRA run merges into dequant(W_nf4) + scale·B·A — the weights the
+adapter was trained against (Dettmers et al. 2023, §3) — and the output is never re-quantised.
+A tied output head that received an update gets its own storage and the config is untied, so
+the input embedding stays bit-identical.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from peftcli import methods, models
+from peftcli.artifacts import atomic_dir, find_adapter_dir, load_adapted, method_name, read_adapter_config
+from peftcli.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+WHY_NOT = "its trainable parts are not a weight update that can be folded into the base weights"
+
+
+def merge_adapter(path: str | Path, out_dir: str | Path, dtype: str | None = None,
+                  log: Callable[[str], None] | None = None) -> Path:
+    """Merge the adapter at ``path`` (run dir or adapter dir) into its base and write a
+    transformers model dir (safetensors weights, config, tokenizer, generation config) to
+    ``out_dir``, atomically (temporary sibling dir, then rename).
+
+    Args:
+        path: a run dir or an adapter dir.
+        out_dir: where the merged model goes; an existing transformers model dir there is
+            replaced, anything else is refused.
+        dtype: ``float32 | bfloat16 | float16``; default the base's recorded dtype (for a 4-bit
+            base that is its compute dtype, float32 unless the recipe set another).
+        log: where the one-line summary goes (default: this module's logger at INFO).
+
+    Returns ``out_dir``, which ``AutoModelForCausalLM.from_pretrained`` loads.
+
+    Raises:
+        UserError: the method cannot merge (its module's ``CANNOT_MERGE_BECAUSE`` says why,
+        checked before the base is loaded), an unknown dtype, ``out_dir`` is the
+        base or adapter dir or a non-empty dir that is not a model dir, or any error of
+        :func:`peftcli.artifacts.load_adapted`.
+    """
+    log = log or logger.info
+    if dtype is not None and dtype not in models.DTYPES:
+        raise UserError(f"--dtype {dtype}: choose from {', '.join(models.DTYPES)}")
+    out_dir = Path(out_dir)
+    name = method_name(read_adapter_config(find_adapter_dir(path)))
+    method = methods.get(name)
+    if not method.CAN_MERGE:  # before loading the base
+        why = getattr(method, "CANNOT_MERGE_BECAUSE", WHY_NOT)
+        raise UserError(f"method {name} cannot be merged: {why}; use the adapter as is (peft eval / peft generate)")
+    model, tok, info = load_adapted(path)
+    _check_out_dir(out_dir, info)
+
+    quantized = info["model"]["quantization"] != "none"
+    out_name = dtype or info["model"]["dtype"]
+    out_dtype = models.DTYPES[out_name]
+    if not quantized and out_dtype != next(model.parameters()).dtype:
+        model.float()  # exact; the merge then rounds once, to out_dtype, when the weights are copied
+
+    method.merge(model)
+    dequantize_linears(model, torch.float32)
+    clean = plain_model(model, out_dtype)
+
+    with atomic_dir(out_dir) as tmp:
+        clean.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if clean.generation_config is not None:
+            clean.generation_config.save_pretrained(tmp)
+
+    chosen = f"dtype {out_name}" + (" (the base's recorded dtype)" if dtype is None else "")
+    note = f"; the {info['model']['quantization']} base was dequantised, not re-quantised" if quantized else ""
+    log(f"merged {info['adapter_dir']} into {out_dir}: {chosen}{note}")
+    return out_dir
+
+
+def _check_out_dir(out_dir: Path, info: dict) -> None:
+    """Refuse to write over the base, the adapter, or a dir that is not a model dir."""
+    if not out_dir.exists():
+        return
+    target = out_dir.resolve()
+    adapter = Path(info["adapter_dir"]).resolve()
+    base = Path(info["base_path"]).expanduser()
+    if base.exists() and base.resolve() == target:
+        raise UserError(f"-o {out_dir}: is the base model dir; merge into a new dir")
+    if target == adapter or target in adapter.parents:
+        raise UserError(f"-o {out_dir}: holds the adapter being merged; merge into a new dir")
+    if not out_dir.is_dir():
+        raise UserError(f"-o {out_dir}: exists and is not a directory")
+    if any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
+        raise UserError(f"-o {out_dir}: exists, is not empty and is not a model dir; choose a new dir")
+
+
+def dequantize_linears(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
+    """Replace every bitsandbytes 4/8-bit Linear left in ``model`` by a plain ``nn.Linear``
+    holding ``models.dequantized_weight`` (the values the quantised layer computes with) in
+    ``dtype``. Returns how many were replaced."""
+    names = [n for n, m in model.named_modules() if _is_bnb_linear(m)]
+    for name in names:
+        q = model.get_submodule(name)
+        w = models.dequantized_weight(q)  # (out, in) float32
+        linear = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=w.device, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(w)
+            if q.bias is not None:
+                linear.bias.copy_(q.bias.float())
+        linear.requires_grad_(False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, linear)
+    return len(names)
+
+
+def _is_bnb_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and type(module).__module__.startswith("bitsandbytes")
+
+
+def plain_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A fresh ``from_config`` copy of a merged model, in ``dtype``, without quantisation, with
+    the merged weights loaded (strict: every key must fit). The output head is tied to the input
+    embedding only if they still share storage."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and head.weight.data_ptr() == emb.weight.data_ptr()
+    if not tied:
+        _untie(config)
+    clean = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = {k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    clean.load_state_dict(state, strict=True)
+    if tied:
+        clean.tie_weights()
+    if model.generation_config is not None:
+        clean.generation_config = model.generation_config
+    return clean.eval()
+
+
+def _untie(config) -> None:
+    """Record that the output head has its own weights, so a reload does not re-tie it."""
+    config.tie_word_embeddings = False
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if text is not config:
+        text.tie_word_embeddings = False

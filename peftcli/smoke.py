@@ -1,0 +1,47 @@
+"""``peft train --smoke``: a few steps on a few rows, then the checks a CI job needs —
+the loss is finite, and the saved adapter reloads to the same logits as the trained model."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+SMOKE_OVERRIDES = [
+    "train.max_steps=4", "data.max_samples=16", "train.micro_batch_size=2", "train.grad_accum=1",
+    "train.log_every=1", "train.eval_every=0", "train.save_every=0", "train.eval_max_samples=4",
+]
+
+
+@dataclass
+class SmokeReport:
+    ok: bool = True
+    lines: list[str] = field(default_factory=list)
+
+    def record(self, passed: bool, what: str) -> None:
+        self.ok &= passed
+        self.lines.append(f"smoke {'ok  ' if passed else 'FAIL'} {what}")
+
+
+@torch.no_grad()
+def check(result) -> SmokeReport:
+    """Check a finished smoke run (a :class:`peftcli.trainer.TrainResult`)."""
+    from peftcli import artifacts, data
+    from peftcli.trainer import read_events
+
+    report = SmokeReport()
+    losses = [e["loss"] for e in read_events(result.run_dir / "metrics.jsonl") if e.get("event") == "train"]
+    report.record(bool(losses) and all(math.isfinite(x) for x in losses),
+                  f"loss finite over {len(losses)} steps (first {losses[0]:.4f}, last {losses[-1]:.4f})" if losses else "no loss logged")
+    reloaded, tok, _ = artifacts.load_adapted(result.run_dir)
+    batch = data.collate(result.datasets.train[:2], tok.pad_token_id)
+    device = next(result.model.parameters()).device
+    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+    a = result.model.eval()(**inputs).logits.float()
+    b = reloaded(**inputs).logits.float().to(device)
+    diff = float((a - b).abs().max())
+    report.record(diff <= 1e-4 * max(1.0, float(a.abs().max())), f"adapter saved and reloaded: max logit difference {diff:.2e}")
+    adapter_finite = all(torch.isfinite(p).all() for p in result.model.parameters() if p.requires_grad)
+    report.record(bool(adapter_finite), "adapter weights finite")
+    return report

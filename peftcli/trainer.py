@@ -1,0 +1,421 @@
+"""The training loop, read top to bottom: setup, loop, checkpoint, artifacts.
+
+One optimizer step = ``grad_accum`` micro-batches of ``micro_batch_size`` examples. The loss of
+a step is the mean cross-entropy over **all supervised tokens of the step** (each micro-batch
+contributes its token sum divided by the step's token count), so micro-batch 2 × accumulation 1
+and micro-batch 1 × accumulation 2 give the same gradients. Accelerate provides the device,
+mixed-precision autocast and (under ``accelerate launch``) data parallelism.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftcli import artifacts, data, methods, models
+from peftcli.data import IGNORE_INDEX
+from peftcli.errors import UserError
+from peftcli.recipe import Recipe, dump
+
+
+# ---------------------------------------------------------------------------------------------
+# loss
+
+
+def supervised_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the supervised positions of a batch.
+
+    Runs the transformer body once, then the output head only at positions whose next token is
+    supervised (labels != -100): never a full (B, T, vocab) logits tensor.
+
+    Args:
+        batch: input_ids, attention_mask, labels, each (B, T); labels[i] is the target of token i
+            (unshifted, Hugging Face convention).
+    Returns:
+        (loss_sum, n) — a scalar float32 tensor (nats) and the number of supervised tokens.
+    """
+    body = getattr(model, model.base_model_prefix)
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
+    targets = batch["labels"][:, 1:]  # (B, T-1)
+    mask = targets != IGNORE_INDEX
+    n = int(mask.sum())
+    if n == 0:
+        return hidden.sum() * 0.0, 0
+    h = hidden[:, :-1][mask]  # (n, H)
+    logits = model.get_output_embeddings()(h)  # (n, V)
+    return F.cross_entropy(logits.float(), targets[mask], reduction="sum"), n
+
+
+def count_supervised(batch: dict[str, torch.Tensor]) -> int:
+    """Supervised next-token targets in a batch: labels[:, 1:] != -100."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def accumulate_gradients(model: nn.Module, micro_batches: list[dict], device, autocast=nullcontext,
+                         backward=torch.Tensor.backward) -> tuple[float, int]:
+    """Forward and backward over the micro-batches of one optimizer step.
+
+    Each micro-batch's summed loss is divided by the supervised-token count of the whole step,
+    so the accumulated gradient is that of the mean over all the step's supervised tokens —
+    independent of how the examples are split into micro-batches or padded (CASES C8).
+
+    Returns (mean loss per supervised token of the step, supervised token count).
+    """
+    n_step = sum(count_supervised(mb) for mb in micro_batches)
+    total = 0.0
+    for mb in micro_batches:
+        mb = {k: v.to(device) for k, v in mb.items()}
+        with autocast():
+            loss_sum, _ = supervised_loss_sum(model, mb)
+        backward(loss_sum / max(n_step, 1))
+        total += float(loss_sum.detach())
+    return total / max(n_step, 1), n_step
+
+
+@torch.no_grad()
+def eval_loss(model: nn.Module, examples: list[dict], pad_id: int, micro_batch_size: int, autocast) -> dict:
+    """Mean loss per supervised token (nats) and perplexity over tokenized examples."""
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(examples), micro_batch_size):
+        batch = data.collate(examples[i:i + micro_batch_size], pad_id)
+        batch = {k: v.to(_device(model)) for k, v in batch.items()}
+        with autocast():
+            s, k = supervised_loss_sum(model, batch)
+        total, n = total + float(s), n + k
+    model.train(was_training)
+    loss = total / max(n, 1)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": n}
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(p.device for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# setup helpers
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit packed weights count 2 values per byte."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel() * (2 if p.dtype == torch.uint8 and hasattr(p, "quant_state") else 1)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU has native bfloat16 matmuls (AVX512-BF16 / AMX), where autocast pays."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    """``auto`` -> bf16 where the device has fast bfloat16 (CUDA with bf16, or such a CPU), else no."""
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_supports_bf16() else "no"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def total_steps(recipe: Recipe, n_examples: int) -> int:
+    """Optimizer steps: ``max_steps``, else ``epochs`` (default 1) passes over the train set."""
+    t = recipe.train
+    if t.max_steps:
+        return t.max_steps
+    per_epoch = math.ceil(n_examples / t.micro_batch_size) / t.grad_accum
+    return max(1, math.ceil((t.epochs or 1.0) * per_epoch))
+
+
+def make_scheduler(optimizer, recipe: Recipe, steps: int):
+    """Warmup then constant / linear / cosine decay to 0 (transformers' schedules)."""
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[recipe.train.scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=recipe.train.warmup_steps, num_training_steps=steps)
+
+
+class MicroBatches:
+    """Endless seeded stream of micro-batch index lists; ``position`` = (epoch, index) to resume."""
+
+    def __init__(self, examples: list[dict], micro_batch_size: int, seed: int, epoch: int = 0, index: int = 0):
+        self.examples, self.mbs, self.seed = examples, micro_batch_size, seed
+        self.epoch, self.index = epoch, index
+        self._order = data.batches(examples, micro_batch_size, seed, epoch)
+
+    def next(self) -> list[int]:
+        if self.index >= len(self._order):
+            self.epoch, self.index = self.epoch + 1, 0
+            self._order = data.batches(self.examples, self.mbs, self.seed, self.epoch)
+        batch = self._order[self.index]
+        self.index += 1
+        return batch
+
+    @property
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+
+# ---------------------------------------------------------------------------------------------
+# run-dir writing
+
+
+class RunLog:
+    """Appends one JSON object per event to ``metrics.jsonl``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.events: list[dict] = []
+
+    def write(self, event: dict) -> None:
+        self.events.append(event)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(event) + "\n")
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON through a temporary file + fsync + rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def plot_loss(events: list[dict], path: Path) -> None:
+    """``loss.png``: train and eval loss against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(e["step"], e["loss"]) for e in events if e.get("event") == "train"]
+    evals = [(e["step"], e["eval_loss"]) for e in events if e.get("event") == "eval"]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss per supervised token (nats)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def save_checkpoint(run_dir: Path, step: int, model, recipe, base_path, fp, optimizer, scheduler, stream: MicroBatches) -> Path:
+    """``checkpoints/step-N/``: adapter, optimizer, scheduler, RNG states, data position —
+    written to a temporary dir and renamed, so a checkpoint on disk is never partial."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.tmp-", dir=root))
+    tmp.chmod(0o755)
+    artifacts.save_adapter(tmp / "adapter", model, recipe, base_path, fp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")  # dropout draws from torch's RNG only
+    (tmp / "state.json").write_text(json.dumps({"step": step, "data": stream.position}))
+    for f in tmp.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The highest complete ``checkpoints/step-N`` dir, or None."""
+    root = run_dir / "checkpoints"
+    steps = [(int(p.name.split("-")[1]), p) for p in root.glob("step-*") if p.name.split("-")[1].isdigit() and (p / "state.json").is_file()] if root.is_dir() else []
+    return max(steps)[1] if steps else None
+
+
+# ---------------------------------------------------------------------------------------------
+# the recipe
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    summary: dict
+    model: nn.Module = field(repr=False)
+    tokenizer: object = field(repr=False)
+    datasets: object = field(repr=False)
+
+
+def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
+    """Train ``recipe`` and write the run dir (recipe.yaml, adapter/, metrics.jsonl, summary.json,
+    loss.png, checkpoints/). Returns the run dir, summary and the trained model.
+
+    Raises:
+        UserError: bad model/data (from loading), nothing to resume, a non-finite loss.
+    """
+    from accelerate import Accelerator
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    t = recipe.train
+    run_dir = Path(recipe.output.dir)
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None:
+        raise UserError(f"{run_dir}: no checkpoint to resume from (train.save_every writes them)")
+    if not resume and (run_dir / "metrics.jsonl").exists():
+        (run_dir / "metrics.jsonl").unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(dump(recipe), encoding="utf-8")
+    seed_everything(t.seed)
+
+    # 1. model + method
+    model, tok, base_path = models.load_base(**recipe.model.model_dump())
+    fp = models.fingerprint(model)
+    method = methods.get(recipe.method.name)
+    targets = method.apply(model, recipe.method)
+    trainable, total = parameter_counts(model)
+    console.print(f"[bold]{recipe.method.name}[/]: {len(targets)} modules wrapped; trainable parameters "
+                  f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # 2. data
+    ds = data.build(recipe.data, tok, t.seed)
+    log = RunLog(run_dir / "metrics.jsonl")
+    log.write({"event": "data", "train": vars(ds.train_stats), "eval": vars(ds.eval_stats) if ds.eval_stats else None})
+    s = ds.train_stats
+    console.print(f"data: {s.kept} train examples ({s.dropped_empty_answer} empty answers and "
+                  f"{s.dropped_truncated} over-long prompts dropped), {len(ds.eval)} eval examples")
+    eval_examples = ds.eval[: t.eval_max_samples] if t.eval_max_samples else ds.eval
+
+    # 3. optimizer, schedule, accelerator
+    mixed = resolve_mixed_precision(t.mixed_precision)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    steps = total_steps(recipe, len(ds.train))
+    scheduler = make_scheduler(optimizer, recipe, steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    stream = MicroBatches(ds.train, t.micro_batch_size, t.seed)
+    start = 0
+    if checkpoint is not None:
+        start = _restore(checkpoint, model, method, optimizer, scheduler, stream)
+        console.print(f"resumed from {checkpoint} (step {start})")
+
+    # 4. loop
+    model.train()
+    device = accelerator.device
+    pad_id = tok.pad_token_id
+    t0 = time.perf_counter()
+    window_tokens, window_t0, last_loss = 0, time.perf_counter(), float("nan")
+    step_losses: list[float] = []
+    progress = _progress(console, steps, start)
+    with progress:
+        task = progress.add_task("train", total=steps, completed=start, loss=float("nan"), lr=0.0, tps=0.0)
+        for step in range(start + 1, steps + 1):
+            micro = [data.collate([ds.train[i] for i in stream.next()], pad_id) for _ in range(t.grad_accum)]
+            loss, _ = accumulate_gradients(model, micro, device, accelerator.autocast, accelerator.backward)
+            window_tokens += sum(int(mb["attention_mask"].sum()) for mb in micro)
+            if not math.isfinite(loss):
+                raise UserError(f"train: loss is {loss} at step {step}; lower train.lr or check the data (last checkpoint kept)")
+            if t.max_grad_norm:
+                accelerator.clip_grad_norm_(params, t.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_losses.append(loss)
+            last_loss = loss
+
+            if step % t.log_every == 0 or step == steps:
+                dt = time.perf_counter() - window_t0
+                event = {"event": "train", "step": step, "loss": sum(step_losses) / len(step_losses),
+                         "lr": scheduler.get_last_lr()[0], "tokens_per_s": window_tokens / max(dt, 1e-9),
+                         "epoch": stream.epoch, "elapsed_s": time.perf_counter() - t0}
+                log.write(event)
+                progress.update(task, loss=event["loss"], lr=event["lr"], tps=event["tokens_per_s"])
+                if not progress.live.is_started:
+                    console.print(f"step {step}/{steps}  loss {event['loss']:.4f}  lr {event['lr']:.2e}  {event['tokens_per_s']:.0f} tok/s")
+                step_losses, window_tokens, window_t0 = [], 0, time.perf_counter()
+            if eval_examples and t.eval_every and step % t.eval_every == 0 and step != steps:
+                ev = eval_loss(model, eval_examples, pad_id, t.micro_batch_size, accelerator.autocast)
+                log.write({"event": "eval", "step": step, **ev})
+                progress.console.print(f"step {step}: eval loss {ev['eval_loss']:.4f}  ppl {ev['eval_ppl']:.2f}")
+            if t.save_every and step % t.save_every == 0 and step != steps:
+                save_checkpoint(run_dir, step, model, recipe, base_path, fp, optimizer, scheduler, stream)
+            progress.update(task, completed=step)
+
+    # 5. final eval + artifacts
+    summary = {"method": recipe.method.name, "steps": steps, "final_train_loss": last_loss,
+               "trainable_params": trainable, "total_params": total, "trainable_pct": 100 * trainable / total,
+               "train_examples": len(ds.train), "dropped_rows": s.dropped_empty_answer + s.dropped_truncated,
+               "mixed_precision": mixed, "wall_s": time.perf_counter() - t0}
+    if eval_examples:
+        ev = eval_loss(model, eval_examples, pad_id, t.micro_batch_size, accelerator.autocast)
+        log.write({"event": "eval", "step": steps, **ev})
+        summary.update(ev)
+        console.print(f"final eval loss {ev['eval_loss']:.4f}  ppl {ev['eval_ppl']:.2f}")
+    model = accelerator.unwrap_model(model)
+    adapter_dir = artifacts.save_adapter(run_dir / "adapter", model, recipe, base_path, fp)
+    summary["adapter_dir"] = str(adapter_dir)
+    write_json_atomic(run_dir / "summary.json", summary)
+    plot_loss(log.events if not resume else read_events(run_dir / "metrics.jsonl"), run_dir / "loss.png")
+    console.print(f"wrote {run_dir}/ (adapter/, metrics.jsonl, summary.json, loss.png) in {summary['wall_s']:.1f}s")
+    model.eval()
+    return TrainResult(run_dir, summary, model, tok, ds)
+
+
+def _restore(checkpoint: Path, model, method, optimizer, scheduler, stream: MicroBatches) -> int:
+    """Load adapter, optimizer, scheduler, RNG and data position from a checkpoint; returns its step."""
+    from safetensors.torch import load_file
+
+    method.load_state_dict(model, load_file(checkpoint / "adapter" / "adapter_model.safetensors"))
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+    rng = torch.load(checkpoint / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    state = json.loads((checkpoint / "state.json").read_text())
+    stream.__init__(stream.examples, stream.mbs, stream.seed, state["data"]["epoch"], state["data"]["index"])
+    return int(state["step"])
+
+
+def read_events(path: Path) -> list[dict]:
+    """The events of a ``metrics.jsonl``."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _progress(console, steps: int, start: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:.0f} tok/s"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not console.is_terminal,
+    )

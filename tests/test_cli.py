@@ -1,0 +1,96 @@
+"""The command line: user errors exit 2 with one line naming the problem, no traceback."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PEFT = str(Path(sys.executable).with_name("peft"))
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args, cwd=ROOT):
+    return subprocess.run([PEFT, *args], capture_output=True, text=True, cwd=cwd, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def write(tmp_path, text, name="recipe.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+GOOD = """\
+model: {{name_or_path: {model}}}
+method: {{name: lora, r: 4, alpha: 8}}
+data:
+  train: {{path: {data}, format: alpaca}}
+train: {{max_steps: 1}}
+output: {{dir: {out}}}
+"""
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    p = tmp_path / "rows.jsonl"
+    p.write_text(json.dumps({"instruction": "Add.", "input": "1 + 1", "output": "2"}) + "\n")
+    return str(p)
+
+
+@pytest.mark.parametrize("edit, expect", [
+    (lambda r: r.replace("alpha: 8", "lorra_alpha: 8"), "method.lorra_alpha: unknown key"),
+    (lambda r: r.replace("r: 4", "r: -4"), "method.r:"),
+    (lambda r: r.replace("max_steps: 1", "max_steps: many"), "train.max_steps:"),
+    (lambda r: r.replace("name: lora", "name: loraa"), "method.name: unknown method 'loraa'"),
+    (lambda r: r + "trainer: {}\n", "trainer: unknown key"),
+    (lambda r: r.replace("format: alpaca", "format: sharegpt"), "data.train.format:"),
+])
+def test_bad_recipe_exits_2_with_one_line(tmp_path, data_file, edit, expect):
+    recipe = write(tmp_path, edit(GOOD.format(model="smollm2-135m", data=data_file, out=tmp_path / "run")))
+    p = run("train", recipe)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and expect in lines[0], p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    recipe = write(tmp_path, "model:\n  name_or_path: x\nmethod: [lora\ndata: {}\n")
+    p = run("train", recipe)
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0 and f"{recipe}:4" in p.stderr and "malformed YAML" in p.stderr
+
+
+def test_missing_files_exit_2(tmp_path, tiny_dir):
+    p = run("train", str(tmp_path / "nope.yaml"))
+    assert p.returncode == 2 and "nope.yaml: recipe file not found" in p.stderr
+    recipe = write(tmp_path, GOOD.format(model=tiny_dir, data=tmp_path / "missing.jsonl", out=tmp_path / "run"))
+    p = run("train", recipe)
+    assert p.returncode == 2 and "missing.jsonl" in p.stderr and "Traceback" not in p.stderr
+    recipe = write(tmp_path, GOOD.format(model=tmp_path / "no-model", data=tmp_path / "missing.jsonl", out=tmp_path / "run"), "r2.yaml")
+    p = run("train", recipe)
+    assert p.returncode == 2 and "no-model" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_set_override_is_applied_and_validated(tmp_path, data_file, tiny_dir):
+    recipe = write(tmp_path, GOOD.format(model=tiny_dir, data=data_file, out=tmp_path / "run"))
+    p = run("train", recipe, "--set", "method.lorra=3")
+    assert p.returncode == 2 and "method.lorra: unknown key" in p.stderr
+    p = run("train", recipe, "--set", "train.max_steps=2", "--set", "train.log_every=1", "--set", "train.mixed_precision=no")
+    assert p.returncode == 0, p.stderr
+    resolved = (tmp_path / "run" / "recipe.yaml").read_text()
+    assert "max_steps: 2" in resolved and "lr: 0.0002" in resolved
+
+
+def test_methods_recipes_init(tmp_path):
+    p = run("methods")
+    assert p.returncode == 0 and "lora" in p.stdout and "qlora" in p.stdout and "Hu et al. 2021" in p.stdout
+    p = run("recipes")
+    assert p.returncode == 0 and "qlora-llama" in p.stdout and "lora-llama" in p.stdout
+    p = run("init", "qlora-llama", str(tmp_path / "mine.yaml"))
+    assert p.returncode == 0 and (tmp_path / "mine.yaml").read_text() == (ROOT / "recipes" / "qlora-llama.yaml").read_text()
+    p = run("init", "nope", str(tmp_path / "x.yaml"))
+    assert p.returncode == 2 and "nope" in p.stderr

@@ -1,0 +1,159 @@
+"""The training loop: loss normalisation (C8), EOS learning (C7), and the run dir it writes."""
+
+import json
+import math
+
+import pytest
+import torch
+from tiny import tiny_llama, tiny_tokenizer
+
+from peftcli import data, recipe
+from peftcli.data import IGNORE_INDEX
+from peftcli.methods import lora
+from peftcli.trainer import accumulate_gradients, supervised_loss_sum, train
+
+
+def _lora_model(tok, dropout=0.0, seed=0):
+    model = tiny_llama(tok, seed=seed)
+    lora.apply(model, lora.Config(r=4, alpha=8, dropout=dropout, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(seed + 1)
+    for layer in lora.lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.1)  # non-zero B so A gets gradients too
+    return model.train()
+
+
+def _example(length, prompt_len, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 300, (length,), generator=g).tolist()
+    return {"input_ids": ids, "labels": [IGNORE_INDEX] * prompt_len + ids[prompt_len:]}
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_C8a_extra_padding_changes_nothing():
+    tok = tiny_tokenizer()
+    model = _lora_model(tok)
+    examples = [_example(7, 3, 0), _example(12, 4, 1)]
+    batch = data.collate(examples, tok.pad_token_id)
+    loss, n = accumulate_gradients(model, [batch], "cpu")
+    g = _grads(model)
+    model.zero_grad()
+    extra = 9  # append 9 more padded positions to every row
+    padded = {
+        "input_ids": torch.cat([batch["input_ids"], torch.full((2, extra), tok.pad_token_id)], 1),
+        "attention_mask": torch.cat([batch["attention_mask"], torch.zeros(2, extra, dtype=torch.long)], 1),
+        "labels": torch.cat([batch["labels"], torch.full((2, extra), IGNORE_INDEX)], 1),
+    }
+    loss2, n2 = accumulate_gradients(model, [padded], "cpu")
+    assert n2 == n == (7 - 3) + (12 - 4) - 0  # supervised next-token targets: positions 1..T-1 with labels
+    assert loss2 == pytest.approx(loss, abs=1e-6)
+    for name, grad in _grads(model).items():
+        torch.testing.assert_close(grad, g[name], atol=1e-6, rtol=1e-5)
+
+
+def test_C8b_micro_batch_vs_accumulation_same_gradients():
+    tok = tiny_tokenizer()
+    short, long = _example(5, 2, 3), _example(40, 10, 4)
+    model = _lora_model(tok)
+    loss_a, n_a = accumulate_gradients(model, [data.collate([short, long], tok.pad_token_id)], "cpu")
+    g_a = _grads(model)
+    model.zero_grad()
+    loss_b, n_b = accumulate_gradients(
+        model, [data.collate([short], tok.pad_token_id), data.collate([long], tok.pad_token_id)], "cpu")
+    g_b = _grads(model)
+    assert n_a == n_b == (5 - 2) + (40 - 10)
+    assert loss_b == pytest.approx(loss_a, abs=1e-6)
+    for name in g_a:
+        torch.testing.assert_close(g_b[name], g_a[name], atol=1e-6, rtol=1e-5)
+
+    # hand computation of the reference: the mean of per-token cross-entropies over both examples,
+    # not the mean of the two per-example means (which would weight the 3 short tokens 11x more)
+    with torch.no_grad():
+        sums = [supervised_loss_sum(model, data.collate([e], tok.pad_token_id)) for e in (short, long)]
+    token_mean = (float(sums[0][0]) + float(sums[1][0])) / (sums[0][1] + sums[1][1])
+    mean_of_means = (float(sums[0][0]) / sums[0][1] + float(sums[1][0]) / sums[1][1]) / 2
+    assert loss_a == pytest.approx(token_mean, abs=1e-5)
+    assert abs(loss_a - mean_of_means) > 1e-3
+
+
+def test_supervised_loss_equals_hf_shifted_loss():
+    # reference: transformers' own causal-LM loss (mean over shifted labels != -100)
+    tok = tiny_tokenizer()
+    model = _lora_model(tok).eval()
+    batch = data.collate([_example(9, 3, 5), _example(6, 1, 6)], tok.pad_token_id)
+    with torch.no_grad():
+        s, n = supervised_loss_sum(model, batch)
+        ref = model(**batch).loss
+    assert float(s) / n == pytest.approx(float(ref), abs=1e-5)
+
+
+def _tiny_recipe(tmp_path, tiny_dir, rows, method=None, **train):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    t = {"max_steps": 6, "micro_batch_size": 2, "lr": 1e-2, "log_every": 2, "eval_every": 3, "save_every": 3,
+         "mixed_precision": "no", "warmup_steps": 0, **train}
+    return recipe.validate({
+        "model": {"name_or_path": str(tiny_dir)},
+        "method": method or {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"train": {"path": str(path), "format": "alpaca"}, "eval": {"path": str(path), "format": "alpaca"},
+                 "max_seq_len": 200},
+        "train": t,
+        "output": {"dir": str(tmp_path / "run")},
+    })
+
+
+# LoRA on the output head too: a random tiny Llama (init std 0.02) cannot move its logits far enough
+# through the body alone to overfit.
+ALL_LINEAR = {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0,
+              "target_modules": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj", "lm_head"]}
+ROWS = [{"instruction": "Sort the numbers.", "input": f"{a}, {b}", "output": f"{min(a, b)}, {max(a, b)}"}
+        for a, b in [(3, 1), (7, 2), (5, 9), (4, 8), (6, 0), (2, 2)]]
+
+
+def test_train_writes_the_run_dir(tmp_path, tiny_dir):
+    result = train(_tiny_recipe(tmp_path, tiny_dir, ROWS))
+    run = tmp_path / "run"
+    for name in ("recipe.yaml", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+                 "metrics.jsonl", "summary.json", "loss.png", "checkpoints/step-3/adapter/adapter_model.safetensors",
+                 "checkpoints/step-3/optimizer.pt", "checkpoints/step-3/scheduler.pt", "checkpoints/step-3/rng.pt",
+                 "checkpoints/step-3/state.json"):
+        assert (run / name).is_file(), name
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [e["step"] for e in events if e["event"] == "train"]
+    assert steps == [2, 4, 6]
+    assert [e["step"] for e in events if e["event"] == "eval"] == [3, 6]
+    assert all(math.isfinite(e["loss"]) and e["loss"] > 0 for e in events if e["event"] == "train")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["trainable_params"] == result.summary["trainable_params"]
+    # resolved recipe: every default filled and it validates again to the same recipe
+    resolved = recipe.load_recipe(run / "recipe.yaml")
+    assert resolved.train.scheduler == "cosine" and resolved.method.target_modules == ["q_proj", "v_proj"]
+    # 2 layers x (q, v) x (A: 4x64 + B: 64x4 for q; B: 64... v has 2 kv heads x 16 = 32 outputs)
+    assert summary["trainable_params"] == 2 * ((4 * 64 + 64 * 4) + (4 * 64 + 32 * 4))
+
+
+def test_train_loss_decreases(tmp_path, tiny_dir):
+    result = train(_tiny_recipe(tmp_path, tiny_dir, ROWS, ALL_LINEAR, max_steps=30, lr=5e-3, log_every=5, eval_every=0, save_every=0))
+    events = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [e["loss"] for e in events if e["event"] == "train"]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_C7_overfit_one_example_generation_stops(tmp_path, tiny_dir):
+    # pad == eos in the tiny tokenizer: EOS must still be supervised, so the model learns to stop
+    from peftcli.evaluate import generate
+
+    row = {"instruction": "Say hi.", "input": "", "output": "hello world"}
+    result = train(_tiny_recipe(tmp_path, tiny_dir, [row], ALL_LINEAR, max_steps=50, micro_batch_size=1, lr=5e-3,
+                                log_every=10, eval_every=0, save_every=0, scheduler="constant"))
+    tok = result.tokenizer
+    assert tok.pad_token_id == tok.eos_token_id
+    prompt = data.render_prompt(row, "alpaca", tok)
+    prompt_ids = tok(prompt).input_ids
+    out = result.model.generate(input_ids=torch.tensor([prompt_ids]), max_new_tokens=20, do_sample=False,
+                                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    new = out[0, len(prompt_ids):].tolist()
+    assert tok.eos_token_id in new and len(new) < 20  # it stopped on its own
+    assert generate(result.model, tok, [prompt], 20)[0].strip() == "hello world"
