@@ -35,22 +35,24 @@ class DataSource(_Strict):
     """One data file."""
 
     path: str = Field(description="JSON, JSONL, CSV or Parquet file")
-    format: Literal["alpaca", "completion", "chat", "text"] = "alpaca"
+    format: Literal["alpaca", "completion", "chat", "text"] = Field("alpaca", description="row layout, see Data formats")
 
 
 class DataConfig(_Strict):
-    train: DataSource
-    eval: DataSource | None = None
+    train: DataSource = Field(description="training data file")
+    eval: DataSource | None = Field(None, description="held-out data file (loss, perplexity, exact match)")
     eval_split: float | None = Field(None, gt=0, lt=1, description="hold out this fraction of train when no eval file is given")
     max_seq_len: int = Field(512, gt=1, description="tokens per example after truncation")
     train_on_prompt: bool = Field(False, description="also supervise prompt tokens")
-    packing: bool = False
+    packing: bool = Field(False, description="pack several examples per row (not available yet: must be false)")
     max_samples: int | None = Field(None, gt=0, description="use only the first N train rows")
 
     @model_validator(mode="after")
     def _one_eval(self):
         if self.eval is not None and self.eval_split is not None:
             raise ValueError("give data.eval or data.eval_split, not both")
+        if self.packing:
+            raise ValueError("packing is not available yet; set it to false")
         return self
 
 
