@@ -478,11 +478,9 @@ def build(cfg: DataConfig, tokenizer, seed: int) -> Datasets:
     train rows (at least one row each side; both keep file order), or there are none.
 
     Raises:
-        UserError: from :func:`load_rows` / :func:`tokenize_rows`; ``packing: true`` (not
-            supported); an ``eval_split`` of fewer than two rows.
+        UserError: from :func:`load_rows` / :func:`tokenize_rows`; an ``eval_split`` of fewer
+            than two rows. (``packing: true`` is refused by the recipe schema.)
     """
-    if cfg.packing:
-        raise UserError("data.packing: packing is not supported yet; set data.packing: false")
     rows = load_rows(cfg.train)[: cfg.max_samples]
     eval_rows, eval_format, eval_name = [], cfg.train.format, None
     if cfg.eval is not None:

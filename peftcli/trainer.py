@@ -13,8 +13,6 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -232,25 +230,15 @@ def plot_loss(events: list[dict], path: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, recipe, base_path, fp, optimizer, scheduler, stream: MicroBatches) -> Path:
-    """``checkpoints/step-N/``: adapter, optimizer, scheduler, RNG states, data position —
-    written to a temporary dir and renamed, so a checkpoint on disk is never partial."""
-    root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.tmp-", dir=root))
-    tmp.chmod(0o755)
-    artifacts.save_adapter(tmp / "adapter", model, recipe, base_path, fp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")  # dropout draws from torch's RNG only
-    (tmp / "state.json").write_text(json.dumps({"step": step, "data": stream.position}))
-    for f in tmp.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    """``checkpoints/step-N/``: adapter, optimizer, scheduler, RNG state, data position —
+    written through :func:`peftcli.artifacts.atomic_dir`, so a checkpoint on disk is never partial."""
+    final = run_dir / "checkpoints" / f"step-{step}"
+    with artifacts.atomic_dir(final) as tmp:
+        artifacts.save_adapter(tmp / "adapter", model, recipe, base_path, fp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")  # dropout draws from torch's RNG only
+        (tmp / "state.json").write_text(json.dumps({"step": step, "data": stream.position}))
     return final
 
 

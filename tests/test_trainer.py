@@ -157,3 +157,39 @@ def test_C7_overfit_one_example_generation_stops(tmp_path, tiny_dir):
     new = out[0, len(prompt_ids):].tolist()
     assert tok.eos_token_id in new and len(new) < 20  # it stopped on its own
     assert generate(result.model, tok, [prompt], 20)[0].strip() == "hello world"
+
+
+def test_C10_training_drops_rows_with_nothing_to_learn(tmp_path, tiny_dir):
+    from safetensors.torch import load_file
+
+    rows = [{"instruction": "Count.", "input": "", "output": ""},                      # empty answer
+            {"instruction": "the quick brown fox " * 60, "input": "", "output": "yes"},  # prompt > max_seq_len
+            ROWS[0]]
+    result = train(_tiny_recipe(tmp_path, tiny_dir, rows, max_steps=3, log_every=1, eval_every=0, save_every=0))
+    events = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    counts = next(e for e in events if e["event"] == "data")["train"]
+    assert (counts["rows"], counts["kept"], counts["dropped_empty_answer"], counts["dropped_truncated"]) == (3, 1, 1, 1)
+    losses = [e["loss"] for e in events if e["event"] == "train"]
+    assert len(losses) == 3 and all(math.isfinite(x) and x > 0 for x in losses)
+    weights = load_file(result.run_dir / "adapter" / "adapter_model.safetensors")
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_C11_no_pad_token_train_and_reload(tmp_path):
+    from tiny import save_tiny
+
+    from peftcli import artifacts
+
+    model_dir = save_tiny(tmp_path / "nopad", pad=None)
+    result = train(_tiny_recipe(tmp_path, model_dir, ROWS, max_steps=2, eval_every=0, save_every=0))
+    tok = result.tokenizer
+    rows = result.model.get_input_embeddings().num_embeddings
+    assert tok.pad_token_id == tok.eos_token_id and len(tok) == rows == 320  # no token added, no resize
+    assert all(max(e["input_ids"]) < rows for e in result.datasets.train)
+    reloaded, _, _ = artifacts.load_adapted(result.run_dir)
+    assert reloaded.get_input_embeddings().num_embeddings == rows
+    batch = data.collate(result.datasets.train[:3], tok.pad_token_id)
+    with torch.no_grad():
+        a = result.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        b = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(a, b)
