@@ -370,7 +370,7 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
         log.write({"event": "eval", "step": steps, **ev})
         summary.update(ev)
         console.print(f"final eval loss {ev['eval_loss']:.4f}  ppl {ev['eval_ppl']:.2f}")
-    model = accelerator.unwrap_model(model)
+    model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # drop the autocast forward patch
     adapter_dir = artifacts.save_adapter(run_dir / "adapter", model, recipe, base_path, fp)
     summary["adapter_dir"] = str(adapter_dir)
     write_json_atomic(run_dir / "summary.json", summary)
