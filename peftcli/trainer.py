@@ -28,7 +28,6 @@ from peftcli.data import IGNORE_INDEX
 from peftcli.errors import UserError
 from peftcli.recipe import Recipe, dump
 
-
 # ---------------------------------------------------------------------------------------------
 # loss
 

@@ -1,7 +1,6 @@
 """End to end on the embedded SmolLM2-135M-Instruct, through the `peft` command (slow: real model)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

