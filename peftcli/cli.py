@@ -52,10 +52,10 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except UserError as e:
             print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
 
     return wrapper
 

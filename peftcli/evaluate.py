@@ -46,7 +46,7 @@ def exact_match(model: nn.Module, tokenizer, rows: list[dict], fmt: str, batch_s
         chunk = pairs[i:i + batch_size]
         longest = max(len(tokenizer(ref, add_special_tokens=False).input_ids) for _, ref in chunk)
         answers = generate(model, tokenizer, [p for p, _ in chunk], max_new_tokens=min(longest + 8, 256))
-        for (p, ref), ans in zip(chunk, answers):
+        for (_, ref), ans in zip(chunk, answers):
             hits += ans.strip() == ref.strip()
             if len(samples) < 3:
                 samples.append({"reference": ref, "answer": ans.strip()})

@@ -26,7 +26,8 @@ class ModelConfig(_Strict):
 
     name_or_path: str = Field("smollm2-135m", description="alias of the embedded default (smollm2-135m), a local HF dir, or a hub id")
     quantization: Literal["none", "nf4", "fp4", "int8"] = Field("none", description="load the frozen base through bitsandbytes")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the frozen base weights (and 4-bit compute dtype)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype of the frozen base weights (and 4-bit compute dtype)")
     double_quant: bool = Field(True, description="4-bit only: quantise the quantisation constants too (Dettmers et al. 2023, §3)")
     trust_remote_code: bool = Field(False, description="allow model code from the model dir; off unless set")
 

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -183,11 +184,17 @@ class MicroBatches:
 
 
 class RunLog:
-    """Appends one JSON object per event to ``metrics.jsonl``."""
+    """Appends one JSON object per event to ``metrics.jsonl``.
 
-    def __init__(self, path: Path):
+    ``upto_step``: keep the file's events up to that step (a resumed run drops what the
+    interrupted run logged after its checkpoint); None starts an empty file.
+    """
+
+    def __init__(self, path: Path, upto_step: int | None = None):
         self.path = path
-        self.events: list[dict] = []
+        self.events = [] if upto_step is None or not path.exists() else [
+            e for e in read_events(path) if e.get("step", 0) <= upto_step]
+        path.write_text("".join(json.dumps(e) + "\n" for e in self.events), encoding="utf-8")
 
     def write(self, event: dict) -> None:
         self.events.append(event)
@@ -243,9 +250,12 @@ def save_checkpoint(run_dir: Path, step: int, model, recipe, base_path, fp, opti
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The highest complete ``checkpoints/step-N`` dir, or None."""
-    root = run_dir / "checkpoints"
-    steps = [(int(p.name.split("-")[1]), p) for p in root.glob("step-*") if p.name.split("-")[1].isdigit() and (p / "state.json").is_file()] if root.is_dir() else []
-    return max(steps)[1] if steps else None
+    found = []
+    for p in (run_dir / "checkpoints").glob("step-*"):
+        step = p.name.removeprefix("step-")
+        if step.isdigit() and (p / "state.json").is_file():
+            found.append((int(step), p))
+    return max(found)[1] if found else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,8 +287,10 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
         raise UserError(f"{run_dir}: no checkpoint to resume from (train.save_every writes them)")
-    if not resume and (run_dir / "metrics.jsonl").exists():
-        (run_dir / "metrics.jsonl").unlink()
+    if not resume and ((run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()):
+        # a fresh run replaces an earlier one in the same dir, so --resume never mixes two runs
+        console.print(f"note: {run_dir} held an earlier run; its metrics and checkpoints are replaced")
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(dump(recipe), encoding="utf-8")
     seed_everything(t.seed)
@@ -296,8 +308,9 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
 
     # 2. data
     ds = data.build(recipe.data, tok, t.seed)
-    log = RunLog(run_dir / "metrics.jsonl")
-    log.write({"event": "data", "train": vars(ds.train_stats), "eval": vars(ds.eval_stats) if ds.eval_stats else None})
+    log = RunLog(run_dir / "metrics.jsonl", upto_step=_checkpoint_step(checkpoint))
+    if checkpoint is None:
+        log.write({"event": "data", "train": vars(ds.train_stats), "eval": vars(ds.eval_stats) if ds.eval_stats else None})
     s = ds.train_stats
     console.print(f"data: {s.kept} train examples ({s.dropped_empty_answer} empty answers and "
                   f"{s.dropped_truncated} over-long prompts dropped), {len(ds.eval)} eval examples")
@@ -311,11 +324,11 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
     steps = total_steps(recipe, len(ds.train))
     scheduler = make_scheduler(optimizer, recipe, steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    stream = MicroBatches(ds.train, t.micro_batch_size, t.seed)
-    start = 0
+    start, position = 0, {"epoch": 0, "index": 0}
     if checkpoint is not None:
-        start = _restore(checkpoint, model, method, optimizer, scheduler, stream)
+        start, position = _restore(checkpoint, model, method, optimizer, scheduler)
         console.print(f"resumed from {checkpoint} (step {start})")
+    stream = MicroBatches(ds.train, t.micro_batch_size, t.seed, **position)
 
     # 4. loop
     model.train()
@@ -373,14 +386,15 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
     adapter_dir = artifacts.save_adapter(run_dir / "adapter", model, recipe, base_path, fp)
     summary["adapter_dir"] = str(adapter_dir)
     write_json_atomic(run_dir / "summary.json", summary)
-    plot_loss(log.events if not resume else read_events(run_dir / "metrics.jsonl"), run_dir / "loss.png")
+    plot_loss(log.events, run_dir / "loss.png")
     console.print(f"wrote {run_dir}/ (adapter/, metrics.jsonl, summary.json, loss.png) in {summary['wall_s']:.1f}s")
     model.eval()
     return TrainResult(run_dir, summary, model, tok, ds)
 
 
-def _restore(checkpoint: Path, model, method, optimizer, scheduler, stream: MicroBatches) -> int:
-    """Load adapter, optimizer, scheduler, RNG and data position from a checkpoint; returns its step."""
+def _restore(checkpoint: Path, model, method, optimizer, scheduler) -> tuple[int, dict]:
+    """Load adapter, optimizer, scheduler and RNG state from a checkpoint; returns its step and
+    data position ({"epoch", "index"})."""
     from safetensors.torch import load_file
 
     method.load_state_dict(model, load_file(checkpoint / "adapter" / "adapter_model.safetensors"))
@@ -389,8 +403,11 @@ def _restore(checkpoint: Path, model, method, optimizer, scheduler, stream: Micr
     rng = torch.load(checkpoint / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     state = json.loads((checkpoint / "state.json").read_text())
-    stream.__init__(stream.examples, stream.mbs, stream.seed, state["data"]["epoch"], state["data"]["index"])
-    return int(state["step"])
+    return int(state["step"]), state["data"]
+
+
+def _checkpoint_step(checkpoint: Path | None) -> int | None:
+    return None if checkpoint is None else int(checkpoint.name.removeprefix("step-"))
 
 
 def read_events(path: Path) -> list[dict]:

@@ -193,3 +193,28 @@ def test_C11_no_pad_token_train_and_reload(tmp_path):
         a = result.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         b = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert torch.equal(a, b)
+
+
+def test_resume_from_checkpoint_gives_the_same_adapter(tmp_path, tiny_dir):
+    from safetensors.torch import load_file
+
+    recipe = _tiny_recipe(tmp_path, tiny_dir, ROWS, ALL_LINEAR, max_steps=6, save_every=3, eval_every=0)
+    train(recipe)
+    full = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    # resume replays steps 4..6 from checkpoints/step-3 (adapter, AdamW moments, schedule, RNG, data position)
+    result = train(recipe, resume=True)
+    resumed = load_file(result.run_dir / "adapter" / "adapter_model.safetensors")
+    assert full.keys() == resumed.keys()
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    steps = [e["step"] for e in map(json.loads, (result.run_dir / "metrics.jsonl").read_text().splitlines()) if e["event"] == "train"]
+    assert steps == [2, 4, 6]  # events after the checkpoint were dropped, then logged again by the resumed run
+
+
+def test_fresh_run_replaces_an_earlier_run(tmp_path, tiny_dir):
+    recipe = _tiny_recipe(tmp_path, tiny_dir, ROWS, max_steps=6, save_every=3, eval_every=0)
+    train(recipe)
+    again = recipe.model_copy(update={"train": recipe.train.model_copy(update={"max_steps": 2, "save_every": 0})})
+    result = train(again)
+    assert not (result.run_dir / "checkpoints").exists()  # no stale checkpoint to --resume from
+    events = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "train"] == [2]

@@ -39,7 +39,8 @@ class Config(BaseModel):
     dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the input of the LoRA branch")
     target_modules: str | list[str] = Field(
         default_factory=lambda: ["q_proj", "v_proj"],
-        description="module names (suffix match), a regex (full match of the module path), or all-linear (every Linear but the output head)",
+        description="module names (suffix match), a regex (full match of the module path), "
+        "or all-linear (every Linear but the output head)",
     )
     layers: list[int] | None = Field(None, description="only these transformer block indices")
     rslora: bool = Field(False, description="rank-stabilised scale alpha/√r")
