@@ -101,6 +101,29 @@ def quantization_config(quantization: str, dtype: torch.dtype, double_quant: boo
                               bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=dtype)
 
 
+def hub_offline(hub_id: str) -> bool:
+    """True when ``hub_id`` must come from the local hub cache: it is cached already, or the hub
+    cannot be reached (checked with one 3-second connection, not the hub client's retries).
+
+    Raises:
+        UserError: not cached and the hub cannot be reached.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(hub_id, "config.json"), str):
+        return True
+    host = urlparse(constants.ENDPOINT).hostname or ""
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        raise UserError(f"model.name_or_path: {hub_id!r} is not a local dir, not in the hub cache, and the model hub "
+                        "cannot be reached from here; use a local transformers dir or the smollm2-135m alias") from None
+    return False
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     """The tokenizer, with a pad token guaranteed: a tokenizer without one pads with its EOS
     (else UNK, else id 0) — never a new token, so every id stays below the embedding's row
@@ -113,7 +136,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        local_only = not Path(path).expanduser().exists() and hub_offline(path)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=local_only)
     except (OSError, ValueError) as e:
         raise UserError(f"model {path}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
     if tok.pad_token_id is None:
@@ -146,6 +170,8 @@ def load_model(path: str, quantization: str = "none", dtype: str = "float32", do
         raise UserError(f"model.name_or_path: {path} is not a transformers model dir (no config.json)")
     if not local.exists() and path.startswith((".", "/", "~")):
         raise UserError(f"model.name_or_path: {path}: no such dir (aliases: {', '.join(ALIASES)})")
+    if not local.exists():
+        kwargs["local_files_only"] = hub_offline(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:

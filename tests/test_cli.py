@@ -94,3 +94,12 @@ def test_methods_recipes_init(tmp_path):
     assert p.returncode == 0 and (tmp_path / "mine.yaml").read_text() == (ROOT / "recipes" / "qlora-llama.yaml").read_text()
     p = run("init", "nope", str(tmp_path / "x.yaml"))
     assert p.returncode == 2 and "nope" in p.stderr
+
+
+def test_hub_id_without_hub_access_exits_2(tmp_path, data_file):
+    # no network here (CI): one line saying so, quickly, not the hub client's retries and traceback
+    recipe = write(tmp_path, GOOD.format(model="someorg/some-model", data=data_file, out=tmp_path / "run"))
+    p = run("train", recipe)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model.name_or_path: 'someorg/some-model'" in lines[0]
