@@ -7,14 +7,19 @@ Every method module exposes the same small surface:
 - ``apply(model, cfg) -> list[str]``: freeze the base, inject trainable parts, return what it wrapped;
 - ``state_dict(model)`` / ``load_state_dict(model, sd)``: trainable weights in HF peft key naming;
 - ``adapter_config(cfg) -> dict`` and ``config_from_adapter(dict) -> Config``: adapter_config.json;
-- ``merge(model) -> model`` where ``CAN_MERGE``.
+- ``merge(model) -> model`` where ``CAN_MERGE``; else ``CANNOT_MERGE_BECAUSE`` says why.
 """
 
 from types import ModuleType
 
-from peftcli.methods import lora, qlora
+from peftcli.methods import adapter, ia3, lora, qlora
 
-METHODS: dict[str, ModuleType] = {"lora": lora, "qlora": qlora}
+METHODS: dict[str, ModuleType] = {
+    "lora": lora,
+    "qlora": qlora,
+    "adapter": adapter,
+    "ia3": ia3,
+}
 METHOD_CONFIGS = {name: module.Config for name, module in METHODS.items()}
 
 

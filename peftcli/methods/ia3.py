@@ -1,0 +1,240 @@
+"""(IA)³: learned rescaling vectors (Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning
+is Better and Cheaper than In-Context Learning", §3.3, https://arxiv.org/abs/2205.05638).
+
+    attention keys, values:   y ↦ l ⊙ (W x + b)          l: (out_features,)
+    feed-forward:             x ↦ W (l ⊙ x) + b          l: (in_features,)
+
+The paper rescales the keys, the values and the feed-forward intermediate activation (the
+input of the FFN's output projection). Each target ``nn.Linear`` is wrapped in place by an
+:class:`IA3Linear` holding it as ``base_layer``; a module listed in ``feedforward_modules``
+scales its input, every other target its output. The vectors start at ones, so the adapted
+model starts equal to the base (§3.3).
+
+Files are Hugging Face peft's IA3 format: one key per target,
+``base_model.model.<module>.ia3_l``, shaped (out_features, 1) for an output vector and
+(1, in_features) for an input vector (HF's layout; in memory the vector is 1-D).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from peftcli.errors import UserError
+from peftcli.methods.lora import find_targets
+
+PEFT_TYPE = "IA3"
+PAPER = "Liu et al. 2022, Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning"
+SUMMARY = "learned rescaling vectors on keys, values and the FFN activation"
+CAN_MERGE = True
+KEY_PREFIX = "base_model.model."
+
+
+class Config(BaseModel):
+    """Recipe keys of ``method: {name: ia3}``. The defaults are HF peft's for Llama-style models."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    name: Literal["ia3"] = "ia3"
+    target_modules: str | list[str] = Field(
+        default_factory=lambda: ["k_proj", "v_proj", "down_proj"],
+        description="Linear modules to rescale: names (suffix match), a regex (full match of the "
+        "module path), or all-linear",
+    )
+    feedforward_modules: str | list[str] = Field(
+        default_factory=lambda: ["down_proj"],
+        description="targets whose input (not output) is rescaled: names (the module path ends "
+        "with the name) or a regex (full match); a list must be a subset of target_modules",
+    )
+
+    @model_validator(mode="after")
+    def _feedforward_within_targets(self):
+        # HF peft's rule (IA3Config.__post_init__), checked when both are lists
+        if isinstance(self.feedforward_modules, list) and isinstance(self.target_modules, list):
+            extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
+            if extra:
+                raise ValueError(f"feedforward_modules {extra} are not in target_modules {self.target_modules}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# the layer
+
+
+class IA3Linear(nn.Module):
+    """A frozen Linear whose output (or, for a feed-forward module, input) is rescaled by a
+    learned vector (Liu et al. 2022, §3.3).
+
+    ``forward``: (..., in_features) -> (..., out_features) =
+    ``base_layer(x) * ia3_l`` (output scaling, ``ia3_l``: (out_features,)) or
+    ``base_layer(x * ia3_l)`` (input scaling, ``ia3_l``: (in_features,)).
+
+    Args:
+        base_layer: the frozen ``nn.Linear`` (or bitsandbytes ``Linear4bit``/``Linear8bitLt``).
+        is_feedforward: scale the input instead of the output (default False).
+
+    ``ia3_l`` is float32 whatever the base dtype and starts at ones; the product is taken in
+    float32 and cast back to the activation's dtype, as HF peft does.
+    """
+
+    def __init__(self, base_layer: nn.Linear, is_feedforward: bool = False):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.is_feedforward = is_feedforward
+        size = self.in_features if is_feedforward else self.out_features
+        self.ia3_l = nn.Parameter(torch.ones(size, device=base_layer.weight.device, dtype=torch.float32))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight (out_features, in_features), for code that reads ``.weight``."""
+        return self.base_layer.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_feedforward:
+            return self.base_layer((x.to(self.ia3_l.dtype) * self.ia3_l).to(x.dtype))
+        result = self.base_layer(x)
+        return (result * self.ia3_l).to(result.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# the method surface
+
+
+def is_feedforward(name: str, feedforward_modules: str | list[str]) -> bool:
+    """HF peft's rule (``IA3Model._check_target_module_feedforward``): a regex must match the
+    whole module path; a list entry matches a path that ends with it."""
+    if isinstance(feedforward_modules, str):
+        return re.fullmatch(feedforward_modules, name) is not None
+    return any(name.endswith(entry) for entry in feedforward_modules)
+
+
+def apply(model: nn.Module, cfg: Config) -> list[str]:
+    """Freeze every base parameter and wrap each target Linear in an :class:`IA3Linear`
+    (input scaling where the path is a feed-forward module).
+
+    Returns the wrapped module names. Raises UserError when ``target_modules`` matches nothing
+    or matches a module that is not a Linear.
+    """
+    targets = find_targets(model, cfg.target_modules)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in targets:
+        base = model.get_submodule(name)
+        _set_submodule(model, name, IA3Linear(base, is_feedforward(name, cfg.feedforward_modules)).train(base.training))
+    return targets
+
+
+def ia3_layers(model: nn.Module) -> dict[str, IA3Linear]:
+    """name -> IA3Linear for every wrapped layer of ``model``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, IA3Linear)}
+
+
+def _file_shape(layer: IA3Linear) -> tuple[int, int]:
+    """HF peft's layout of the vector: (1, in_features) for input scaling, else (out_features, 1)."""
+    return (1, layer.in_features) if layer.is_feedforward else (layer.out_features, 1)
+
+
+def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The vectors in HF peft key naming and layout: ``base_model.model.<module>.ia3_l`` of
+    shape (out_features, 1), or (1, in_features) for a feed-forward module."""
+    return {f"{KEY_PREFIX}{name}.ia3_l": layer.ia3_l.detach().cpu().reshape(_file_shape(layer)).contiguous()
+            for name, layer in ia3_layers(model).items()}
+
+
+def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """Copy saved vectors (HF peft naming; ``.default`` adapter names accepted) into the wrapped
+    model.
+
+    Raises:
+        UserError: a wrapped layer has no saved vector, a saved key matches no layer, or a shape
+        differs from HF's layout for that layer (an adapter for another model, or one that scales
+        the input where this config scales the output).
+    """
+    layers = ia3_layers(model)
+    got = {k.removeprefix(KEY_PREFIX).removesuffix(".default"): v for k, v in sd.items()}
+    want = {f"{name}.ia3_l": layer for name, layer in layers.items()}
+    unknown, missing = sorted(set(got) - set(want)), sorted(set(want) - set(got))
+    if unknown or missing:
+        raise UserError(f"adapter weights do not fit this model: {'unexpected ' + unknown[0] if unknown else 'missing ' + missing[0]}")
+    with torch.no_grad():
+        for k, layer in want.items():
+            if tuple(got[k].shape) != _file_shape(layer):
+                raise UserError(f"adapter weight {k} has shape {tuple(got[k].shape)}, the model needs {_file_shape(layer)}")
+            layer.ia3_l.copy_(got[k].flatten().to(layer.ia3_l.dtype))
+
+
+def adapter_config(cfg: Config) -> dict:
+    """The HF peft ``IA3Config`` fields for ``adapter_config.json`` (without the base model)."""
+    return {
+        "peft_type": PEFT_TYPE,
+        "task_type": "CAUSAL_LM",
+        "target_modules": cfg.target_modules,
+        "feedforward_modules": cfg.feedforward_modules,
+        "exclude_modules": None,
+        "init_ia3_weights": True,
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+
+
+def config_from_adapter(d: dict) -> Config:
+    """Our config from an HF peft IA3 ``adapter_config.json`` dict (e.g. an adapter HF peft trained).
+
+    Raises:
+        UserError: options we do not implement (exclude_modules, modules_to_save), or
+        feedforward_modules not within target_modules.
+    """
+    if d.get("exclude_modules") or d.get("modules_to_save"):
+        raise UserError("adapter_config.json: exclude_modules / modules_to_save are not supported for IA3")
+    defaults = Config()
+    targets = d.get("target_modules") or defaults.target_modules
+    feedforward = d.get("feedforward_modules") or defaults.feedforward_modules
+    try:
+        return Config(target_modules=targets if isinstance(targets, str) else list(targets),
+                      feedforward_modules=feedforward if isinstance(feedforward, str) else list(feedforward))
+    except ValueError as e:  # pydantic's ValidationError is a ValueError
+        raise UserError(f"adapter_config.json: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every vector into its base weight and put a plain ``nn.Linear`` back:
+
+        output scaling:  W' = l[:, None] · W,  b' = l · b
+        input scaling:   W' = W · l[None, :],  b' = b
+
+    computed in float32 and rounded once to the output dtype; a 4/8-bit base is dequantised
+    first (the weights the vectors were trained against), so the merged Linear is full precision
+    (float32 for a quantised base, else the base dtype). The merged Linear always gets its own
+    storage (a tied weight is never written in place). Returns ``model``.
+    """
+    from peftcli.models import dequantized_weight
+
+    for name, layer in ia3_layers(model).items():
+        base = layer.base_layer
+        w = dequantized_weight(base)  # (out, in) float32
+        vec = layer.ia3_l.detach().float().to(w.device)  # l: (in,) or (out,)
+        dtype = torch.float32 if _is_quantized(base) else base.weight.dtype
+        merged = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, device=w.device, dtype=dtype)
+        with torch.no_grad():
+            merged.weight.copy_((w * vec[None, :] if layer.is_feedforward else w * vec[:, None]).to(dtype))
+            if base.bias is not None:
+                bias = base.bias.float()
+                merged.bias.copy_((bias if layer.is_feedforward else bias * vec).to(dtype))
+        merged.requires_grad_(False)
+        _set_submodule(model, name, merged)
+    return model
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _is_quantized(linear: nn.Module) -> bool:
+    return type(linear) is not nn.Linear and type(linear).__module__.startswith("bitsandbytes")

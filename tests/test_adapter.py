@@ -1,0 +1,259 @@
+"""Bottleneck adapters: identity at init, placement by structure, parameter count, training,
+save/load round trip, merge refusal, architectures it cannot handle."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from tiny import tiny_llama
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
+
+from peftcli import artifacts, merge, models
+from peftcli.errors import UserError
+from peftcli.methods import adapter
+from peftcli.recipe import validate
+
+IDS = torch.tensor([[1, 17, 42, 99, 7, 250, 3], [1, 5, 6, 200, 201, 2, 8]])
+PEFT = str(Path(sys.executable).with_name("peft"))
+
+
+def make_recipe(base_dir=None, **method_keys):
+    return validate({"model": {"name_or_path": str(base_dir or "unused")},
+                     "method": {"name": "adapter", **method_keys},
+                     "data": {"train": {"path": "unused.jsonl"}}})
+
+
+def randomize_up(model, seed: int = 1) -> None:
+    """Non-zero up-projections (as if trained; zeros is the init)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in adapter.adapter_layers(model).values():
+            for p in layer.adapter_up.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits.float()
+
+
+def trained(base_dir, adapter_dir, **method_keys):
+    recipe = make_recipe(base_dir, **method_keys)
+    model, _, base_path = models.load_base(str(base_dir))
+    fp = models.fingerprint(model)
+    adapter.apply(model, recipe.method)
+    randomize_up(model)
+    artifacts.save_adapter(adapter_dir, model, recipe, base_path, fp)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# placement and initialisation
+
+
+@pytest.mark.parametrize("variant", ["houlsby", "pfeiffer"])
+def test_identity_at_init(variant):
+    expected = logits(tiny_llama())
+    model = tiny_llama()  # same seed: same weights
+    adapter.apply(model, make_recipe(variant=variant).method)
+    for layer in adapter.adapter_layers(model).values():
+        assert torch.count_nonzero(layer.adapter_up.weight) == 0 and torch.count_nonzero(layer.adapter_up.bias) == 0
+        assert torch.count_nonzero(layer.adapter_down.weight) > 0
+    assert torch.equal(logits(model), expected)  # y + 0: bit-identical
+
+
+@pytest.mark.parametrize("variant,expected", [
+    ("houlsby", [f"model.layers.{i}.{p}" for i in (0, 1) for p in ("self_attn.o_proj", "mlp.down_proj")]),
+    ("pfeiffer", [f"model.layers.{i}.mlp.down_proj" for i in (0, 1)]),
+])
+def test_houlsby_wraps_two_per_block_pfeiffer_one(variant, expected):
+    model = tiny_llama()
+    names = adapter.apply(model, make_recipe(variant=variant).method)
+    assert names == expected and sorted(adapter.adapter_layers(model)) == sorted(expected)
+    assert isinstance(model.model.layers[0].self_attn.o_proj, adapter.BottleneckAdapter) == (variant == "houlsby")
+
+
+@pytest.mark.parametrize("variant,rf,count", [
+    # hand computation, hidden d = 64, bottleneck m = 64 // rf; weights and biases both train:
+    # per adapter d·m + m (down) + m·d + d (up)
+    ("houlsby", 16, 4 * (64 * 4 + 4 + 4 * 64 + 64)),   # 2 blocks x 2 adapters = 2320
+    ("pfeiffer", 16, 2 * (64 * 4 + 4 + 4 * 64 + 64)),  # 2 blocks x 1 adapter = 1160
+    ("pfeiffer", 8, 2 * (64 * 8 + 8 + 8 * 64 + 64)),
+])
+def test_trainable_parameter_count(variant, rf, count):
+    model = tiny_llama()
+    adapter.apply(model, make_recipe(variant=variant, reduction_factor=rf).method)
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    assert all(".adapter_down." in n or ".adapter_up." in n for n in trainable)
+    assert sum(trainable.values()) == count
+
+
+@pytest.mark.parametrize("non_linearity,act", [("relu", torch.relu), ("gelu", F.gelu), ("silu", F.silu), ("tanh", torch.tanh)])
+def test_forward_by_hand(non_linearity, act):
+    layer = adapter.BottleneckAdapter(nn.Linear(32, 64), reduction_factor=16, non_linearity=non_linearity)
+    torch.nn.init.normal_(layer.adapter_up.weight)
+    torch.nn.init.normal_(layer.adapter_up.bias)
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        y = layer.base_layer(x)
+        # hand computation: y + W_up act(W_down y + b_down) + b_up, bottleneck m = 64 // 16 = 4
+        down, up = layer.adapter_down, layer.adapter_up
+        expected = y + act(y @ down.weight.T + down.bias) @ up.weight.T + up.bias
+        assert down.weight.shape == (4, 64) and up.weight.shape == (64, 4)
+        torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_layers_option_and_bad_values():
+    model = tiny_llama()
+    assert adapter.apply(model, make_recipe(layers=[1]).method) == ["model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj"]
+    with pytest.raises(UserError, match=r"method.layers: 5 is out of range \(the model has blocks 0..1\)"):
+        adapter.apply(tiny_llama(), make_recipe(layers=[5]).method)
+    with pytest.raises(UserError, match="reduction_factor: 128 exceeds the hidden size 64"):
+        adapter.apply(tiny_llama(), make_recipe(reduction_factor=128).method)
+    with pytest.raises(UserError, match="method.non_linearity"):
+        make_recipe(non_linearity="softmax")
+    with pytest.raises(UserError, match="method.reduction_factor"):
+        make_recipe(reduction_factor=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+def test_gradient_step_changes_logits():
+    model = tiny_llama()
+    adapter.apply(model, make_recipe().method)
+    before = logits(model)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    model(IDS, labels=IDS).loss.backward()
+    layer = model.model.layers[0].mlp.down_proj
+    assert layer.adapter_up.weight.grad.abs().sum() > 0
+    assert layer.adapter_down.weight.grad.abs().sum() == 0  # up is zero at init, as LoRA's B
+    optimizer.step()
+    assert (logits(model.eval()) - before).abs().max() > 1e-4
+
+
+def test_tiny_training_run_and_reload(tmp_path, tiny_dir):
+    from peftcli.trainer import read_events, train
+
+    rows = [{"instruction": "Sort the numbers.", "input": f"{a}, {b}", "output": f"{min(a, b)}, {max(a, b)}"}
+            for a, b in [(3, 1), (7, 2), (5, 9), (4, 8)]]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = validate({"model": {"name_or_path": str(tiny_dir)},
+                       "method": {"name": "adapter", "variant": "houlsby", "reduction_factor": 8, "non_linearity": "gelu"},
+                       "data": {"train": {"path": str(tmp_path / "train.jsonl")}, "max_seq_len": 128},
+                       "train": {"max_steps": 3, "micro_batch_size": 2, "lr": 1e-2, "log_every": 1, "eval_every": 0,
+                                 "save_every": 0, "mixed_precision": "no"},
+                       "output": {"dir": str(tmp_path / "run")}})
+
+    result = train(recipe)
+
+    losses = [e["loss"] for e in read_events(result.run_dir / "metrics.jsonl") if e["event"] == "train"]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert result.summary["trainable_params"] == 4 * (64 * 8 + 8 + 8 * 64 + 64)
+    reloaded, _, info = artifacts.load_adapted(result.run_dir)
+    assert info["method"] == "adapter"
+    assert torch.equal(logits(reloaded), logits(result.model))
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+
+def test_save_load_round_trip_and_file_layout(tiny_dir, tmp_path):
+    model = trained(tiny_dir, tmp_path / "adapter", variant="pfeiffer", reduction_factor=8, non_linearity="silu")
+    ours = logits(model)
+
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert {k: cfg[k] for k in ("peft_type", "task_type", "variant", "reduction_factor", "non_linearity", "layers_to_transform")} == \
+        {"peft_type": "BOTTLENECK", "task_type": "CAUSAL_LM", "variant": "pfeiffer", "reduction_factor": 8,
+         "non_linearity": "silu", "layers_to_transform": None}
+    weights = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert {k: tuple(v.shape) for k, v in weights.items()} == {
+        f"base_model.model.model.layers.{i}.mlp.down_proj.adapter_{part}.{p}": shape
+        for i in (0, 1)
+        for part, p, shape in [("down", "weight", (8, 64)), ("down", "bias", (8,)), ("up", "weight", (64, 8)), ("up", "bias", (64,))]}
+
+    reloaded, _, info = artifacts.load_adapted(tmp_path / "adapter")
+    assert info["method"] == "adapter"
+    assert torch.equal(logits(reloaded), ours)
+
+    # without our peftcli block the BOTTLENECK fields alone rebuild it
+    hf_only = {k: v for k, v in cfg.items() if k != "peftcli"}
+    assert adapter.config_from_adapter(hf_only) == make_recipe(variant="pfeiffer", reduction_factor=8, non_linearity="silu").method
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(hf_only))
+    reloaded, _, info = artifacts.load_adapted(tmp_path / "adapter")
+    assert info["method"] == "adapter"
+    assert torch.equal(logits(reloaded), ours)
+
+
+def test_weights_for_another_shape_are_refused(tiny_dir, tmp_path):
+    trained(tiny_dir, tmp_path / "adapter", reduction_factor=8)
+    model = tiny_llama()
+    adapter.apply(model, make_recipe(reduction_factor=16).method)
+    with pytest.raises(UserError, match=r"has shape \(8, 64\), the model needs \(4, 64\)"):
+        adapter.load_state_dict(model, load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
+    model = tiny_llama()
+    adapter.apply(model, make_recipe(variant="pfeiffer", reduction_factor=8).method)
+    with pytest.raises(UserError, match="unexpected model.layers.0.self_attn.o_proj.adapter_down.bias"):
+        adapter.load_state_dict(model, load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
+
+
+def test_merge_is_refused_with_the_reason(tiny_dir, tmp_path):
+    trained(tiny_dir, tmp_path / "run" / "adapter")
+    with pytest.raises(UserError, match=f"method adapter cannot be merged: {adapter.CANNOT_MERGE_BECAUSE}"):
+        merge.merge_adapter(tmp_path / "run", tmp_path / "merged")
+    # the command line: exit 2, one line, no traceback
+    p = subprocess.run([PEFT, "merge", str(tmp_path / "run"), "-o", str(tmp_path / "merged")], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert p.returncode == 2
+    assert adapter.CANNOT_MERGE_BECAUSE in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "merged").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# architectures: by structure, not class names
+
+
+def test_blocks_found_by_structure_in_gpt_neox():
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                             intermediate_size=64, vocab_size=320)).eval()
+    expected = logits(model)
+    names = adapter.apply(model, make_recipe(reduction_factor=4).method)
+    assert names == [f"gpt_neox.layers.{i}.{p}" for i in range(3) for p in ("attention.dense", "mlp.dense_4h_to_h")]
+    assert torch.equal(logits(model), expected)
+
+
+class _Toy(nn.Module):
+    """A bare stack of Linears: no blocks with attention or feed-forward parts."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+        self.layers = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("model", [
+    _Toy(),
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=320, bos_token_id=1, eos_token_id=2)),  # Conv1D, not Linear
+], ids=["sequential", "gpt2-conv1d"])
+def test_architecture_without_recognisable_blocks_is_a_user_error(model):
+    with pytest.raises(UserError, match=f"cannot find the transformer blocks of this {type(model).__name__}") as err:
+        adapter.apply(model, make_recipe().method)
+    assert "\n" not in str(err.value)
+    assert not any(isinstance(m, adapter.BottleneckAdapter) for m in model.modules())  # nothing half-applied
