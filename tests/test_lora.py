@@ -1,4 +1,5 @@
-"""LoRA layer, target matching and scale (C1 precondition, C9), with HF peft as the oracle."""
+"""LoRA layer, target matching, scale (C1 precondition, C9) and the gaussian / PiSSA inits, with HF
+peft as the oracle."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import json
 import math
 
 import pytest
+import safetensors.torch
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from tiny import tiny_llama
+from transformers import AutoModelForCausalLM
 
 from peftcli import artifacts, models
 from peftcli.errors import UserError
@@ -188,3 +191,165 @@ def test_C1_apply_keeps_eval_mode():
     model.train()
     layer = next(iter(lora.lora_layers(model).values()))
     assert layer.dropout.training and layer.dropout.p == 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# init: gaussian (HF peft's init_lora_weights="gaussian") and PiSSA (Meng et al. 2024, §3)
+
+QV = ["q_proj", "v_proj"]
+
+
+def test_gaussian_init_is_hf_peft_gaussian():
+    base_logits = tiny_llama()(IDS).logits.detach()
+    model = tiny_llama()
+    lora.apply(model, lora_cfg(r=8, init="gaussian", target_modules="all-linear", dropout=0.0))
+    layers = lora.lora_layers(model).values()
+    A = torch.cat([layer.lora_A.weight.detach().flatten() for layer in layers])  # 8192 draws
+    assert all(torch.count_nonzero(layer.lora_B.weight) == 0 for layer in layers)
+    # HF peft: nn.init.normal_(A, std=1/r), so std 1/8 = 0.125 (Kaiming-uniform here would give 0.072)
+    hf = get_peft_model(tiny_llama(), LoraConfig(r=8, init_lora_weights="gaussian", target_modules="all-linear"))
+    hf_A = torch.cat([p.detach().flatten() for n, p in hf.named_parameters() if "lora_A" in n])
+    for draws in (A, hf_A):
+        assert abs(draws.std().item() - 0.125) < 0.005 and abs(draws.mean().item()) < 0.005
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, base_logits)  # B = 0: the base model, bit for bit
+    cfg = lora.adapter_config(lora_cfg(init="gaussian"))
+    assert cfg["init_lora_weights"] == "gaussian"
+    assert lora.config_from_adapter(cfg).init == "gaussian"
+
+
+def test_pissa_init_principal_part_residual_and_unchanged_output():
+    base = tiny_llama()
+    with torch.no_grad():
+        expected = base(IDS).logits
+    model = tiny_llama()  # same weights
+    lora.apply(model, lora_cfg(r=4, alpha=8, init="pissa", target_modules=QV, dropout=0.0))
+    hf = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, init_lora_weights="pissa", target_modules=QV))
+    for name, layer in lora.lora_layers(model).items():
+        W = base.get_submodule(name).weight.detach()  # the original (out, in)
+        A, B = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
+        # hand computation: scale·B·A is the top-4 part of the SVD of W (scale = 8/4 = 2)
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        torch.testing.assert_close(2.0 * B @ A, U[:, :4] @ torch.diag(S[:4]) @ Vh[:4], atol=1e-5, rtol=0)
+        torch.testing.assert_close(layer.base_layer.weight + 2.0 * B @ A, W, atol=1e-5, rtol=0)  # residual + s·B·A = W
+        assert torch.equal(layer.init_A, A) and torch.equal(layer.init_B, B)
+        assert not layer.base_layer.weight.requires_grad
+        # HF peft's pissa_init on the same weights
+        h = hf.base_model.model.get_submodule(name)
+        torch.testing.assert_close(A, h.lora_A["default"].weight.detach(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(B, h.lora_B["default"].weight.detach(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(layer.base_layer.weight, h.base_layer.weight, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, expected, atol=1e-5, rtol=0)
+
+
+def pissa_trained(base_dir, out_dir, **keys):
+    """Our PiSSA on the base, A and B moved as a few training steps would, saved; returns the model."""
+    recipe = validate({"model": {"name_or_path": str(base_dir)},
+                       "method": {"name": "lora", "r": 4, "alpha": 8, "init": "pissa", "target_modules": QV, **keys},
+                       "data": {"train": {"path": "unused.jsonl"}}})
+    model, _, base_path = models.load_base(str(base_dir))
+    fp = models.fingerprint(model)
+    lora.apply(model, recipe.method)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.02 * torch.randn(p.shape, generator=g) * p.abs().mean())
+    artifacts.save_adapter(out_dir, model, recipe, base_path, fp)
+    return model.eval()
+
+
+@pytest.mark.filterwarnings(r"ignore:Unexpected keyword arguments \['peftcli'\]")
+@pytest.mark.parametrize("keys,alpha", [({}, 16.0), ({"rslora": True}, 8 * math.sqrt(2)), ({"dora": True}, 16.0)],
+                         ids=["pissa", "pissa+rslora", "pissa+dora"])
+def test_pissa_adapter_loads_in_hf_peft_on_the_original_base(tiny_dir, tmp_path, keys, alpha):
+    model = pissa_trained(tiny_dir, tmp_path / "adapter", **keys)
+    with torch.no_grad():
+        ours = model(IDS).logits
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    with torch.no_grad():
+        assert (ours - base(IDS).logits).abs().max() > 1e-3  # the perturbation shows
+
+    # saved as a plain rank-2r LoRA relative to the original W, scale unchanged (r 8, alpha 16 or 8·√2)
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["init_lora_weights"]) == (8, True) and math.isclose(cfg["lora_alpha"], alpha)
+    assert cfg["peftcli"]["method"]["init"] == "pissa" and cfg["peftcli"]["method"]["r"] == 4
+    weights = safetensors.torch.load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert weights["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (8, 64)
+
+    hf = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()  # HF peft, the unmodified base
+    with torch.no_grad():
+        torch.testing.assert_close(hf(IDS).logits, ours, atol=1e-5, rtol=0)
+
+    reloaded, _, _ = artifacts.load_adapted(tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, ours, atol=1e-5, rtol=0)
+    # saving the reloaded model writes the same tensors (a resumed run's checkpoints stay consistent)
+    again = lora.state_dict(reloaded)
+    assert sorted(again) == sorted(weights) and all(torch.equal(again[k], weights[k]) for k in weights)
+
+
+@pytest.mark.filterwarnings("ignore:PiSSA changes the base weights")
+def test_pissa_file_is_hf_peft_conversion(tmp_path):
+    """Our saved tensors equal HF peft's save_pretrained(path_initial_model_for_weight_conversion=...)
+    of the same PiSSA weights."""
+    ours = tiny_llama()
+    cfg = lora_cfg(r=4, alpha=8, init="pissa", target_modules=QV)
+    lora.apply(ours, cfg)
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.add_(0.01)  # "trained"
+    hf = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, init_lora_weights="pissa", target_modules=QV))
+    hf.peft_config["default"].init_lora_weights = True  # HF peft's recipe: save the initial adapter first
+    hf.save_pretrained(tmp_path / "init")
+    hf.peft_config["default"].init_lora_weights = "pissa"
+    with torch.no_grad():
+        for name, layer in lora.lora_layers(ours).items():
+            h = hf.base_model.model.get_submodule(name)
+            h.lora_A["default"].weight.copy_(layer.lora_A.weight)
+            h.lora_B["default"].weight.copy_(layer.lora_B.weight)
+    hf.save_pretrained(tmp_path / "hf", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+
+    theirs = safetensors.torch.load_file(str(tmp_path / "hf" / "adapter_model.safetensors"))
+    mine = lora.state_dict(ours)
+    assert sorted(mine) == sorted(theirs)
+    for key, want in theirs.items():
+        torch.testing.assert_close(mine[key], want, atol=1e-6, rtol=0, msg=key)
+    hf_cfg = json.loads((tmp_path / "hf" / "adapter_config.json").read_text())
+    our_cfg = lora.adapter_config(cfg)
+    assert {k: our_cfg[k] for k in ("r", "lora_alpha", "init_lora_weights")} == \
+        {k: hf_cfg[k] for k in ("r", "lora_alpha", "init_lora_weights")}
+
+
+def test_hf_unconverted_pissa_adapter_loads_with_load_adapted(tiny_dir, tmp_path):
+    """HF peft's plain save of a PiSSA model (rank r, init_lora_weights "pissa") is relative to the
+    residual base; HF peft recomputes it on load, and so do we."""
+    hf = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir),
+                        LoraConfig(r=4, lora_alpha=8, init_lora_weights="pissa", target_modules=QV))
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "lora_" in name:
+                p.add_(0.01)
+    hf.eval()
+    with torch.no_grad():
+        expected = hf(IDS).logits
+    hf.save_pretrained(tmp_path / "hf_adapter")
+    assert json.loads((tmp_path / "hf_adapter" / "adapter_config.json").read_text())["init_lora_weights"] == "pissa"
+    model, _, _ = artifacts.load_adapted(tmp_path / "hf_adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_pissa_refused_on_a_quantised_base_and_unknown_hf_inits(tiny_dir):
+    model, _, _ = models.load_base(str(tiny_dir), "nf4")
+    with pytest.raises(UserError, match="pissa needs a full-precision base"):
+        lora.apply(model, lora_cfg(init="pissa"))
+    with pytest.raises(UserError, match="method.init: pissa needs a full-precision base"):
+        validate({"method": {"name": "qlora", "init": "pissa"}, "data": {"train": {"path": "unused.jsonl"}}})
+    with pytest.raises(UserError, match="method.init: pissa needs r <= min"):
+        lora.apply(tiny_llama(), lora_cfg(r=40, init="pissa"))  # v_proj is 32 × 64
+    for init in ("pissa_niter_4", "olora"):
+        with pytest.raises(UserError, match=f"init_lora_weights '{init}' is not supported"):
+            lora.config_from_adapter({"r": 4, "init_lora_weights": init})

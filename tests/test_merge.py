@@ -155,6 +155,25 @@ def test_C2_merged_weight_is_not_the_unchanged_base(tiny_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# PiSSA: the base holds the residual, the merge gives back the original W plus the trained update
+
+
+def test_pissa_merge_is_original_weight_plus_trained_update(tiny_dir, tmp_path):
+    model = train_adapter(tiny_dir, tmp_path, target_modules=["q_proj", "v_proj"], init="pissa", dropout=0.0)
+    q = lora.lora_layers(model)["model.layers.0.self_attn.q_proj"]
+    A, B, A0, B0 = (t.detach().clone() for t in (q.lora_A.weight, q.lora_B.weight, q.init_A, q.init_B))
+    adapted = logits(model)
+
+    out = merge.merge_adapter(tmp_path, tmp_path / "merged")
+
+    # hand computation: W_res + 2·B A = W + 2·(B A − B0 A0), W the original (unmodified) base weight
+    W = base_weights(tiny_dir)["model.layers.0.self_attn.q_proj.weight"]
+    saved = load_file(str(out / "model.safetensors"))
+    torch.testing.assert_close(saved["model.layers.0.self_attn.q_proj.weight"], W + 2.0 * (B @ A - B0 @ A0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out)), adapted, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
 # C3 tied embeddings
 
 

@@ -7,6 +7,17 @@ adapted model starts equal to the base (§4.1). Each target ``nn.Linear`` (or bi
 Linear, which subclass it) is replaced in its parent by a :class:`LoRALinear` that holds it as
 ``base_layer`` — the module names therefore match Hugging Face peft's, and so do the saved keys
 (``base_model.model.<module>.lora_A.weight``).
+
+Options:
+
+- ``dora: true`` — DoRA (Liu et al. 2024, https://arxiv.org/abs/2402.09353, §4.1 eq. 5): the
+  layer is a :class:`DoRALinear`, which adds a trainable magnitude per output row to the LoRA
+  parts; saved as ``...lora_magnitude_vector`` with ``use_dora: true``, as HF peft does.
+- ``init: gaussian`` — A ~ N(0, (1/r)²), B = 0 (HF peft's ``init_lora_weights="gaussian"``).
+- ``init: pissa`` — PiSSA (Meng et al. 2024, https://arxiv.org/abs/2404.02948, §3): A and B
+  start as the principal part of W and the base weight becomes the residual. The adapter is
+  *saved* as a plain rank-2r LoRA relative to the original W (see :func:`state_dict`), so the
+  files need no modified base, in our loader and in HF peft alike.
 """
 
 from __future__ import annotations
@@ -16,16 +27,19 @@ import re
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from peftcli.errors import UserError
+from peftcli.models import dequantized_weight
 
 PEFT_TYPE = "LORA"
 PAPER = "Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models"
-SUMMARY = "low-rank update B·A beside frozen Linear weights"
+SUMMARY = "low-rank update B·A beside frozen Linear weights (options: DoRA, gaussian or PiSSA init)"
 CAN_MERGE = True
 KEY_PREFIX = "base_model.model."
+INITS = ("zeros", "gaussian", "pissa")
 
 
 class Config(BaseModel):
@@ -44,10 +58,15 @@ class Config(BaseModel):
     )
     layers: list[int] | None = Field(None, description="only these transformer block indices")
     rslora: bool = Field(False, description="rank-stabilised scale alpha/√r")
+    dora: bool = Field(False, description="DoRA: a trainable magnitude per output row times the direction of W + scale·B·A")
+    init: Literal["zeros", "gaussian", "pissa"] = Field(
+        "zeros", description="zeros: Kaiming-uniform A, zero B; gaussian: A ~ N(0, 1/r²), zero B; "
+        "pissa: A, B from the top-r singular vectors of W, the base keeps the residual (full-precision base only)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
-# the layer
+# the layers
 
 
 class LoRALinear(nn.Module):
@@ -62,18 +81,27 @@ class LoRALinear(nn.Module):
         alpha: scale numerator.
         dropout: dropout probability on the LoRA branch input (default 0).
         rslora: use alpha/√r instead of alpha/r (Kalajievo 2023, §3).
+        init: ``"zeros"`` (default: Kaiming-uniform A, zero B), ``"gaussian"`` (A ~ N(0, 1/r²),
+            zero B) or ``"pissa"`` (:func:`init_pissa`: replaces ``base_layer``'s weight by the
+            residual).
 
     The LoRA weights are float32 whatever the base dtype (QLoRA keeps adapters in 16/32-bit,
-    Dettmers et al. 2023, §3); their output is cast to the base output's dtype.
+    Dettmers et al. 2023, §3); their output is cast to the base output's dtype. With PiSSA the
+    initial A and B are kept as the non-persistent buffers ``init_A`` (r, in) and ``init_B``
+    (out, r), which saving needs (see :func:`state_dict`); they are None otherwise.
 
     Raises:
-        ValueError: r < 1.
+        ValueError: r < 1, or an unknown ``init``.
+        UserError: ``init="pissa"`` on a quantised base, or with r > min(in, out).
     """
 
-    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                 init: str = "zeros"):
         super().__init__()
         if r < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {r}")
+        if init not in INITS:
+            raise ValueError(f"LoRA init must be one of {INITS}, got {init!r}")
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.r, self.alpha, self.rslora = r, alpha, rslora
@@ -82,8 +110,13 @@ class LoRALinear(nn.Module):
         device = base_layer.weight.device
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
-        init_lora_A(self.lora_A.weight)
-        init_lora_B(self.lora_B.weight)
+        self.register_buffer("init_A", None, persistent=False)
+        self.register_buffer("init_B", None, persistent=False)
+        if init == "pissa":
+            init_pissa(self)
+        else:
+            (init_lora_A if init == "zeros" else init_gaussian_A)(self.lora_A.weight)
+            init_lora_B(self.lora_B.weight)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -94,10 +127,85 @@ class LoRALinear(nn.Module):
         """scaling · B A, float32, shape (out_features, in_features)."""
         return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
 
+    def merged_weight(self) -> torch.Tensor:
+        """W + scaling · B A, float32 (out_features, in_features); a 4/8-bit W is dequantised."""
+        weight = dequantized_weight(self.base_layer)
+        return weight + self.delta_weight().to(weight.device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
         return result + (self.scaling * update).to(result.dtype)
+
+
+class DoRALinear(nn.Module):
+    """A LoRA layer with its output rows re-normalised to a learned magnitude (DoRA, Liu et al.
+    2024, https://arxiv.org/abs/2402.09353, §4.1 eq. 5):
+
+        W' = m ⊙ (W + s·B A) / ‖W + s·B A‖_r
+
+    where ‖·‖_r is the L2 norm of each output row of the (out, in) weight, so m and the norm are
+    (out_features,); m is trainable and starts at ‖W + s·B A‖_r (= ‖W‖_r for zero B), so the
+    layer starts equal to its LoRA layer. The norm is a constant in the backward pass (§4.3):
+    m, A and B get gradients, the norm does not.
+
+    ``forward``: (..., in_features) -> (..., out_features), with g = m / ‖W + s·B A‖_r and
+    x' = dropout(x):
+
+        y = base_layer(x) + (g - 1) ⊙ W x' + g ⊙ s·B A x'
+
+    which is W' x + bias without dropout. With dropout, the dropped input feeds the whole
+    DoRA correction (the rescaled base term too), as in HF peft; the bias is never rescaled.
+
+    Args:
+        lora: the :class:`LoRALinear` to extend (after its initialisation, so the magnitude
+            starts from its W and B A). Its base layer, A, B, dropout, scale and PiSSA buffers
+            are taken over; the LoRALinear itself is not kept.
+
+    The magnitude is float32 like A and B; W is read dequantised (float32) for a 4/8-bit base.
+    """
+
+    def __init__(self, lora: LoRALinear):
+        super().__init__()
+        self.base_layer, self.lora_A, self.lora_B, self.dropout = lora.base_layer, lora.lora_A, lora.lora_B, lora.dropout
+        self.in_features, self.out_features = lora.in_features, lora.out_features
+        self.r, self.alpha, self.rslora, self.scaling = lora.r, lora.alpha, lora.rslora, lora.scaling
+        self.register_buffer("init_A", lora.init_A, persistent=False)
+        self.register_buffer("init_B", lora.init_B, persistent=False)
+        self.lora_magnitude_vector = nn.Parameter(self.weight_norm(dequantized_weight(self.base_layer)))  # (out,)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight (out_features, in_features), for code that reads ``.weight``."""
+        return self.base_layer.weight
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling · B A, float32, shape (out_features, in_features)."""
+        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+
+    @torch.no_grad()
+    def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """‖W + s·B A‖ over each output row, (out_features,), without gradient (§4.3).
+        ``weight``: the base weight (out_features, in_features), float32."""
+        return torch.linalg.norm(weight + self.delta_weight().to(weight.device), dim=1)
+
+    def merged_weight(self) -> torch.Tensor:
+        """m ⊙ (W + s·B A) / ‖W + s·B A‖_r, float32 (out_features, in_features)."""
+        weight = dequantized_weight(self.base_layer)
+        weight = weight + self.delta_weight().to(weight.device)
+        return (self.lora_magnitude_vector.to(weight.device) / torch.linalg.norm(weight, dim=1)).unsqueeze(1) * weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        x = self.dropout(x.to(self.lora_A.weight.dtype))
+        weight = dequantized_weight(self.base_layer)  # (out, in) float32
+        g = self.lora_magnitude_vector / self.weight_norm(weight)  # (out,)
+        update = (g - 1) * F.linear(x, weight) + g * self.scaling * self.lora_B(self.lora_A(x))
+        return result + update.to(result.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# initialisation
 
 
 def init_lora_A(weight: torch.Tensor) -> None:
@@ -111,6 +219,45 @@ def init_lora_B(weight: torch.Tensor) -> None:
     nn.init.zeros_(weight)
 
 
+def init_gaussian_A(weight: torch.Tensor) -> None:
+    """N(0, std = 1/r) for A of shape (r, in), as HF peft's ``init_lora_weights="gaussian"``."""
+    nn.init.normal_(weight, std=1 / weight.shape[0])
+
+
+@torch.no_grad()
+def init_pissa(layer: LoRALinear) -> None:
+    """PiSSA (Meng et al. 2024, §3): start A and B at the principal part of W and keep only the
+    residual in the frozen base, so the layer's output is unchanged.
+
+    With W = U diag(S) Vᵀ (out × in, float32) and s the LoRA scale:
+
+        A = diag(√(S_r / s)) V_rᵀ   (r, in)       B = U_r diag(√(S_r / s))   (out, r)
+        s·B A = U_r diag(S_r) V_rᵀ                W_res = W − s·B A
+
+    as HF peft's ``pissa_init`` (exact SVD). The residual gets its own storage (a weight tied to
+    the input embedding is never changed) in the base dtype; A and B are also kept as
+    ``layer.init_A`` / ``layer.init_B`` for saving.
+
+    Raises:
+        UserError: a 4/8-bit base (the residual needs a full-precision weight), or r > min(in, out).
+    """
+    base = layer.base_layer
+    if _is_quantized(base):
+        raise UserError("method.init: pissa needs a full-precision base (it replaces W by the residual W - scale·B·A, "
+                        "which a 4/8-bit weight cannot hold); use init zeros or gaussian with a quantised base")
+    if layer.r > min(layer.in_features, layer.out_features):
+        raise UserError(f"method.init: pissa needs r <= min(in, out) = {min(layer.in_features, layer.out_features)}, got r = {layer.r}")
+    W = base.weight.float()  # (out, in)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    sqrt_S = torch.sqrt(S[: layer.r] / layer.scaling)  # (r,)
+    A = torch.diag(sqrt_S) @ Vh[: layer.r]  # (r, in)
+    B = U[:, : layer.r] @ torch.diag(sqrt_S)  # (out, r)
+    layer.lora_A.weight.copy_(A)
+    layer.lora_B.weight.copy_(B)
+    layer.init_A, layer.init_B = A.clone(), B.clone()
+    base.weight = nn.Parameter((W - layer.scaling * B @ A).to(base.weight.dtype), requires_grad=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # finding targets
 
@@ -119,7 +266,7 @@ _LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 
 def is_linear(module: nn.Module) -> bool:
     """True for nn.Linear and its bitsandbytes subclasses (Linear4bit, Linear8bitLt)."""
-    return isinstance(module, nn.Linear) and not isinstance(module, LoRALinear)
+    return isinstance(module, nn.Linear)
 
 
 def find_targets(model: nn.Module, target_modules: str | list[str], layers: list[int] | None = None) -> list[str]:
@@ -165,32 +312,50 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def apply(model: nn.Module, cfg: Config) -> list[str]:
-    """Freeze every base parameter and wrap each target Linear in a :class:`LoRALinear`.
+    """Freeze every base parameter and wrap each target Linear in a :class:`LoRALinear` (a
+    :class:`DoRALinear` with ``cfg.dora``), initialised as ``cfg.init`` says.
 
-    Returns the wrapped module names. Raises UserError when ``target_modules`` matches nothing.
+    Returns the wrapped module names. Raises UserError when ``target_modules`` matches nothing,
+    or for ``init: pissa`` on a quantised base.
     """
     targets = find_targets(model, cfg.target_modules, cfg.layers)
     for p in model.parameters():
         p.requires_grad_(False)
     for name in targets:
         base = model.get_submodule(name)
+        layer = LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, cfg.init)
+        if cfg.dora:
+            layer = DoRALinear(layer)
         # keep the mode the base layer was in: LoRA dropout is off on a model in eval mode
-        _set_submodule(model, name, LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora).train(base.training))
+        _set_submodule(model, name, layer.train(base.training))
     return targets
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    """name -> LoRALinear for every wrapped layer of ``model``."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear | DoRALinear]:
+    """name -> LoRALinear or DoRALinear for every wrapped layer of ``model``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (LoRALinear, DoRALinear))}
 
 
 def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable weights in HF peft key naming:
-    ``base_model.model.<module>.lora_A.weight`` (r, in) and ``...lora_B.weight`` (out, r)."""
+    """The trainable weights in HF peft key naming: ``base_model.model.<module>.lora_A.weight``
+    (r, in), ``...lora_B.weight`` (out, r) and, for DoRA, ``...lora_magnitude_vector`` (out,).
+
+    A PiSSA layer computes W_res x + s·B A x with W_res = W − s·B₀A₀, so relative to the
+    original W its update is s·(B A − B₀A₀) = s·[B | −B₀] [A ; A₀]: it is saved as that rank-2r
+    LoRA (``lora_A`` (2r, in) = [A ; A₀], ``lora_B`` (out, 2r) = [B | −B₀]) — HF peft's
+    "PiSSA to LoRA" conversion (``path_initial_model_for_weight_conversion``) — and
+    :func:`adapter_config` doubles r and alpha to keep the scale. The files then work with the
+    unmodified base; a DoRA magnitude is unaffected, since W' is the same matrix.
+    """
     out = {}
     for name, layer in lora_layers(model).items():
-        out[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().cpu().contiguous()
-        out[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().cpu().contiguous()
+        A, B = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
+        if layer.init_A is not None:  # PiSSA
+            A, B = torch.cat([A, layer.init_A]), torch.cat([B, -layer.init_B], dim=1)
+        out[f"{KEY_PREFIX}{name}.lora_A.weight"] = A.cpu().contiguous()
+        out[f"{KEY_PREFIX}{name}.lora_B.weight"] = B.cpu().contiguous()
+        if isinstance(layer, DoRALinear):
+            out[f"{KEY_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach().cpu().contiguous()
     return out
 
 
@@ -198,82 +363,122 @@ def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
     """Copy saved LoRA weights (HF peft naming; ``.default`` adapter names accepted) into the
     wrapped model.
 
+    A PiSSA layer (rank r) reads our rank-2r form (:func:`state_dict`): A, B and the initial
+    A₀, B₀ are split out of it; its residual base stays the one :func:`init_pissa` computed from
+    this base. It also reads HF peft's unconverted PiSSA files (rank r, ``init_lora_weights:
+    "pissa"``), which are relative to that same residual.
+
     Raises:
         UserError: a wrapped layer has no saved weights, a saved key matches no layer, or a
         shape differs (an adapter for another model or rank).
     """
-    want = {}
-    for name, layer in lora_layers(model).items():
-        want[f"{name}.lora_A.weight"] = layer.lora_A.weight
-        want[f"{name}.lora_B.weight"] = layer.lora_B.weight
+    layers = lora_layers(model)
+    want = set()
+    for name, layer in layers.items():
+        want |= {f"{name}.lora_A.weight", f"{name}.lora_B.weight"}
+        if isinstance(layer, DoRALinear):
+            want.add(f"{name}.lora_magnitude_vector")
     got = {k.removeprefix(KEY_PREFIX).replace(".default.", "."): v for k, v in sd.items()}
-    unknown = sorted(set(got) - set(want))
-    missing = sorted(set(want) - set(got))
+    unknown = sorted(set(got) - want)
+    missing = sorted(want - set(got))
     if unknown or missing:
         raise UserError(f"adapter weights do not fit this model: {'unexpected ' + unknown[0] if unknown else 'missing ' + missing[0]}")
     with torch.no_grad():
-        for k, param in want.items():
-            if got[k].shape != param.shape:
-                raise UserError(f"adapter weight {k} has shape {tuple(got[k].shape)}, the model needs {tuple(param.shape)}")
-            param.copy_(got[k].to(param.dtype))
+        for name, layer in layers.items():
+            A, B = got[f"{name}.lora_A.weight"], got[f"{name}.lora_B.weight"]
+            if layer.init_A is not None and A.shape[0] == 2 * layer.r:  # our PiSSA form [A ; A₀], [B | −B₀]
+                A, init_A = A.split(layer.r)
+                B, minus_init_B = B.split(layer.r, dim=1)
+                layer.init_A.copy_(init_A)
+                layer.init_B.copy_(-minus_init_B)
+            _copy_checked(layer.lora_A.weight, A, f"{name}.lora_A.weight")
+            _copy_checked(layer.lora_B.weight, B, f"{name}.lora_B.weight")
+            if isinstance(layer, DoRALinear):
+                _copy_checked(layer.lora_magnitude_vector, got[f"{name}.lora_magnitude_vector"], f"{name}.lora_magnitude_vector")
+
+
+def _copy_checked(param: torch.Tensor, value: torch.Tensor, key: str) -> None:
+    if value.shape != param.shape:
+        raise UserError(f"adapter weight {key} has shape {tuple(value.shape)}, the model needs {tuple(param.shape)}")
+    param.copy_(value.to(param.dtype))
 
 
 def adapter_config(cfg: Config) -> dict:
-    """The HF peft ``LoraConfig`` fields for ``adapter_config.json`` (without the base model)."""
+    """The HF peft ``LoraConfig`` fields for ``adapter_config.json`` (without the base model).
+
+    ``init: pissa`` is written as the plain LoRA it is saved as (:func:`state_dict`): r doubled,
+    alpha doubled (×√2 with rslora) so the scale is unchanged, ``init_lora_weights: true`` — as
+    HF peft writes a converted PiSSA adapter. (``"pissa"`` there would make HF peft turn the base
+    into a residual again on load.) The ``peftcli`` block keeps the recipe's own r and init.
+    """
+    r, alpha = cfg.r, cfg.alpha
+    if cfg.init == "pissa":
+        r, alpha = 2 * cfg.r, cfg.alpha * (math.sqrt(2) if cfg.rslora else 2)
     return {
         "peft_type": PEFT_TYPE,
         "task_type": "CAUSAL_LM",
-        "r": cfg.r,
-        "lora_alpha": cfg.alpha,
+        "r": r,
+        "lora_alpha": alpha,
         "lora_dropout": cfg.dropout,
         "target_modules": cfg.target_modules,
         "layers_to_transform": cfg.layers,
         "use_rslora": cfg.rslora,
         "bias": "none",
         "fan_in_fan_out": False,
-        "init_lora_weights": True,
+        "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True,
         "modules_to_save": None,
-        "use_dora": False,
+        "use_dora": cfg.dora,
         "inference_mode": True,
     }
+
+
+# HF peft's init_lora_weights values we read: any init whose base is the unmodified W, and exact PiSSA
+_HF_INITS = {True: "zeros", False: "zeros", "gaussian": "gaussian", "pissa": "pissa"}
 
 
 def config_from_adapter(d: dict) -> Config:
     """Our config from an HF peft ``adapter_config.json`` dict (e.g. an adapter HF peft trained).
 
+    ``init_lora_weights: "pissa"`` (HF peft's unconverted PiSSA, relative to the residual base)
+    gives ``init: pissa``, so loading recomputes the residual from the base, as HF peft does.
+
     Raises:
-        UserError: options we do not implement (DoRA, bias training, modules_to_save).
+        UserError: options we do not implement (bias training, modules_to_save, other inits such
+        as ``pissa_niter_K``, whose randomised SVD cannot be reproduced).
     """
-    if d.get("use_dora"):
-        raise UserError("adapter_config.json: use_dora is not supported yet")
     if d.get("bias", "none") != "none" or d.get("modules_to_save"):
         raise UserError("adapter_config.json: bias / modules_to_save are not supported yet")
+    init = d.get("init_lora_weights", True)
+    if not isinstance(init, (bool, str)) or init not in _HF_INITS:
+        raise UserError(f"adapter_config.json: init_lora_weights {init!r} is not supported (true, false, gaussian, pissa)")
     targets = d.get("target_modules") or ["q_proj", "v_proj"]
     return Config(
         r=d["r"], alpha=d.get("lora_alpha", 8), dropout=d.get("lora_dropout", 0.0),
         target_modules=targets if isinstance(targets, str) else list(targets),
         layers=d.get("layers_to_transform"), rslora=bool(d.get("use_rslora", False)),
+        dora=bool(d.get("use_dora", False)), init=_HF_INITS[init],
     )
 
 
 def merge(model: nn.Module) -> nn.Module:
     """Fold every LoRA update into its base weight and put a plain ``nn.Linear`` back.
 
-    The sum W + scaling·B·A is computed in float32 and rounded once to the output dtype; a
-    4/8-bit base is dequantised first (the weights the adapter was trained against, Dettmers
-    et al. 2023, §3), so the merged Linear is full precision (float32 for a quantised base,
-    else the base dtype). A weight shared with another module (tied embeddings) is never
-    written in place: the merged Linear gets its own storage. Returns ``model``.
+    The merged weight (``merged_weight``: W + scaling·B·A; for DoRA m ⊙ (W + s·B A) / ‖W + s·B A‖_r)
+    is computed in float32 and rounded once to the output dtype; a 4/8-bit base is dequantised
+    first (the weights the adapter was trained against, Dettmers et al. 2023, §3), so the merged
+    Linear is full precision (float32 for a quantised base, else the base dtype). For PiSSA, W is
+    the residual, so the sum is the original W plus the trained update. A weight shared with
+    another module (tied embeddings) is never written in place: the merged Linear gets its own
+    storage. The bias is kept as is. Returns ``model``.
     """
-    from peftcli.models import dequantized_weight
-
     for name, layer in lora_layers(model).items():
         base = layer.base_layer
-        w = dequantized_weight(base)  # (out, in) float32
+        with torch.no_grad():
+            w = layer.merged_weight()  # (out, in) float32
         dtype = torch.float32 if _is_quantized(base) else base.weight.dtype
         merged = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, device=w.device, dtype=dtype)
         with torch.no_grad():
-            merged.weight.copy_((w + layer.delta_weight().to(w.device)).to(dtype))
+            merged.weight.copy_(w.to(dtype))
             if base.bias is not None:
                 merged.bias.copy_(base.bias.float().to(dtype))
         merged.weight.requires_grad_(False)

@@ -6,12 +6,15 @@ through bitsandbytes; the recipe resolves ``model.quantization`` to ``nf4``), an
 of :mod:`peftcli.methods.lora` wraps the bitsandbytes ``Linear4bit`` layers unchanged: the
 adapters stay float32 (§3, "LoRA adapters in 16-bit", here 32 on CPU). Merging dequantises W
 first, so the merged weight is dequant(W_nf4) + (alpha/r)·B·A — what the adapter was trained
-against.
+against. DoRA (``dora: true``) works the same way, its norm taken over the dequantised W;
+``init: pissa`` is refused (its residual W − s·B·A needs a full-precision base).
 """
 
 from __future__ import annotations
 
 from typing import Literal
+
+from pydantic import field_validator
 
 from peftcli.methods import lora
 from peftcli.methods.lora import adapter_config, apply, load_state_dict, merge, state_dict  # noqa: F401
@@ -26,6 +29,14 @@ class Config(lora.Config):
     """Recipe keys of ``method: {name: qlora}``: the LoRA keys; the base is loaded in NF4."""
 
     name: Literal["qlora"] = "qlora"
+
+    @field_validator("init")
+    @classmethod
+    def _no_pissa(cls, init: str) -> str:
+        if init == "pissa":
+            raise ValueError("pissa needs a full-precision base (it replaces W by the residual W - scale·B·A); "
+                             "use method lora with init pissa, or init zeros/gaussian with qlora")
+        return init
 
 
 def config_from_adapter(d: dict) -> Config:
