@@ -12,13 +12,16 @@ Every method module exposes the same small surface:
 
 from types import ModuleType
 
-from peftcli.methods import adapter, ia3, lora, qlora
+from peftcli.methods import adapter, ia3, lora, p_tuning, prefix_tuning, prompt_tuning, qlora
 
 METHODS: dict[str, ModuleType] = {
     "lora": lora,
     "qlora": qlora,
     "adapter": adapter,
     "ia3": ia3,
+    "prefix_tuning": prefix_tuning,
+    "prompt_tuning": prompt_tuning,
+    "p_tuning": p_tuning,
 }
 METHOD_CONFIGS = {name: module.Config for name, module in METHODS.items()}
 
