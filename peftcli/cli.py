@@ -25,7 +25,20 @@ from peftcli.errors import UserError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Parameter-efficient fine-tuning of causal language models from YAML recipes.")
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # log lines stay whole when piped
+
+
+def _version(value: bool):
+    if value:
+        from peftcli import __version__
+
+        print(f"peft (peftcli) {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version")):
+    """Parameter-efficient fine-tuning of causal language models from YAML recipes."""
 
 
 def _quiet_libraries() -> None:
@@ -170,13 +183,17 @@ def validate(
     set_: List[str] = typer.Option([], "--set"),
 ):
     """Resolve a recipe; list matched modules, trainable parameters and a peak-memory estimate."""
-    from peftcli import methods, models
+    from peftcli import data, methods, models
     from peftcli import recipe as recipes
     from peftcli.trainer import parameter_counts
 
     r = recipes.load_recipe(recipe, set_)
     out.print(recipes.dump(r), highlight=False, markup=False)
     model, tok, path = models.load_base(**r.model.model_dump())
+    ds = data.build(r.data, tok, r.train.seed)
+    s = ds.train_stats
+    out.print(f"data: {s.kept} of {s.rows} train rows kept ({s.dropped_empty_answer} empty answers, "
+              f"{s.dropped_truncated} prompts over max_seq_len), {len(ds.eval)} eval examples")
     targets = methods.get(r.method.name).apply(model, r.method)
     trainable, total = parameter_counts(model)
     out.print(f"base: {path}")

@@ -53,13 +53,15 @@ def merge_adapter(path: str | Path, out_dir: str | Path, dtype: str | None = Non
     if dtype is not None and dtype not in models.DTYPES:
         raise UserError(f"--dtype {dtype}: choose from {', '.join(models.DTYPES)}")
     out_dir = Path(out_dir)
-    name = method_name(read_adapter_config(find_adapter_dir(path)))
+    adapter_dir = find_adapter_dir(path)
+    cfg = read_adapter_config(adapter_dir)
+    name = method_name(cfg)
     method = methods.get(name)
     if not method.CAN_MERGE:  # before loading the base
         why = getattr(method, "CANNOT_MERGE_BECAUSE", WHY_NOT)
         raise UserError(f"method {name} cannot be merged: {why}; use the adapter as is (peft eval / peft generate)")
+    _check_out_dir(out_dir, adapter_dir, cfg.get("base_model_name_or_path") or "")  # before the slow load
     model, tok, info = load_adapted(path)
-    _check_out_dir(out_dir, info)
 
     quantized = info["model"]["quantization"] != "none"
     out_name = dtype or info["model"]["dtype"]
@@ -83,17 +85,17 @@ def merge_adapter(path: str | Path, out_dir: str | Path, dtype: str | None = Non
     return out_dir
 
 
-def _check_out_dir(out_dir: Path, info: dict) -> None:
-    """Refuse to write over the base, the adapter, or a dir that is not a model dir."""
+def _check_out_dir(out_dir: Path, adapter_dir: Path, base_path: str) -> None:
+    """Refuse to write over (or into) the base, the adapter, or a dir that is not a model dir."""
+    target = out_dir.resolve()
+    adapter = Path(adapter_dir).resolve()
+    if target == adapter or target in adapter.parents or adapter in target.parents:
+        raise UserError(f"-o {out_dir}: overlaps the adapter being merged ({adapter_dir}); merge into a new dir")
+    base = Path(base_path).expanduser()
+    if base_path and base.exists() and (base.resolve() == target or base.resolve() in target.parents):
+        raise UserError(f"-o {out_dir}: is inside the base model dir; merge into a new dir")
     if not out_dir.exists():
         return
-    target = out_dir.resolve()
-    adapter = Path(info["adapter_dir"]).resolve()
-    base = Path(info["base_path"]).expanduser()
-    if base.exists() and base.resolve() == target:
-        raise UserError(f"-o {out_dir}: is the base model dir; merge into a new dir")
-    if target == adapter or target in adapter.parents:
-        raise UserError(f"-o {out_dir}: holds the adapter being merged; merge into a new dir")
     if not out_dir.is_dir():
         raise UserError(f"-o {out_dir}: exists and is not a directory")
     if any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():

@@ -190,10 +190,26 @@ def load_base(name_or_path: str, quantization: str = "none", dtype: str = "float
     """Resolve an alias/dir/hub id and load (model, tokenizer, resolved path)."""
     path = resolve(name_or_path)
     model = load_model(path, quantization, dtype, double_quant, trust_remote_code)
-    tok = load_tokenizer(path, trust_remote_code)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tok.pad_token_id
+    tok = fit_tokenizer(load_tokenizer(path, trust_remote_code), model)
     return model, tok, path
+
+
+def fit_tokenizer(tok, model: nn.Module):
+    """Make the tokenizer's pad id usable with ``model``: a pad token whose id is outside the
+    input embedding (added to the tokenizer but not to the model) is replaced by the EOS, so no
+    id ever indexes past the embedding's rows (CASES C11). Returns ``tok``.
+
+    Raises:
+        UserError: the EOS itself is outside the embedding (tokenizer and model do not match).
+    """
+    rows = model.get_input_embeddings().num_embeddings
+    if tok.pad_token_id is not None and tok.pad_token_id >= rows:
+        if tok.eos_token_id is None or tok.eos_token_id >= rows:
+            raise UserError(f"tokenizer and model do not match: token ids reach {len(tok)}, the embedding has {rows} rows")
+        tok.pad_token = tok.eos_token
+    if model.config.pad_token_id is None or model.config.pad_token_id >= rows:
+        model.config.pad_token_id = tok.pad_token_id
+    return tok
 
 
 def fingerprint(model: nn.Module) -> str:

@@ -295,26 +295,30 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
     (run_dir / "recipe.yaml").write_text(dump(recipe), encoding="utf-8")
     seed_everything(t.seed)
 
-    # 1. model + method
-    model, tok, base_path = models.load_base(**recipe.model.model_dump())
+    # 1. data first (the tokenizer is enough), so a bad file is reported before the model loads
+    m = recipe.model
+    base_path = models.resolve(m.name_or_path)
+    tok = models.load_tokenizer(base_path, m.trust_remote_code)
+    ds = data.build(recipe.data, tok, t.seed)
+    s = ds.train_stats
+    eval_examples = ds.eval[: t.eval_max_samples] if t.eval_max_samples else ds.eval
+
+    # 2. model + method
+    model = models.load_model(base_path, m.quantization, m.dtype, m.double_quant, m.trust_remote_code)
+    tok = models.fit_tokenizer(tok, model)
     fp = models.fingerprint(model)
     method = methods.get(recipe.method.name)
     targets = method.apply(model, recipe.method)
     trainable, total = parameter_counts(model)
     console.print(f"[bold]{recipe.method.name}[/]: {len(targets)} modules wrapped; trainable parameters "
                   f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    console.print(f"data: {s.kept} train examples ({s.dropped_empty_answer} empty answers and "
+                  f"{s.dropped_truncated} over-long prompts dropped), eval on {len(eval_examples)} examples")
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    # 2. data
-    ds = data.build(recipe.data, tok, t.seed)
     log = RunLog(run_dir / "metrics.jsonl", upto_step=_checkpoint_step(checkpoint))
     if checkpoint is None:
         log.write({"event": "data", "train": vars(ds.train_stats), "eval": vars(ds.eval_stats) if ds.eval_stats else None})
-    s = ds.train_stats
-    console.print(f"data: {s.kept} train examples ({s.dropped_empty_answer} empty answers and "
-                  f"{s.dropped_truncated} over-long prompts dropped), {len(ds.eval)} eval examples")
-    eval_examples = ds.eval[: t.eval_max_samples] if t.eval_max_samples else ds.eval
 
     # 3. optimizer, schedule, accelerator
     mixed = resolve_mixed_precision(t.mixed_precision)
@@ -335,7 +339,7 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
     device = accelerator.device
     pad_id = tok.pad_token_id
     t0 = time.perf_counter()
-    window_tokens, window_t0, last_loss = 0, time.perf_counter(), float("nan")
+    window_tokens, window_t0, last_logged = 0, time.perf_counter(), None
     step_losses: list[float] = []
     progress = _progress(console, steps, start)
     with progress:
@@ -348,18 +352,19 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
                 raise UserError(f"train: loss is {loss} at step {step}; lower train.lr or check the data (last checkpoint kept)")
             if t.max_grad_norm:
                 accelerator.clip_grad_norm_(params, t.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step_losses.append(loss)
-            last_loss = loss
 
             if step % t.log_every == 0 or step == steps:
                 dt = time.perf_counter() - window_t0
                 event = {"event": "train", "step": step, "loss": sum(step_losses) / len(step_losses),
-                         "lr": scheduler.get_last_lr()[0], "tokens_per_s": window_tokens / max(dt, 1e-9),
+                         "lr": lr, "tokens_per_s": window_tokens / max(dt, 1e-9),
                          "epoch": stream.epoch, "elapsed_s": time.perf_counter() - t0}
                 log.write(event)
+                last_logged = event["loss"]
                 progress.update(task, loss=event["loss"], lr=event["lr"], tps=event["tokens_per_s"])
                 if not progress.live.is_started:
                     console.print(f"step {step}/{steps}  loss {event['loss']:.4f}  lr {event['lr']:.2e}  {event['tokens_per_s']:.0f} tok/s")
@@ -373,7 +378,7 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
             progress.update(task, completed=step)
 
     # 5. final eval + artifacts
-    summary = {"method": recipe.method.name, "steps": steps, "final_train_loss": last_loss,
+    summary = {"method": recipe.method.name, "steps": steps, "final_train_loss": last_logged,
                "trainable_params": trainable, "total_params": total, "trainable_pct": 100 * trainable / total,
                "train_examples": len(ds.train), "dropped_rows": s.dropped_empty_answer + s.dropped_truncated,
                "mixed_precision": mixed, "wall_s": time.perf_counter() - t0}

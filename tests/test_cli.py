@@ -103,3 +103,12 @@ def test_hub_id_without_hub_access_exits_2(tmp_path, data_file):
     assert p.returncode == 2 and "Traceback" not in p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "model.name_or_path: 'someorg/some-model'" in lines[0]
+
+
+def test_data_errors_are_reported_before_the_model_loads(tmp_path, tiny_dir):
+    bad = tmp_path / "rows.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n')
+    # only the tokenizer is needed to check the data: the error comes alone, before any model output
+    recipe = write(tmp_path, GOOD.format(model=tiny_dir, data=bad, out=tmp_path / "run"))
+    p = run("train", recipe)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [f"error: {bad}:2: malformed JSON: Expecting value (column 32)"]

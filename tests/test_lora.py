@@ -353,3 +353,10 @@ def test_pissa_refused_on_a_quantised_base_and_unknown_hf_inits(tiny_dir):
     for init in ("pissa_niter_4", "olora"):
         with pytest.raises(UserError, match=f"init_lora_weights '{init}' is not supported"):
             lora.config_from_adapter({"r": 4, "init_lora_weights": init})
+
+
+def test_a_misspelt_target_name_is_an_error_not_ignored():
+    from tiny import tiny_llama
+
+    with pytest.raises(UserError, match=r"method.target_modules: 'v_porj' matched no module \(Linear names here: .*v_proj"):
+        lora.apply(tiny_llama(), lora.Config(target_modules=["q_proj", "v_porj"]))

@@ -259,3 +259,11 @@ def test_merge_refuses_unmergeable_method_and_bad_targets(tiny_dir, tmp_path, mo
     with pytest.raises(UserError, match="method lora cannot be merged: "):
         merge.merge_adapter(tmp_path, tmp_path / "m")
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine" and not (tmp_path / "m").exists()
+
+
+def test_merge_refuses_an_output_dir_inside_the_adapter(tiny_dir, tmp_path):
+    train_adapter(tiny_dir, tmp_path)
+    for inside in (tmp_path / "adapter" / "merged", tmp_path / "adapter", tmp_path):
+        with pytest.raises(UserError, match="overlaps the adapter being merged"):
+            merge.merge_adapter(tmp_path, inside)
+    assert not (tmp_path / "adapter" / "merged").exists()

@@ -46,3 +46,15 @@ def test_4bit_layers_compute_dequant_times_input(tmp_path):
     x = torch.randn(3, 64)
     with torch.no_grad():
         torch.testing.assert_close(q(x), x @ models.dequantized_weight(q).T, atol=1e-5, rtol=1e-5)
+
+
+def test_C11_pad_token_outside_the_embedding_falls_back_to_eos(tmp_path):
+    from tiny import tiny_tokenizer
+
+    model = models.load_model(str(save_tiny(tmp_path / "m", pad=None)))
+    tok = tiny_tokenizer(pad=None)
+    tok.add_special_tokens({"pad_token": "<pad>"})  # id 320: one past the 320 embedding rows
+    assert tok.pad_token_id == model.get_input_embeddings().num_embeddings
+    tok = models.fit_tokenizer(tok, model)
+    assert tok.pad_token_id == tok.eos_token_id < model.get_input_embeddings().num_embeddings
+    assert model.config.pad_token_id == tok.eos_token_id

@@ -1,6 +1,6 @@
 """LoRA: low-rank adaptation of Linear layers (Hu et al. 2021, https://arxiv.org/abs/2106.09685).
 
-    x ↦ W x + (alpha / r) · B A x          (§4.1; rsLoRA: alpha / √r, Kalajievo 2023, §3)
+    x ↦ W x + (alpha / r) · B A x          (§4.1; rsLoRA: alpha / √r, Kalajdzievski 2023, §3)
 
 W (out × in) stays frozen; A (r × in) is Kaiming-uniform, B (out × r) starts at zero so the
 adapted model starts equal to the base (§4.1). Each target ``nn.Linear`` (or bitsandbytes 4/8-bit
@@ -80,7 +80,7 @@ class LoRALinear(nn.Module):
         r: rank (> 0).
         alpha: scale numerator.
         dropout: dropout probability on the LoRA branch input (default 0).
-        rslora: use alpha/√r instead of alpha/r (Kalajievo 2023, §3).
+        rslora: use alpha/√r instead of alpha/r (Kalajdzievski 2023, §3).
         init: ``"zeros"`` (default: Kaiming-uniform A, zero B), ``"gaussian"`` (A ~ N(0, 1/r²),
             zero B) or ``"pissa"`` (:func:`init_pissa`: replaces ``base_layer``'s weight by the
             residual).
@@ -276,7 +276,8 @@ def find_targets(model: nn.Module, target_modules: str | list[str], layers: list
     output head. ``layers`` keeps only modules inside those block indices.
 
     Raises:
-        UserError: nothing matched (with the Linear names that exist), or a match is not a Linear.
+        UserError: nothing matched, or an entry of a list matched nothing (a typo; the message
+            lists the Linear names that exist), or a match is not a Linear.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = []
@@ -296,9 +297,12 @@ def find_targets(model: nn.Module, target_modules: str | list[str], layers: list
             if not is_linear(module):
                 raise UserError(f"method.target_modules: {name} is a {type(module).__name__}, LoRA wraps Linear layers only")
             names.append(name)
-    if not names:
+    unmatched = [] if isinstance(target_modules, str) else [
+        t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if not names or unmatched:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear(m)})
-        raise UserError(f"method.target_modules: {target_modules!r} matched no module (Linear names here: {', '.join(linear)})")
+        what = target_modules if not names else unmatched[0]
+        raise UserError(f"method.target_modules: {what!r} matched no module (Linear names here: {', '.join(linear)})")
     return names
 
 
