@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from tiny import tiny_llama
+from tiny import tiny_llama, tiny_run_recipe
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -148,15 +148,7 @@ def test_gradient_step_changes_logits():
 def test_tiny_training_run_and_reload(tmp_path, tiny_dir):
     from peftcli.trainer import read_events, train
 
-    rows = [{"instruction": "Sort the numbers.", "input": f"{a}, {b}", "output": f"{min(a, b)}, {max(a, b)}"}
-            for a, b in [(3, 1), (7, 2), (5, 9), (4, 8)]]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = validate({"model": {"name_or_path": str(tiny_dir)},
-                       "method": {"name": "adapter", "variant": "houlsby", "reduction_factor": 8, "non_linearity": "gelu"},
-                       "data": {"train": {"path": str(tmp_path / "train.jsonl")}, "max_seq_len": 128},
-                       "train": {"max_steps": 3, "micro_batch_size": 2, "lr": 1e-2, "log_every": 1, "eval_every": 0,
-                                 "save_every": 0, "mixed_precision": "no"},
-                       "output": {"dir": str(tmp_path / "run")}})
+    recipe = tiny_run_recipe(tmp_path, tiny_dir, {"name": "adapter", "variant": "houlsby", "reduction_factor": 8, "non_linearity": "gelu"})
 
     result = train(recipe)
 

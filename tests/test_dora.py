@@ -10,7 +10,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from tiny import tiny_llama
+from tiny import tiny_llama, tiny_run_recipe
 from transformers import AutoModelForCausalLM
 
 from peftcli import artifacts, merge, models
@@ -246,17 +246,8 @@ def test_dora_on_nf4_base_trains_and_merges(tiny_dir, tmp_path):
 def test_dora_pissa_train_resume_and_reload(tmp_path, tiny_dir):
     from peftcli.trainer import train
 
-    rows = [{"instruction": "Sort the numbers.", "input": f"{a}, {b}", "output": f"{min(a, b)}, {max(a, b)}"}
-            for a, b in [(3, 1), (7, 2), (5, 9), (4, 8)]]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = validate({
-        "model": {"name_or_path": str(tiny_dir)},
-        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1, "dora": True, "init": "pissa", "target_modules": QVO},
-        "data": {"train": {"path": str(tmp_path / "train.jsonl"), "format": "alpaca"}, "max_seq_len": 200},
-        "train": {"max_steps": 4, "micro_batch_size": 2, "lr": 1e-2, "warmup_steps": 0, "mixed_precision": "no",
-                  "log_every": 1, "eval_every": 0, "save_every": 2},
-        "output": {"dir": str(tmp_path / "run")},
-    })
+    method = {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1, "dora": True, "init": "pissa", "target_modules": QVO}
+    recipe = tiny_run_recipe(tmp_path, tiny_dir, method, max_seq_len=200, max_steps=4, warmup_steps=0, save_every=2)
     result = train(recipe)
     full = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
     layer = lora.lora_layers(result.model)["model.layers.0.self_attn.q_proj"]

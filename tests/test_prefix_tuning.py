@@ -10,7 +10,7 @@ import pytest
 import torch
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 from safetensors.torch import load_file
-from tiny import save_tiny, tiny_llama, tiny_tokenizer
+from tiny import save_tiny, tiny_llama, tiny_run_recipe, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from peftcli import artifacts, evaluate, merge, models
@@ -266,15 +266,7 @@ def test_refusals():
 def test_tiny_training_run_reload_and_merge_refused(tmp_path, gqa_dir):
     from peftcli.trainer import read_events, train
 
-    rows = [{"instruction": "Sort the numbers.", "input": f"{a}, {b}", "output": f"{min(a, b)}, {max(a, b)}"}
-            for a, b in [(3, 1), (7, 2), (5, 9), (4, 8)]]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = validate({"model": {"name_or_path": str(gqa_dir)},
-                       "method": {"name": "prefix_tuning", "num_virtual_tokens": N, "projection": True},
-                       "data": {"train": {"path": str(tmp_path / "train.jsonl")}, "max_seq_len": 128},
-                       "train": {"max_steps": 3, "micro_batch_size": 2, "lr": 1e-2, "log_every": 1, "eval_every": 0,
-                                 "save_every": 1, "mixed_precision": "no"},
-                       "output": {"dir": str(tmp_path / "run")}})
+    recipe = tiny_run_recipe(tmp_path, gqa_dir, {"name": "prefix_tuning", "num_virtual_tokens": N, "projection": True}, save_every=1)
 
     result = train(recipe)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from peft import PeftModel, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 from safetensors.torch import load_file
-from tiny import tiny_llama, tiny_tokenizer
+from tiny import tiny_llama, tiny_run_recipe, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peftcli import artifacts, data, evaluate, merge, methods, models
@@ -327,14 +327,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradient():
 def test_tiny_training_run_reload_and_merge_refused(tmp_path, tiny_dir, key):
     from peftcli.trainer import read_events, seed_everything, train
 
-    rows = [{"instruction": "Sort the numbers.", "input": f"{a}, {b}", "output": f"{min(a, b)}, {max(a, b)}"}
-            for a, b in [(3, 1), (7, 2), (5, 9), (4, 8)]]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = validate({"model": {"name_or_path": str(tiny_dir)}, "method": METHOD_KEYS[key],
-                       "data": {"train": {"path": str(tmp_path / "train.jsonl")}, "max_seq_len": 128},
-                       "train": {"max_steps": 3, "micro_batch_size": 2, "lr": 1e-2, "log_every": 1, "eval_every": 0,
-                                 "save_every": 2, "mixed_precision": "no", "warmup_steps": 0},
-                       "output": {"dir": str(tmp_path / "run")}})
+    recipe = tiny_run_recipe(tmp_path, tiny_dir, METHOD_KEYS[key], save_every=2, warmup_steps=0)
     seed_everything(recipe.train.seed)  # the trainer's own steps before training: seed, load, apply
     initial, _, _ = models.load_base(str(tiny_dir))
     methods.get(recipe.method.name).apply(initial, recipe.method)

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from tiny import tiny_llama, tiny_tokenizer
+from tiny import tiny_llama, tiny_run_recipe, tiny_tokenizer
 
 from peftcli import data, recipe
 from peftcli.data import IGNORE_INDEX
@@ -90,18 +90,10 @@ def test_supervised_loss_equals_hf_shifted_loss():
 
 
 def _tiny_recipe(tmp_path, tiny_dir, rows, method=None, **train):
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    t = {"max_steps": 6, "micro_batch_size": 2, "lr": 1e-2, "log_every": 2, "eval_every": 3, "save_every": 3,
-         "mixed_precision": "no", "warmup_steps": 0, **train}
-    return recipe.validate({
-        "model": {"name_or_path": str(tiny_dir)},
-        "method": method or {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"train": {"path": str(path), "format": "alpaca"}, "eval": {"path": str(path), "format": "alpaca"},
-                 "max_seq_len": 200},
-        "train": t,
-        "output": {"dir": str(tmp_path / "run")},
-    })
+    """6 steps, eval on the train rows every 3 steps, checkpoints every 3, logs every 2."""
+    t = {"max_steps": 6, "log_every": 2, "eval_every": 3, "save_every": 3, "warmup_steps": 0, **train}
+    return tiny_run_recipe(tmp_path, tiny_dir, method or {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+                           rows, eval_rows=True, max_seq_len=200, **t)
 
 
 # LoRA on the output head too: a random tiny Llama (init std 0.02) cannot move its logits far enough

@@ -65,3 +65,30 @@ def save_tiny(path: Path, pad: str | None = "eos", seed: int = 0, **overrides) -
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return Path(path)
+
+
+SORT_ROWS = [{"instruction": "Sort the numbers.", "input": f"{a}, {b}", "output": f"{min(a, b)}, {max(a, b)}"}
+             for a, b in [(3, 1), (7, 2), (5, 9), (4, 8)]]
+
+
+def tiny_run_recipe(tmp_path: Path, model_dir, method: dict, rows=None, eval_rows: bool = False,
+                    max_seq_len: int = 128, **train):
+    """A validated recipe for a short training run on a tiny model: ``rows`` (default SORT_ROWS)
+    written to ``tmp_path/train.jsonl`` (and used as eval data when ``eval_rows``), output in
+    ``tmp_path/run``; ``train`` keys override 3 fp32 steps of 2 examples at lr 1e-2, logged every
+    step, no eval or checkpoints."""
+    import json
+
+    from peftcli.recipe import validate
+
+    path = Path(tmp_path) / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (rows or SORT_ROWS)))
+    source = {"path": str(path), "format": "alpaca"}
+    return validate({
+        "model": {"name_or_path": str(model_dir)},
+        "method": method,
+        "data": {"train": source, "eval": source if eval_rows else None, "max_seq_len": max_seq_len},
+        "train": {"max_steps": 3, "micro_batch_size": 2, "lr": 1e-2, "log_every": 1, "eval_every": 0,
+                  "save_every": 0, "mixed_precision": "no", **train},
+        "output": {"dir": str(Path(tmp_path) / "run")},
+    })
