@@ -118,6 +118,19 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def enable_gradient_checkpointing(model: nn.Module, reentrant: bool = False) -> None:
+    """Recompute block activations in the backward pass (transformers' activation checkpointing).
+
+    With a frozen base, no input of a checkpointed block requires grad, and reentrant
+    checkpointing would then drop the adapter's gradients silently (CASES C6); making the input
+    embeddings' output require grad keeps them, for either flavour and whether the method was
+    applied before or after this call. (Recent transformers do this themselves for the reentrant
+    flavour; doing it here too keeps the guarantee independent of the version.)
+    """
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.enable_input_require_grads()
+
+
 def cpu_supports_bf16() -> bool:
     """True when this CPU has native bfloat16 matmuls (AVX512-BF16 / AMX), where autocast pays."""
     try:
@@ -315,7 +328,7 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
     console.print(f"data: {s.kept} train examples ({s.dropped_empty_answer} empty answers and "
                   f"{s.dropped_truncated} over-long prompts dropped), eval on {len(eval_examples)} examples")
     if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     log = RunLog(run_dir / "metrics.jsonl", upto_step=_checkpoint_step(checkpoint))
     if checkpoint is None:
         log.write({"event": "data", "train": vars(ds.train_stats), "eval": vars(ds.eval_stats) if ds.eval_stats else None})

@@ -210,3 +210,40 @@ def test_fresh_run_replaces_an_earlier_run(tmp_path, tiny_dir):
     assert not (result.run_dir / "checkpoints").exists()  # no stale checkpoint to --resume from
     events = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["event"] == "train"] == [2]
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_C6_gradient_checkpointing_with_a_frozen_base(order, reentrant):
+    from peftcli.trainer import enable_gradient_checkpointing
+
+    tok = tiny_tokenizer()
+    batch = data.collate([_example(9, 3, 7), _example(14, 5, 8)], tok.pad_token_id)
+
+    def run(checkpointing):
+        model = tiny_llama(tok, seed=0)
+        cfg = lora.Config(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+        if checkpointing and order == "before":
+            enable_gradient_checkpointing(model, reentrant)
+        torch.manual_seed(1)
+        lora.apply(model, cfg)
+        if checkpointing and order == "after":
+            enable_gradient_checkpointing(model, reentrant)
+        model.train()
+        assert model.is_gradient_checkpointing == checkpointing
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses = []
+        for step in range(5):
+            loss_sum, n = supervised_loss_sum(model, batch)
+            assert loss_sum.requires_grad
+            (loss_sum / n).backward()
+            if step == 0:
+                grads = [layer.lora_B.weight.grad for layer in lora.lora_layers(model).values()]
+                assert len(grads) == 4 and all(g is not None and g.abs().sum() > 0 for g in grads)
+            opt.step()
+            opt.zero_grad()
+            losses.append(float(loss_sum.detach()) / n)
+        return losses
+
+    reference = run(False)
+    assert run(True) == pytest.approx(reference, abs=1e-6)  # fp32: the same loss curve
