@@ -106,7 +106,7 @@ def dequantize_linears(model: nn.Module, dtype: torch.dtype = torch.float32) -> 
     """Replace every bitsandbytes 4/8-bit Linear left in ``model`` by a plain ``nn.Linear``
     holding ``models.dequantized_weight`` (the values the quantised layer computes with) in
     ``dtype``. Returns how many were replaced."""
-    names = [n for n, m in model.named_modules() if _is_bnb_linear(m)]
+    names = [n for n, m in model.named_modules() if models.is_quantized_linear(m)]
     for name in names:
         q = model.get_submodule(name)
         w = models.dequantized_weight(q)  # (out, in) float32
@@ -116,13 +116,8 @@ def dequantize_linears(model: nn.Module, dtype: torch.dtype = torch.float32) -> 
             if q.bias is not None:
                 linear.bias.copy_(q.bias.float())
         linear.requires_grad_(False)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, linear)
+        model.set_submodule(name, linear)
     return len(names)
-
-
-def _is_bnb_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) and type(module).__module__.startswith("bitsandbytes")
 
 
 def plain_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -229,6 +229,11 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def is_quantized_linear(module: nn.Module) -> bool:
+    """True for a bitsandbytes 4-bit or 8-bit Linear (subclasses of nn.Linear)."""
+    return isinstance(module, nn.Linear) and type(module).__module__.startswith("bitsandbytes")
+
+
 def dequantized_weight(linear: nn.Module) -> torch.Tensor:
     """The weight of a Linear as float32 (out_features, in_features); bitsandbytes 4-bit and
     8-bit weights are dequantised (the values the quantised layer computes with)."""

@@ -223,8 +223,7 @@ def apply(model: nn.Module, cfg: Config) -> list[str]:
     for name in targets:
         base = model.get_submodule(name)
         wrapped = BottleneckAdapter(base, cfg.reduction_factor, cfg.non_linearity).train(base.training)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapped)
+        model.set_submodule(name, wrapped)
     return targets
 
 

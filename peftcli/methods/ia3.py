@@ -24,6 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from peftcli import models
 from peftcli.errors import UserError
 from peftcli.methods.lora import find_targets
 
@@ -125,7 +126,7 @@ def apply(model: nn.Module, cfg: Config) -> list[str]:
         p.requires_grad_(False)
     for name in targets:
         base = model.get_submodule(name)
-        _set_submodule(model, name, IA3Linear(base, is_feedforward(name, cfg.feedforward_modules)).train(base.training))
+        model.set_submodule(name, IA3Linear(base, is_feedforward(name, cfg.feedforward_modules)).train(base.training))
     return targets
 
 
@@ -219,7 +220,7 @@ def merge(model: nn.Module) -> nn.Module:
         base = layer.base_layer
         w = dequantized_weight(base)  # (out, in) float32
         vec = layer.ia3_l.detach().float().to(w.device)  # l: (in,) or (out,)
-        dtype = torch.float32 if _is_quantized(base) else base.weight.dtype
+        dtype = torch.float32 if models.is_quantized_linear(base) else base.weight.dtype
         merged = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, device=w.device, dtype=dtype)
         with torch.no_grad():
             merged.weight.copy_((w * vec[None, :] if layer.is_feedforward else w * vec[:, None]).to(dtype))
@@ -227,14 +228,6 @@ def merge(model: nn.Module) -> nn.Module:
                 bias = base.bias.float()
                 merged.bias.copy_((bias if layer.is_feedforward else bias * vec).to(dtype))
         merged.requires_grad_(False)
-        _set_submodule(model, name, merged)
+        model.set_submodule(name, merged)
     return model
 
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
-def _is_quantized(linear: nn.Module) -> bool:
-    return type(linear) is not nn.Linear and type(linear).__module__.startswith("bitsandbytes")

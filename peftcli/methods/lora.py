@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from peftcli import models
 from peftcli.errors import UserError
 from peftcli.models import dequantized_weight
 
@@ -242,7 +243,7 @@ def init_pissa(layer: LoRALinear) -> None:
         UserError: a 4/8-bit base (the residual needs a full-precision weight), or r > min(in, out).
     """
     base = layer.base_layer
-    if _is_quantized(base):
+    if models.is_quantized_linear(base):
         raise UserError("method.init: pissa needs a full-precision base (it replaces W by the residual W - scale·B·A, "
                         "which a 4/8-bit weight cannot hold); use init zeros or gaussian with a quantised base")
     if layer.r > min(layer.in_features, layer.out_features):
@@ -306,11 +307,6 @@ def find_targets(model: nn.Module, target_modules: str | list[str], layers: list
     return names
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 # ---------------------------------------------------------------------------------------------
 # the method surface
 
@@ -331,7 +327,7 @@ def apply(model: nn.Module, cfg: Config) -> list[str]:
         if cfg.dora:
             layer = DoRALinear(layer)
         # keep the mode the base layer was in: LoRA dropout is off on a model in eval mode
-        _set_submodule(model, name, layer.train(base.training))
+        model.set_submodule(name, layer.train(base.training))
     return targets
 
 
@@ -479,16 +475,12 @@ def merge(model: nn.Module) -> nn.Module:
         base = layer.base_layer
         with torch.no_grad():
             w = layer.merged_weight()  # (out, in) float32
-        dtype = torch.float32 if _is_quantized(base) else base.weight.dtype
+        dtype = torch.float32 if models.is_quantized_linear(base) else base.weight.dtype
         merged = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, device=w.device, dtype=dtype)
         with torch.no_grad():
             merged.weight.copy_(w.to(dtype))
             if base.bias is not None:
                 merged.bias.copy_(base.bias.float().to(dtype))
         merged.weight.requires_grad_(False)
-        _set_submodule(model, name, merged)
+        model.set_submodule(name, merged)
     return model
-
-
-def _is_quantized(linear: nn.Module) -> bool:
-    return type(linear) is not nn.Linear and type(linear).__module__.startswith("bitsandbytes")
