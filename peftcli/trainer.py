@@ -323,8 +323,10 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
     method = methods.get(recipe.method.name)
     targets = method.apply(model, recipe.method)
     trainable, total = parameter_counts(model)
-    console.print(f"[bold]{recipe.method.name}[/]: {len(targets)} modules wrapped; trainable parameters "
-                  f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    base_params = total - trainable  # the frozen base; the method's parameters are the trainable ones
+    console.print(f"[bold]{recipe.method.name}[/] on {', '.join(targets[:2])}{', ...' if len(targets) > 2 else ''} "
+                  f"({len(targets)} modules): trainable parameters {trainable:,} = "
+                  f"{100 * trainable / base_params:.3f}% of the base's {base_params:,}")
     console.print(f"data: {s.kept} train examples ({s.dropped_empty_answer} empty answers and "
                   f"{s.dropped_truncated} over-long prompts dropped), eval on {len(eval_examples)} examples")
     if t.gradient_checkpointing:
@@ -392,7 +394,8 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
 
     # 5. final eval + artifacts
     summary = {"method": recipe.method.name, "steps": steps, "final_train_loss": last_logged,
-               "trainable_params": trainable, "total_params": total, "trainable_pct": 100 * trainable / total,
+               "trainable_params": trainable, "base_params": base_params,
+               "trainable_pct_of_base": 100 * trainable / base_params,
                "train_examples": len(ds.train), "dropped_rows": s.dropped_empty_answer + s.dropped_truncated,
                "mixed_precision": mixed, "wall_s": time.perf_counter() - t0}
     if eval_examples:
