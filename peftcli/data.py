@@ -440,6 +440,30 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def collate_padding_free(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """Concatenate a micro-batch into one row with no padding (padding-free batching).
+
+    Each example keeps its own positions (``position_ids`` restart at 0), which is how
+    transformers recognises packed sequences and keeps attention within each example (its
+    ``find_packed_sequence_indices``, used when no ``attention_mask`` is given). The first label of
+    every example is set to -100: with labels unshifted, it would otherwise be predicted from the
+    previous example's last token. The supervised targets are therefore exactly those of
+    :func:`collate`, so loss and gradients are the same, without computing padded positions.
+
+    Returns:
+        ``input_ids``, ``position_ids``, ``labels``, each (1, N) long with N = the summed example
+        lengths; no ``attention_mask``.
+    """
+    input_ids, position_ids, labels = [], [], []
+    for e in examples:
+        n = len(e["input_ids"])
+        input_ids += e["input_ids"]
+        position_ids += range(n)
+        labels += [IGNORE_INDEX, *e["labels"][1:]]
+    as_row = lambda xs: torch.tensor(xs, dtype=torch.long).unsqueeze(0)  # noqa: E731
+    return {"input_ids": as_row(input_ids), "position_ids": as_row(position_ids), "labels": as_row(labels)}
+
+
 def batches(examples: list, micro_batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """Index lists of one epoch's micro-batches: a permutation drawn from a
     ``torch.Generator`` seeded with ``seed + epoch``, cut into chunks of ``micro_batch_size``

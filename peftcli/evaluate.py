@@ -55,10 +55,10 @@ def exact_match(model: nn.Module, tokenizer, rows: list[dict], fmt: str, batch_s
 
 def score(model: nn.Module, tokenizer, examples: list[dict], rows: list[dict], fmt: str, micro_batch_size: int = 8) -> dict:
     """Loss (nats per supervised token), perplexity and exact match of one model (float32, eval mode)."""
-    from peftcli.trainer import eval_loss
+    from peftcli.trainer import eval_loss, make_collate
 
     model.eval()
-    out = eval_loss(model, examples, tokenizer.pad_token_id, micro_batch_size, nullcontext) if examples else {}
+    out = eval_loss(model, examples, make_collate(False, tokenizer.pad_token_id), micro_batch_size, nullcontext) if examples else {}
     result = {"loss": out.get("eval_loss"), "perplexity": out.get("eval_ppl"), "supervised_tokens": out.get("eval_tokens", 0)}
     result.update(exact_match(model, tokenizer, rows, fmt))
     return result

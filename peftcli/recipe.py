@@ -45,6 +45,9 @@ class DataConfig(_Strict):
     eval_split: float | None = Field(None, gt=0, lt=1, description="hold out this fraction of train when no eval file is given")
     max_seq_len: int = Field(512, gt=1, description="tokens per example after truncation")
     train_on_prompt: bool = Field(False, description="also supervise prompt tokens")
+    padding_free: bool = Field(True, description="concatenate each micro-batch's examples into one row, attention kept within "
+                               "each example (same loss and gradients as padded rows, no padding computed); methods that add "
+                               "virtual tokens (prompt_tuning, p_tuning, prefix_tuning) always use padded rows")
     packing: bool = Field(False, description="pack several examples per row (not available yet: must be false)")
     max_samples: int | None = Field(None, gt=0, description="use only the first N train rows")
 

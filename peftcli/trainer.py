@@ -40,13 +40,17 @@ def supervised_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tup
     supervised (labels != -100): never a full (B, T, vocab) logits tensor.
 
     Args:
-        batch: input_ids, attention_mask, labels, each (B, T); labels[i] is the target of token i
-            (unshifted, Hugging Face convention).
+        batch: input_ids, labels and either attention_mask (padded rows, :func:`peftcli.data.collate`)
+            or position_ids (padding-free rows, :func:`peftcli.data.collate_padding_free`), each
+            (B, T); labels[i] is the target of token i (unshifted, Hugging Face convention).
     Returns:
         (loss_sum, n) — a scalar float32 tensor (nats) and the number of supervised tokens.
     """
     body = getattr(model, model.base_model_prefix)
-    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
+    # use_cache=False: no KV cache to build, and transformers detects padding-free rows (restarting
+    # position_ids, no attention_mask) only when there is no cache
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                  position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state  # (B, T, H)
     targets = batch["labels"][:, 1:]  # (B, T-1)
     mask = targets != IGNORE_INDEX
     n = int(mask.sum())
@@ -83,14 +87,47 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[dict], device, au
     return total / max(n_step, 1), n_step
 
 
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens in a batch that are not padding."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
 @torch.no_grad()
-def eval_loss(model: nn.Module, examples: list[dict], pad_id: int, micro_batch_size: int, autocast) -> dict:
-    """Mean loss per supervised token (nats) and perplexity over tokenized examples."""
+def keeps_examples_apart(model: nn.Module) -> bool:
+    """Whether this model keeps attention within each example of a padding-free row.
+
+    transformers builds the block-diagonal mask from restarting ``position_ids`` in its shared
+    mask code; a model class that does not use it would attend across examples. Checked on
+    two 3-token sequences: the second one's hidden states, packed after the first, must equal
+    those of the sequence alone (to 1e-3, which any cross-example attention far exceeds)."""
+    body = getattr(model, model.base_model_prefix)
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    first, second = torch.tensor([[5, 6, 7]], device=device), torch.tensor([[8, 9, 10]], device=device)
+    packed = body(input_ids=torch.cat([first, second], 1), position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]], device=device),
+                  use_cache=False).last_hidden_state[:, 3:]
+    alone = body(input_ids=second, use_cache=False).last_hidden_state
+    model.train(was_training)
+    return bool(torch.allclose(packed.float(), alone.float(), atol=1e-3, rtol=1e-3))
+
+
+def make_collate(padding_free: bool, pad_id: int):
+    """The micro-batch builder: :func:`peftcli.data.collate_padding_free` or right-padded rows."""
+    return data.collate_padding_free if padding_free else (lambda examples: data.collate(examples, pad_id))
+
+
+@torch.no_grad()
+def eval_loss(model: nn.Module, examples: list[dict], collate, micro_batch_size: int, autocast) -> dict:
+    """Mean loss per supervised token (nats) and perplexity over tokenized examples.
+
+    ``collate`` builds a micro-batch from a list of examples (see :func:`make_collate`)."""
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
     for i in range(0, len(examples), micro_batch_size):
-        batch = data.collate(examples[i:i + micro_batch_size], pad_id)
+        batch = collate(examples[i:i + micro_batch_size])
         batch = {k: v.to(_device(model)) for k, v in batch.items()}
         with autocast():
             s, k = supervised_loss_sum(model, batch)
@@ -352,7 +389,12 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
     # 4. loop
     model.train()
     device = accelerator.device
-    pad_id = tok.pad_token_id
+    padding_free = recipe.data.padding_free and method.PADDING_FREE
+    if padding_free and not keeps_examples_apart(accelerator.unwrap_model(model)):
+        console.print("note: this model class attends across examples in a padding-free row; using padded rows")
+        padding_free = False
+    collate = make_collate(padding_free, tok.pad_token_id)
+    console.print(f"micro-batches: {'padding-free rows (no padding computed)' if padding_free else 'right-padded rows'}")
     t0 = time.perf_counter()
     window_tokens, window_t0, last_logged = 0, time.perf_counter(), None
     step_losses: list[float] = []
@@ -360,9 +402,9 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
     with progress:
         task = progress.add_task("train", total=steps, completed=start, loss=float("nan"), lr=0.0, tps=0.0)
         for step in range(start + 1, steps + 1):
-            micro = [data.collate([ds.train[i] for i in stream.next()], pad_id) for _ in range(t.grad_accum)]
+            micro = [collate([ds.train[i] for i in stream.next()]) for _ in range(t.grad_accum)]
             loss, _ = accumulate_gradients(model, micro, device, accelerator.autocast, accelerator.backward)
-            window_tokens += sum(int(mb["attention_mask"].sum()) for mb in micro)
+            window_tokens += sum(real_tokens(mb) for mb in micro)
             if not math.isfinite(loss):
                 raise UserError(f"train: loss is {loss} at step {step}; lower train.lr or check the data (last checkpoint kept)")
             if t.max_grad_norm:
@@ -385,7 +427,7 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
                     console.print(f"step {step}/{steps}  loss {event['loss']:.4f}  lr {event['lr']:.2e}  {event['tokens_per_s']:.0f} tok/s")
                 step_losses, window_tokens, window_t0 = [], 0, time.perf_counter()
             if eval_examples and t.eval_every and step % t.eval_every == 0 and step != steps:
-                ev = eval_loss(model, eval_examples, pad_id, t.micro_batch_size, accelerator.autocast)
+                ev = eval_loss(model, eval_examples, collate, t.micro_batch_size, accelerator.autocast)
                 log.write({"event": "eval", "step": step, **ev})
                 progress.console.print(f"step {step}: eval loss {ev['eval_loss']:.4f}  ppl {ev['eval_ppl']:.2f}")
             if t.save_every and step % t.save_every == 0 and step != steps:
@@ -393,13 +435,14 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
             progress.update(task, completed=step)
 
     # 5. final eval + artifacts
-    summary = {"method": recipe.method.name, "steps": steps, "final_train_loss": last_logged,
+    summary = {"method": recipe.method.name, "steps": steps, "examples_per_step": t.micro_batch_size * t.grad_accum,
+               "final_train_loss": last_logged,
                "trainable_params": trainable, "base_params": base_params,
                "trainable_pct_of_base": 100 * trainable / base_params,
                "train_examples": len(ds.train), "dropped_rows": s.dropped_empty_answer + s.dropped_truncated,
-               "mixed_precision": mixed, "wall_s": time.perf_counter() - t0}
+               "mixed_precision": mixed, "padding_free": padding_free, "wall_s": time.perf_counter() - t0}
     if eval_examples:
-        ev = eval_loss(model, eval_examples, pad_id, t.micro_batch_size, accelerator.autocast)
+        ev = eval_loss(model, eval_examples, collate, t.micro_batch_size, accelerator.autocast)
         log.write({"event": "eval", "step": steps, **ev})
         summary.update(ev)
         console.print(f"final eval loss {ev['eval_loss']:.4f}  ppl {ev['eval_ppl']:.2f}")

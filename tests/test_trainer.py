@@ -10,7 +10,7 @@ from tiny import tiny_llama, tiny_run_recipe, tiny_tokenizer
 from peftcli import data, recipe
 from peftcli.data import IGNORE_INDEX
 from peftcli.methods import lora
-from peftcli.trainer import accumulate_gradients, supervised_loss_sum, train
+from peftcli.trainer import accumulate_gradients, read_events, supervised_loss_sum, train
 
 
 def _lora_model(tok, dropout=0.0, seed=0):
@@ -76,6 +76,84 @@ def test_C8b_micro_batch_vs_accumulation_same_gradients():
     mean_of_means = (float(sums[0][0]) / sums[0][1] + float(sums[1][0]) / sums[1][1]) / 2
     assert loss_a == pytest.approx(token_mean, abs=1e-5)
     assert abs(loss_a - mean_of_means) > 1e-3
+
+
+def _per_token_losses(model, batch):
+    """Cross-entropy of every next-token target (B, T-1), -100 targets as nan; full logits (reference path)."""
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
+    return ce.masked_fill(targets == IGNORE_INDEX, float("nan"))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "adapter"])
+def test_padding_free_rows_same_loss_and_gradients_as_padded(method, attn):
+    from peftcli.methods import adapter, ia3
+
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok, seed=3, attn_implementation=attn)
+    if method in ("lora", "dora"):
+        lora.apply(model, lora.Config(r=4, alpha=8, dropout=0.0, target_modules="all-linear", dora=method == "dora"))
+        for layer in lora.lora_layers(model).values():
+            torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
+    elif method == "ia3":
+        ia3.apply(model, ia3.Config())
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, 1.0, 0.2)
+    else:
+        adapter.apply(model, adapter.Config(reduction_factor=4))
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, 0.0, 0.1)
+    model.train()
+    # the third example is fully supervised (text format: its first token has a label), which the
+    # padding-free row must not predict from the previous example's last token
+    ids = _example(11, 0, 9)["input_ids"]
+    examples = [_example(7, 3, 0), _example(19, 4, 1), {"input_ids": ids, "labels": list(ids)}, _example(2, 1, 2)]
+    free = data.collate_padding_free(examples)
+    assert free["input_ids"].shape == (1, 7 + 19 + 11 + 2) and "attention_mask" not in free
+    assert free["position_ids"][0].tolist() == [*range(7), *range(19), *range(11), *range(2)]
+
+    loss_p, n_p = accumulate_gradients(model, [data.collate(examples, tok.pad_token_id)], "cpu")
+    g_p = _grads(model)
+    model.zero_grad()
+    loss_f, n_f = accumulate_gradients(model, [free], "cpu")
+    g_f = _grads(model)
+    assert n_f == n_p == (7 - 3) + (19 - 4) + 10 + 1
+    assert loss_f == pytest.approx(loss_p, abs=1e-5)
+    for name in g_p:
+        torch.testing.assert_close(g_f[name], g_p[name], atol=1e-5, rtol=1e-4)
+
+    # per example: the padding-free row's token losses == each example run alone (the reference)
+    with torch.no_grad():
+        row = _per_token_losses(model, free)[0]
+        start = 0
+        for e in examples:
+            alone = _per_token_losses(model, data.collate([e], tok.pad_token_id))[0]
+            n = len(e["input_ids"])
+            inside = row[start:start + n - 1]  # targets inside the example; the boundary one is -100
+            torch.testing.assert_close(inside, alone, atol=1e-5, rtol=1e-4, equal_nan=True)
+            if start + n - 1 < row.numel():
+                assert math.isnan(float(row[start + n - 1]))  # no target across the boundary
+            start += n
+
+
+def test_padding_free_training_matches_padded(tmp_path, tiny_dir):
+    # the whole loop: the same seed gives the same losses with padding-free rows as with padded ones
+    rows = ROWS * 2
+    runs = {}
+    for padding_free in (True, False):
+        (tmp_path / str(padding_free)).mkdir()
+        r = _tiny_recipe(tmp_path / str(padding_free), tiny_dir, rows, micro_batch_size=3)
+        r.data.padding_free = padding_free
+        runs[padding_free] = train(r)
+    free, padded = runs[True], runs[False]
+    losses = lambda r: [e["loss"] for e in read_events(r.run_dir / "metrics.jsonl") if e.get("event") == "train"]  # noqa: E731
+    assert len(losses(free)) == 3
+    assert losses(free) == pytest.approx(losses(padded), abs=1e-5)
+    assert free.summary["eval_loss"] == pytest.approx(padded.summary["eval_loss"], abs=1e-5)
 
 
 def test_supervised_loss_equals_hf_shifted_loss():

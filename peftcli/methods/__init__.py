@@ -3,7 +3,7 @@
 Every method module exposes the same small surface:
 
 - ``Config``: pydantic schema of its recipe keys (``name`` is the discriminator);
-- ``PEFT_TYPE``, ``PAPER``, ``SUMMARY``, ``CAN_MERGE``;
+- ``PEFT_TYPE``, ``PAPER``, ``SUMMARY``, ``CAN_MERGE``, ``PADDING_FREE`` (works on padding-free rows);
 - ``apply(model, cfg) -> list[str]``: freeze the base, inject trainable parts, return what it wrapped;
 - ``state_dict(model)`` / ``load_state_dict(model, sd)``: trainable weights in HF peft key naming;
 - ``adapter_config(cfg) -> dict`` and ``config_from_adapter(dict) -> Config``: adapter_config.json;

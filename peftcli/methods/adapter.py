@@ -39,6 +39,7 @@ PEFT_TYPE = "BOTTLENECK"
 PAPER = "Houlsby et al. 2019, Parameter-Efficient Transfer Learning for NLP; pfeiffer: Pfeiffer et al. 2020"
 SUMMARY = "residual bottleneck MLPs after attention and/or FFN outputs"
 CAN_MERGE = False
+PADDING_FREE = True  # the token sequence is unchanged: padding-free rows work
 CANNOT_MERGE_BECAUSE = "a bottleneck adapter adds a non-linear block; it cannot be folded into a Linear weight"
 KEY_PREFIX = "base_model.model."
 

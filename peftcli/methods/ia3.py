@@ -32,6 +32,7 @@ PEFT_TYPE = "IA3"
 PAPER = "Liu et al. 2022, Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning"
 SUMMARY = "learned rescaling vectors on keys, values and the FFN activation"
 CAN_MERGE = True
+PADDING_FREE = True  # the token sequence is unchanged: padding-free rows work
 KEY_PREFIX = "base_model.model."
 
 

@@ -39,6 +39,7 @@ PEFT_TYPE = "LORA"
 PAPER = "Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models"
 SUMMARY = "low-rank update B·A beside frozen Linear weights (options: DoRA, gaussian or PiSSA init)"
 CAN_MERGE = True
+PADDING_FREE = True  # the token sequence is unchanged: padding-free rows work
 KEY_PREFIX = "base_model.model."
 INITS = ("zeros", "gaussian", "pissa")
 

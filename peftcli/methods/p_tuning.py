@@ -40,6 +40,7 @@ PEFT_TYPE = "P_TUNING"
 PAPER = "Liu et al. 2021, GPT Understands, Too"
 SUMMARY = "virtual token embeddings produced by a trainable MLP or LSTM prompt encoder"
 CAN_MERGE = False
+PADDING_FREE = False  # virtual tokens are added per row: padded rows only
 CANNOT_MERGE_BECAUSE = "its virtual tokens are extra inputs prepended to every sequence, not a change of any base weight"
 ENCODER_PREFIX = "prompt_encoder."  # our extra keys: the encoder weights, for resuming training
 LSTM_LAYERS = 2  # HF peft's encoder_num_layers default; an MLP always has the three Linears

@@ -50,6 +50,7 @@ PEFT_TYPE = "PREFIX_TUNING"
 PAPER = "Li & Liang 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation"
 SUMMARY = "trainable key/value prefixes for every attention layer (optional MLP reparameterisation)"
 CAN_MERGE = False
+PADDING_FREE = False  # virtual tokens are added per row: padded rows only
 CANNOT_MERGE_BECAUSE = ("a prefix adds virtual key/value positions to every attention layer; "
                         "it is not a change of any weight")
 ENCODER = "prefix_encoder"  # the attribute of the model that holds the PrefixEncoder

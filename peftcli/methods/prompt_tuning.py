@@ -35,6 +35,7 @@ PEFT_TYPE = "PROMPT_TUNING"
 PAPER = "Lester et al. 2021, The Power of Scale for Parameter-Efficient Prompt Tuning"
 SUMMARY = "n trainable virtual token embeddings prepended to the input (init random, vocab or text)"
 CAN_MERGE = False
+PADDING_FREE = False  # virtual tokens are added per row: padded rows only
 CANNOT_MERGE_BECAUSE = "its virtual tokens are extra inputs prepended to every sequence, not a change of any base weight"
 EMBEDDINGS_KEY = "prompt_embeddings"  # HF peft's key for every prompt-learning adapter file
 HF_INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}

@@ -23,6 +23,7 @@ PEFT_TYPE = lora.PEFT_TYPE
 PAPER = "Dettmers et al. 2023, QLoRA: Efficient Finetuning of Quantized LLMs"
 SUMMARY = "LoRA on a 4-bit NF4 base (double quant), adapters in float32"
 CAN_MERGE = True
+PADDING_FREE = True  # the token sequence is unchanged: padding-free rows work
 
 
 class Config(lora.Config):
