@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PEFT   := $(VENV)/bin/peft
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench lint clean
+.PHONY: install demo test test-fast bench compare lint clean
 
 install: $(STAMP)
 
@@ -28,11 +28,16 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -ra -m "not slow"
 
+# side by side with HF peft + transformers Trainer; writes bench/results.json, prepends to docs/benchmarks.md
 bench: install
-	@echo "bench: not built yet (issue 4)"; exit 1
+	$(PY) bench/run.py
+
+# every bundled recipe for the same steps on the bundled task; rewrites the table in docs/methods.md
+compare: install
+	$(PY) bench/methods.py
 
 lint: install
-	$(PY) -m ruff check peftcli tests
+	$(PY) -m ruff check peftcli tests docs bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

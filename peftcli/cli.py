@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from peftcli.errors import UserError
+from peftcli.errors import Interrupted, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Parameter-efficient fine-tuning of causal language models from YAML recipes.")
@@ -66,6 +66,9 @@ def user_errors(fn):
         except UserError as e:
             print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
             raise typer.Exit(2) from None
+        except Interrupted as e:
+            print(str(e), file=sys.stderr)
+            raise typer.Exit(128 + e.signum) from None
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             raise typer.Exit(130) from None
@@ -183,9 +186,9 @@ def validate(
     set_: List[str] = typer.Option([], "--set"),
 ):
     """Resolve a recipe; list matched modules, trainable parameters and a peak-memory estimate."""
-    from peftcli import data, methods, models
+    from peftcli import data, memory, methods, models
     from peftcli import recipe as recipes
-    from peftcli.trainer import parameter_counts
+    from peftcli.trainer import keeps_examples_apart, parameter_counts, resolve_mixed_precision
 
     r = recipes.load_recipe(recipe, set_)
     out.print(recipes.dump(r), highlight=False, markup=False)
@@ -194,16 +197,21 @@ def validate(
     s = ds.train_stats
     out.print(f"data: {s.kept} of {s.rows} train rows kept ({s.dropped_empty_answer} empty answers, "
               f"{s.dropped_truncated} prompts over max_seq_len), {len(ds.eval)} eval examples")
-    targets = methods.get(r.method.name).apply(model, r.method)
+    method = methods.get(r.method.name)
+    targets = method.apply(model, r.method)
     trainable, total = parameter_counts(model)
     out.print(f"base: {path}")
     out.print(f"matched {len(targets)} modules: {', '.join(targets[:6])}{' ...' if len(targets) > 6 else ''}")
-    out.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    cfg = model.config
-    activations = r.train.micro_batch_size * r.data.max_seq_len * cfg.hidden_size * cfg.num_hidden_layers * 4 * 16
-    estimate = weights + trainable * 4 * 3 + activations
-    out.print(f"peak memory estimate: {estimate / 2**30:.2f} GiB (weights {weights / 2**30:.2f} GiB; rough)")
+    out.print(f"trainable parameters: {trainable:,} = {100 * trainable / (total - trainable):.3f}% of the base's {total - trainable:,}")
+    padding_free = r.data.padding_free and method.PADDING_FREE and keeps_examples_apart(model)
+    batch = memory.largest_micro_batch(ds.train, r.train.micro_batch_size, padding_free, tok.pad_token_id)
+    if r.train.gradient_checkpointing:
+        from peftcli.trainer import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
+    peak = memory.dry_step_peak(model, batch, resolve_mixed_precision(r.train.mixed_precision))
+    out.print(f"peak memory estimate: {peak / 2**30:.2f} GiB (one dry step on the largest micro-batch, "
+              f"{batch['input_ids'].numel()} tokens{' padding-free' if padding_free else ' padded'})")
 
 
 @app.command("methods")
@@ -235,6 +243,15 @@ def recipes_():
     for path in sorted(recipes_dir().glob("*.yaml")):
         method = (read_yaml(path).get("method") or {}).get("name", "?")
         out.print(f"{path.stem:24} {method:14} {path}")
+
+
+@app.command()
+@user_errors
+def schema():
+    """Print the recipe JSON Schema (for editor completion, e.g. yaml-language-server)."""
+    from peftcli.recipe import Recipe
+
+    print(json.dumps(Recipe.model_json_schema(), indent=2))
 
 
 @app.command()

@@ -76,7 +76,11 @@ class TrainConfig(_Strict):
     gradient_checkpointing: bool = False
     eval_every: int = Field(50, ge=0, description="steps between evals; 0 for only at the end")
     save_every: int = Field(100, ge=0, description="steps between checkpoints; 0 for none")
+    keep_checkpoints: int | None = Field(None, gt=0, description="keep only the last K checkpoints; null keeps all")
     log_every: int = Field(10, gt=0)
+    report_to: list[Literal["tensorboard"]] = Field(
+        default_factory=list, description="also log train/eval metrics to these trackers (through accelerate); "
+                                          "tensorboard writes to <output.dir>/tensorboard")
     eval_max_samples: int | None = Field(None, gt=0, description="eval rows used during training")
 
     @field_validator("mixed_precision", mode="before")

@@ -14,6 +14,8 @@ import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ from torch import nn
 
 from peftcli import artifacts, data, methods, models
 from peftcli.data import IGNORE_INDEX
-from peftcli.errors import UserError
+from peftcli.errors import Interrupted, UserError
 from peftcli.recipe import Recipe, dump
 
 # ---------------------------------------------------------------------------------------------
@@ -242,6 +244,7 @@ class RunLog:
 
     def __init__(self, path: Path, upto_step: int | None = None):
         self.path = path
+        self.accelerator = None  # set to an Accelerator with trackers to mirror train/eval events
         self.events = [] if upto_step is None or not path.exists() else [
             e for e in read_events(path) if e.get("step", 0) <= upto_step]
         path.write_text("".join(json.dumps(e) + "\n" for e in self.events), encoding="utf-8")
@@ -250,6 +253,10 @@ class RunLog:
         self.events.append(event)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(event) + "\n")
+        if self.accelerator is not None and event.get("event") in ("train", "eval"):
+            kind = event["event"]
+            values = {f"{kind}/{k}": v for k, v in event.items() if k not in ("event", "step") and isinstance(v, (int, float))}
+            self.accelerator.log(values, step=event["step"])
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -298,14 +305,54 @@ def save_checkpoint(run_dir: Path, step: int, model, recipe, base_path, fp, opti
     return final
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The highest complete ``checkpoints/step-N`` dir, or None."""
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The complete ``checkpoints/step-N`` dirs, oldest first."""
     found = []
     for p in (run_dir / "checkpoints").glob("step-*"):
         step = p.name.removeprefix("step-")
         if step.isdigit() and (p / "state.json").is_file():
             found.append((int(step), p))
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The highest complete ``checkpoints/step-N`` dir, or None."""
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(run_dir: Path, keep: int | None) -> None:
+    """Delete all but the newest ``keep`` checkpoints (None keeps all). The newest is written
+    (atomically) before any older one is removed, so a complete checkpoint always exists."""
+    if keep:
+        for old in checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+class StopSignals:
+    """SIGINT/SIGTERM while training: note the signal and let the current step finish; the loop
+    then writes a checkpoint and stops (:class:`peftcli.errors.Interrupted`). A second signal
+    stops at once (default behaviour). Only installed in the main thread."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        for sig, handler in self._previous.items():  # the next signal acts immediately
+            signal.signal(sig, handler)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,6 +376,7 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
         UserError: bad model/data (from loading), nothing to resume, a non-finite loss.
     """
     from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
     from rich.console import Console
 
     console = console or Console(stderr=True)
@@ -374,12 +422,16 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
 
     # 3. optimizer, schedule, accelerator
     mixed = resolve_mixed_precision(t.mixed_precision)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed, log_with=t.report_to or None,
+                              project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")))
+    if t.report_to:
+        accelerator.init_trackers("peftcli", config=_flat(recipe.model_dump(mode="json")))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     steps = total_steps(recipe, len(ds.train))
     scheduler = make_scheduler(optimizer, recipe, steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    log.accelerator = accelerator if t.report_to else None
     start, position = 0, {"epoch": 0, "index": 0}
     if checkpoint is not None:
         start, position = _restore(checkpoint, model, method, optimizer, scheduler)
@@ -399,7 +451,7 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
     window_tokens, window_t0, last_logged = 0, time.perf_counter(), None
     step_losses: list[float] = []
     progress = _progress(console, steps, start)
-    with progress:
+    with progress, StopSignals() as stop:
         task = progress.add_task("train", total=steps, completed=start, loss=float("nan"), lr=0.0, tps=0.0)
         for step in range(start + 1, steps + 1):
             micro = [collate([ds.train[i] for i in stream.next()]) for _ in range(t.grad_accum)]
@@ -430,8 +482,13 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
                 ev = eval_loss(model, eval_examples, collate, t.micro_batch_size, accelerator.autocast)
                 log.write({"event": "eval", "step": step, **ev})
                 progress.console.print(f"step {step}: eval loss {ev['eval_loss']:.4f}  ppl {ev['eval_ppl']:.2f}")
-            if t.save_every and step % t.save_every == 0 and step != steps:
-                save_checkpoint(run_dir, step, model, recipe, base_path, fp, optimizer, scheduler, stream)
+            if stop.signum is not None or (t.save_every and step % t.save_every == 0 and step != steps):
+                saved = save_checkpoint(run_dir, step, model, recipe, base_path, fp, optimizer, scheduler, stream)
+                prune_checkpoints(run_dir, t.keep_checkpoints)
+                if stop.signum is not None:
+                    name = signal.Signals(stop.signum).name
+                    raise Interrupted(f"{name}: stopped after step {step}/{steps}; checkpoint {saved}. "
+                                      f"Resume with: peft train {run_dir / 'recipe.yaml'} --resume", stop.signum)
             progress.update(task, completed=step)
 
     # 5. final eval + artifacts
@@ -451,6 +508,8 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
     summary["adapter_dir"] = str(adapter_dir)
     write_json_atomic(run_dir / "summary.json", summary)
     plot_loss(log.events, run_dir / "loss.png")
+    if t.report_to:
+        accelerator.end_training()
     console.print(f"wrote {run_dir}/ (adapter/, metrics.jsonl, summary.json, loss.png) in {summary['wall_s']:.1f}s")
     model.eval()
     return TrainResult(run_dir, summary, model, tok, ds)
@@ -470,13 +529,33 @@ def _restore(checkpoint: Path, model, method, optimizer, scheduler) -> tuple[int
     return int(state["step"]), state["data"]
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    """``{"train": {"lr": 1e-3}}`` -> ``{"train.lr": 1e-3}``; lists and None as strings (tracker hparams)."""
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flat(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return flat
+
+
 def _checkpoint_step(checkpoint: Path | None) -> int | None:
     return None if checkpoint is None else int(checkpoint.name.removeprefix("step-"))
 
 
 def read_events(path: Path) -> list[dict]:
-    """The events of a ``metrics.jsonl``."""
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The events of a ``metrics.jsonl``. A torn last line (the process was killed while
+    appending it) is skipped; a bad line elsewhere is an error."""
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    events = []
+    for i, line in enumerate(lines):
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise UserError(f"{path}:{i + 1}: not a JSON line") from None
+    return events
 
 
 def _progress(console, steps: int, start: int):

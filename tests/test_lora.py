@@ -358,5 +358,6 @@ def test_pissa_refused_on_a_quantised_base_and_unknown_hf_inits(tiny_dir):
 def test_a_misspelt_target_name_is_an_error_not_ignored():
     from tiny import tiny_llama
 
-    with pytest.raises(UserError, match=r"method.target_modules: 'v_porj' matched no module \(Linear names here: .*v_proj"):
+    near_miss = r"method.target_modules: 'v_porj' matched no module \(did you mean 'v_proj'\? Linear names here: .*v_proj"
+    with pytest.raises(UserError, match=near_miss):
         lora.apply(tiny_llama(), lora.Config(target_modules=["q_proj", "v_porj"]))

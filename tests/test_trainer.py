@@ -325,3 +325,21 @@ def test_C6_gradient_checkpointing_with_a_frozen_base(order, reentrant):
 
     reference = run(False)
     assert run(True) == pytest.approx(reference, abs=1e-6)  # fp32: the same loss curve
+
+
+def test_report_to_tensorboard_logs_the_same_numbers(tmp_path, tiny_dir):
+    # read back with tensorboard's own reader: the scalars are metrics.jsonl's values at the same steps
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    r = _tiny_recipe(tmp_path, tiny_dir, ROWS, report_to=["tensorboard"])
+    result = train(r)
+    events = read_events(result.run_dir / "metrics.jsonl")
+    files = list((result.run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    assert files
+    acc = EventAccumulator(str(files[0].parent)).Reload()
+    train_loss = [(s.step, s.value) for s in acc.Scalars("train/loss")]
+    expected = [(e["step"], e["loss"]) for e in events if e.get("event") == "train"]
+    assert [s for s, _ in train_loss] == [s for s, _ in expected] == [2, 4, 6]
+    assert [v for _, v in train_loss] == pytest.approx([v for _, v in expected], rel=1e-6)
+    eval_loss = [(s.step, s.value) for s in acc.Scalars("eval/eval_loss")]
+    assert eval_loss == [(e["step"], pytest.approx(e["eval_loss"], rel=1e-6)) for e in events if e.get("event") == "eval"]

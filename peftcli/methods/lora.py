@@ -22,6 +22,7 @@ Options:
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from typing import Literal
@@ -304,7 +305,9 @@ def find_targets(model: nn.Module, target_modules: str | list[str], layers: list
     if not names or unmatched:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear(m)})
         what = target_modules if not names else unmatched[0]
-        raise UserError(f"method.target_modules: {what!r} matched no module (Linear names here: {', '.join(linear)})")
+        near = difflib.get_close_matches(str(what).rsplit(".", 1)[-1], linear, n=1, cutoff=0.6)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise UserError(f"method.target_modules: {what!r} matched no module ({hint}Linear names here: {', '.join(linear)})")
     return names
 
 

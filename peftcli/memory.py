@@ -1,0 +1,64 @@
+"""Peak-memory estimate for a recipe, by one dry step (``peft validate``).
+
+A formula over layer shapes misses what the allocator and the kernels actually keep, so the
+estimate is measured instead: with the model and method already loaded as ``peft train`` would,
+run forward + backward on the recipe's *largest* micro-batch (the ``micro_batch_size`` longest
+examples) under the run's autocast, allocate the optimizer state, and read the process's peak
+memory — the peak resident set on CPU (``getrusage``), the allocator's peak on CUDA. No weight
+is changed. Steps with shorter examples use less; the in-run evaluation (no gradients) less still.
+"""
+
+from __future__ import annotations
+
+import resource
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from peftcli import data
+
+
+def largest_micro_batch(examples: list[dict], micro_batch_size: int, padding_free: bool, pad_id: int) -> dict:
+    """The micro-batch of the ``micro_batch_size`` longest examples, collated as training would
+    (one padding-free row, or right-padded rows)."""
+    longest = sorted(examples, key=lambda e: len(e["input_ids"]), reverse=True)[:micro_batch_size]
+    return data.collate_padding_free(longest) if padding_free else data.collate(longest, pad_id)
+
+
+def peak_bytes() -> int:
+    """This process's peak memory so far, bytes: CUDA allocator peak, else peak RSS (Linux: KiB units)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def dry_step_peak(model: nn.Module, batch: dict[str, torch.Tensor], mixed_precision: str) -> int:
+    """Forward + backward on ``batch`` and AdamW state allocation, without changing any weight.
+
+    Args:
+        model: the base with the method applied (trainable parameters require grad).
+        batch: a collated micro-batch (see :func:`largest_micro_batch`).
+        mixed_precision: "no" | "bf16" | "fp16" (resolved, as in the run).
+    Returns:
+        the process's peak memory afterwards, bytes (:func:`peak_bytes`).
+    """
+    from peftcli.trainer import supervised_loss_sum
+
+    device = next(p.device for p in model.parameters())
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    params = [p for p in model.parameters() if p.requires_grad]
+    was_training = model.training
+    model.train()
+    with autocast:
+        loss, n = supervised_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
+    (loss / max(n, 1)).backward()
+    # AdamW keeps two float32 moments per trainable parameter
+    moments = [torch.zeros_like(p, dtype=torch.float32) for p in params for _ in range(2)]
+    peak = peak_bytes()
+    del moments
+    for p in params:
+        p.grad = None
+    model.train(was_training)
+    return peak

@@ -1,0 +1,129 @@
+"""A run killed at any moment resumes to the same adapter, bit for bit; SIGINT/SIGTERM checkpoint and stop.
+
+Real `peft train` subprocesses on a tiny model (float32, CPU, dropout 0, a checkpoint every step).
+``PEFTCLI_KILL_REPEAT=N`` runs the SIGKILL test at N kill moments (the suite runs 3).
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from tiny import SORT_ROWS
+
+STEPS = 12
+
+
+def _recipe(tmp_path: Path, tiny_dir, name: str, **train) -> Path:
+    data = tmp_path / "train.jsonl"
+    if not data.exists():
+        data.write_text("".join(json.dumps(r) + "\n" for r in SORT_ROWS * 3))
+    recipe = {
+        "model": {"name_or_path": str(tiny_dir)},
+        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
+        "data": {"train": {"path": str(data), "format": "alpaca"}, "max_seq_len": 128},
+        "train": {"max_steps": STEPS, "micro_batch_size": 2, "grad_accum": 2, "lr": 1e-2, "warmup_steps": 2,
+                  "log_every": 1, "eval_every": 0, "save_every": 1, "mixed_precision": "no", **train},
+        "output": {"dir": str(tmp_path / name)},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _peft(*args) -> list[str]:
+    return [sys.executable, "-m", "peftcli.cli", *map(str, args)]
+
+
+def _start(recipe: Path) -> subprocess.Popen:
+    return subprocess.Popen(_peft("train", recipe), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.stderr.read()}")
+        if metrics.exists() and any(json.loads(line).get("step", 0) >= step
+                                    for line in metrics.read_text().splitlines() if line.strip()):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def _adapter(run_dir: Path) -> dict:
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_dir):
+    """The uninterrupted run's adapter."""
+    tmp = tmp_path_factory.mktemp("reference")
+    subprocess.run(_peft("train", _recipe(tmp, tiny_dir, "run")), check=True, capture_output=True)
+    return _adapter(tmp / "run")
+
+
+def _kill_moments() -> list[int]:
+    n = int(os.environ.get("PEFTCLI_KILL_REPEAT", "3"))
+    return list(range(n))
+
+
+@pytest.mark.parametrize("attempt", _kill_moments())
+def test_sigkill_at_any_moment_then_resume_is_bit_identical(tmp_path, tiny_dir, reference, attempt):
+    rng = random.Random(attempt)
+    recipe = _recipe(tmp_path, tiny_dir, "run")
+    proc = _start(recipe)
+    _wait_for_step(tmp_path / "run", rng.randint(1, STEPS - 3), proc)
+    time.sleep(rng.uniform(0.0, 0.3))  # anywhere inside a step: forward, backward, or writing a checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # a checkpoint on disk is complete or absent: every one listed loads
+    for ckpt in (tmp_path / "run" / "checkpoints").glob("step-*"):
+        assert (ckpt / "state.json").is_file() and load_file(ckpt / "adapter" / "adapter_model.safetensors")
+    done = subprocess.run(_peft("train", recipe, "--resume"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    resumed = _adapter(tmp_path / "run")
+    assert resumed.keys() == reference.keys()
+    for k in reference:
+        assert torch.equal(resumed[k], reference[k]), k
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line).get("event") == "train"]
+    assert steps == list(range(1, STEPS + 1))  # each step logged once: nothing lost, nothing twice
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_writes_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_dir, reference, sig):
+    recipe = _recipe(tmp_path, tiny_dir, "run", save_every=0, keep_checkpoints=2)  # no periodic checkpoints
+    proc = _start(recipe)
+    _wait_for_step(tmp_path / "run", 3, proc)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, stderr
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{signal.Signals(sig).name}: stopped after step") and "--resume" in last
+    saved = list((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert len(saved) == 1 and saved[0].name in last
+    done = subprocess.run(last.split("Resume with: ")[1].split(), capture_output=True, text=True,
+                          env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    assert done.returncode == 0, done.stderr
+    resumed = _adapter(tmp_path / "run")
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+def test_keep_checkpoints_keeps_the_last_k(tmp_path, tiny_dir):
+    from peftcli.recipe import load_recipe
+    from peftcli.trainer import train
+
+    r = load_recipe(_recipe(tmp_path, tiny_dir, "run", max_steps=6, keep_checkpoints=2))
+    train(r)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-4", "step-5"]
