@@ -9,7 +9,9 @@ and writes ``bench/methods.json`` and the table between the markers in ``docs/me
 Every bundled recipe trains 150 optimizer steps of 8 examples (1,200 examples, 0.6 epoch of the
 2,000 training rows); the bottleneck adapter is run twice, as houlsby and as pfeiffer.
 
-Usage: python bench/methods.py [--only NAME ...] [--steps N]
+Usage: python bench/methods.py [--only LABEL ...] [--steps N]
+(each row is kept in runs/compare/<label>.row.json, so ``--only`` re-measures some rows and the
+table is rebuilt from all of them).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def run_measured(cmd: list[str], log: Path) -> tuple[float, float]:
 
 def measure(label: str, recipe: str, sets: list[str], steps: int | None, out_root: Path) -> dict:
     """Train and evaluate one recipe; returns one row of the comparison."""
-    slug = label.replace(" ", "").replace("(", "-").replace(")", "").replace("+", "-")
+    slug = _slug(label)
     run_dir = out_root / slug
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     overrides = [*sets, *([f"train.max_steps={steps}"] if steps else [])]
@@ -87,13 +89,13 @@ def measure(label: str, recipe: str, sets: list[str], steps: int | None, out_roo
     return row
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], meta: dict) -> str:
     """The markdown table of ``rows`` (one per method)."""
     base = rows[0]["base"]
     lines = [
         f"Held-out: the {rows[0]['rows']} rows of `recipes/data/tasks/heldout.jsonl`. Base: the float32 model scores "
         f"loss {base['loss']:.4f} per supervised token, exact match {base['exact_match']:.1%}; the qlora row's base is "
-        "the same model in NF4. Training time is the whole `peft train` (load, 150 steps, in-run evals, checkpoints, save).",
+        f"the same model in NF4. Training time is the whole `peft train` (load, {meta['steps']} steps, in-run evals, checkpoints, save).",
         "",
         "| method | trainable params | % of base | held-out loss (base → adapted) | exact match (base → adapted) | training time |",
         "|---|---:|---:|---|---|---:|",
@@ -114,30 +116,42 @@ def write_doc(rows: list[dict], meta: dict) -> None:
         raise SystemExit(f"{DOC}: markers {BEGIN} / {END} not found")
     block = (f"{BEGIN}\n_Measured {meta['date']} on {meta['machine']} with `python bench/methods.py`; "
              f"{meta['steps']} steps of {meta['examples_per_step']} examples each, the recipes' own learning rates "
-             f"and `mixed_precision: auto` ({meta['mixed_precision']})._\n\n{table(rows)}\n{END}")
+             f"and `mixed_precision: auto` ({meta['mixed_precision']})._\n\n{table(rows, meta)}\n{END}")
     head, rest = text.split(BEGIN, 1)
     DOC.write_text(head + block + rest.split(END, 1)[1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", nargs="*", help="row labels to run (default: all)")
+    ap.add_argument("--only", nargs="*", help="row labels to (re)measure; the others are read from earlier runs")
     ap.add_argument("--steps", type=int, help="override train.max_steps for every recipe")
-    ap.add_argument("--out", default="runs/compare", help="where run dirs and logs go")
+    ap.add_argument("--out", default="runs/compare", help="where run dirs, logs and row files go")
     ap.add_argument("--no-doc", action="store_true", help="do not rewrite docs/methods.md")
     args = ap.parse_args()
     out_root = (ROOT / args.out).resolve()
     out_root.mkdir(parents=True, exist_ok=True)
-    rows = [measure(label, recipe, sets, args.steps, out_root)
-            for label, recipe, sets in RUNS if not args.only or label in args.only]
+    rows = []
+    for label, recipe, sets in RUNS:
+        row_file = out_root / f"{_slug(label)}.row.json"
+        if not args.only or label in args.only:
+            row_file.write_text(json.dumps(measure(label, recipe, sets, args.steps, out_root), indent=1))
+        if row_file.exists():
+            rows.append(json.loads(row_file.read_text()))
+    steps = {r["steps"] for r in rows}
+    if len(steps) != 1:
+        raise SystemExit(f"rows trained for different step counts {sorted(steps)}; rerun them all")
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})",
             "steps": rows[0]["steps"], "examples_per_step": rows[0]["examples_per_step"] or 8,
             "mixed_precision": rows[0]["mixed_precision"]}
     (ROOT / "bench" / "methods.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    print(table(rows))
-    if not args.no_doc and not args.only:
+    print(table(rows, meta))
+    if not args.no_doc and len(rows) == len(RUNS):
         write_doc(rows, meta)
         print(f"updated {DOC.relative_to(ROOT)}")
+
+
+def _slug(label: str) -> str:
+    return label.replace(" ", "").replace("(", "-").replace(")", "").replace("+", "-")
 
 
 if __name__ == "__main__":

@@ -84,12 +84,17 @@ def train(
     output_dir: Optional[str] = typer.Option(None, "--output-dir", help="run dir (default: the recipe's output.dir)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the run dir's latest checkpoint"),
     smoke: bool = typer.Option(False, "--smoke", help="CI check: a few steps on a few rows, then verify loss and adapter round-trip"),
+    num_processes: int = typer.Option(1, "--num-processes", min=1,
+                                      help="data-parallel processes on this machine (started with torchrun)"),
 ):
     """Train a recipe; writes the run dir (adapter/, metrics.jsonl, summary.json, loss.png)."""
     from peftcli import recipe as recipes
     from peftcli import smoke as smoke_check
     from peftcli.trainer import train as run_training
 
+    if num_processes > 1 and "LOCAL_RANK" not in os.environ:
+        recipes.load_recipe(recipe, list(set_), output_dir)  # a bad recipe fails here, once, not in N processes
+        raise typer.Exit(_launch(num_processes))
     overrides = list(set_)
     if smoke:
         overrides = smoke_check.SMOKE_OVERRIDES + overrides
@@ -97,6 +102,8 @@ def train(
     if smoke and not output_dir:
         r.output.dir = r.output.dir.rstrip("/") + "-smoke"
     result = run_training(r, resume=resume, console=err)
+    if os.environ.get("RANK", "0") != "0":
+        return  # the first process reports
     if smoke:
         report = smoke_check.check(result)
         for line in report.lines:
@@ -104,6 +111,23 @@ def train(
         if not report.ok:
             raise typer.Exit(1)
     out.print(str(result.run_dir))
+
+
+def _launch(n: int) -> int:
+    """Re-run this ``peft train`` command as ``n`` processes under torchrun (one machine; gloo on
+    CPU, NCCL on GPUs, chosen by accelerate); returns the launcher's exit status."""
+    import subprocess
+
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--num-processes":
+            skip = True
+        elif not a.startswith("--num-processes="):
+            args.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "peftcli.cli", *args]
+    return subprocess.run(cmd).returncode
 
 
 def _fmt(v, pct=False):

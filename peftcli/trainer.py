@@ -68,25 +68,53 @@ def count_supervised(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
+class SupervisedLoss(nn.Module):
+    """The training forward as a module: ``forward(batch) -> (loss_sum, n)`` of
+    :func:`supervised_loss_sum`. Accelerate wraps *this* for data parallelism, so DDP sees the
+    call that uses the trainable parameters (the causal LM's own forward is not used)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        return supervised_loss_sum(self.model, batch)
+
+
 def accumulate_gradients(model: nn.Module, micro_batches: list[dict], device, autocast=nullcontext,
-                         backward=torch.Tensor.backward) -> tuple[float, int]:
+                         backward=torch.Tensor.backward, accelerator=None) -> tuple[float, int]:
     """Forward and backward over the micro-batches of one optimizer step.
 
-    Each micro-batch's summed loss is divided by the supervised-token count of the whole step,
-    so the accumulated gradient is that of the mean over all the step's supervised tokens —
-    independent of how the examples are split into micro-batches or padded (CASES C8).
+    Each micro-batch's summed loss is divided by the supervised-token count of the whole step
+    (over all processes), so the accumulated gradient is that of the mean over all the step's
+    supervised tokens — independent of how the examples are split into micro-batches, padded
+    (CASES C8) or spread over processes.
 
-    Returns (mean loss per supervised token of the step, supervised token count).
+    Args:
+        model: a causal LM, or a (possibly DDP-wrapped) :class:`SupervisedLoss`.
+        accelerator: with several processes, sums the token counts and losses across them and
+            skips gradient sync until the last micro-batch; DDP averages gradients over the N
+            processes, so each loss is scaled by N to keep the sum.
+    Returns:
+        (mean loss per supervised token of the step, supervised token count), over all processes.
     """
+    loss_fn = model if isinstance(getattr(model, "module", model), SupervisedLoss) else SupervisedLoss(model)
+    world = accelerator.num_processes if accelerator is not None else 1
     n_step = sum(count_supervised(mb) for mb in micro_batches)
-    total = 0.0
-    for mb in micro_batches:
+    if world > 1:
+        n_step = int(accelerator.reduce(torch.tensor(n_step, device=accelerator.device), "sum"))
+    total = torch.zeros((), dtype=torch.float64)
+    for i, mb in enumerate(micro_batches):
         mb = {k: v.to(device) for k, v in mb.items()}
-        with autocast():
-            loss_sum, _ = supervised_loss_sum(model, mb)
-        backward(loss_sum / max(n_step, 1))
+        sync = nullcontext() if world == 1 or i == len(micro_batches) - 1 else accelerator.no_sync(loss_fn)
+        with sync:
+            with autocast():
+                loss_sum, _ = loss_fn(mb)
+            backward(loss_sum * world / max(n_step, 1))
         total += float(loss_sum.detach())
-    return total / max(n_step, 1), n_step
+    if world > 1:
+        total = accelerator.reduce(total.to(accelerator.device), "sum").cpu()
+    return float(total) / max(n_step, 1), n_step
 
 
 def real_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -239,18 +267,22 @@ class RunLog:
     """Appends one JSON object per event to ``metrics.jsonl``.
 
     ``upto_step``: keep the file's events up to that step (a resumed run drops what the
-    interrupted run logged after its checkpoint); None starts an empty file.
+    interrupted run logged after its checkpoint); None starts an empty file. ``enabled=False``
+    (processes other than the first) writes nothing.
     """
 
-    def __init__(self, path: Path, upto_step: int | None = None):
-        self.path = path
+    def __init__(self, path: Path, upto_step: int | None = None, enabled: bool = True):
+        self.path, self.enabled = path, enabled
         self.accelerator = None  # set to an Accelerator with trackers to mirror train/eval events
         self.events = [] if upto_step is None or not path.exists() else [
             e for e in read_events(path) if e.get("step", 0) <= upto_step]
-        path.write_text("".join(json.dumps(e) + "\n" for e in self.events), encoding="utf-8")
+        if enabled:
+            path.write_text("".join(json.dumps(e) + "\n" for e in self.events), encoding="utf-8")
 
     def write(self, event: dict) -> None:
         self.events.append(event)
+        if not self.enabled:  # a process other than the first keeps events in memory only
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(event) + "\n")
         if self.accelerator is not None and event.get("event") in ("train", "eval"):
@@ -292,16 +324,26 @@ def plot_loss(events: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def save_checkpoint(run_dir: Path, step: int, model, recipe, base_path, fp, optimizer, scheduler, stream: MicroBatches) -> Path:
-    """``checkpoints/step-N/``: adapter, optimizer, scheduler, RNG state, data position —
-    written through :func:`peftcli.artifacts.atomic_dir`, so a checkpoint on disk is never partial."""
+def save_checkpoint(run_dir: Path, step: int, model, recipe, base_path, fp, optimizer, scheduler, stream: MicroBatches,
+                    accelerator=None) -> Path:
+    """``checkpoints/step-N/``: adapter, optimizer, scheduler, RNG state (of every process),
+    data position — written by the first process through :func:`peftcli.artifacts.atomic_dir`,
+    so a checkpoint on disk is never partial; the others wait for it."""
     final = run_dir / "checkpoints" / f"step-{step}"
-    with artifacts.atomic_dir(final) as tmp:
-        artifacts.save_adapter(tmp / "adapter", model, recipe, base_path, fp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")  # dropout draws from torch's RNG only
-        (tmp / "state.json").write_text(json.dumps({"step": step, "data": stream.position}))
+    rng = [torch.get_rng_state()]  # dropout draws from torch's RNG only
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        rng = gather_object(rng)
+    if accelerator is None or accelerator.is_main_process:
+        with artifacts.atomic_dir(final) as tmp:
+            artifacts.save_adapter(tmp / "adapter", model, recipe, base_path, fp)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save({"torch": rng}, tmp / "rng.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, "data": stream.position}))
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
     return final
 
 
@@ -372,25 +414,38 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
     """Train ``recipe`` and write the run dir (recipe.yaml, adapter/, metrics.jsonl, summary.json,
     loss.png, checkpoints/). Returns the run dir, summary and the trained model.
 
+    Under a launcher that starts N processes (``peft train --num-processes N``, torchrun,
+    ``accelerate launch``) each optimizer step takes N × ``grad_accum`` micro-batches from the
+    same seeded stream, process i the i-th of every N: the same examples per step, and the
+    same gradient, as one process with N × ``grad_accum``. Only the first process writes files.
+
     Raises:
         UserError: bad model/data (from loading), nothing to resume, a non-finite loss.
+        Interrupted: SIGINT/SIGTERM; a checkpoint was written first.
     """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
     from rich.console import Console
 
-    console = console or Console(stderr=True)
     t = recipe.train
     run_dir = Path(recipe.output.dir)
+    mixed = resolve_mixed_precision(t.mixed_precision)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed, log_with=t.report_to or None,
+                              project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")))
+    main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    console = console or Console(stderr=True)
+    if not main:
+        console = Console(stderr=True, quiet=True)
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
         raise UserError(f"{run_dir}: no checkpoint to resume from (train.save_every writes them)")
-    if not resume and ((run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()):
+    if main and not resume and ((run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()):
         # a fresh run replaces an earlier one in the same dir, so --resume never mixes two runs
         console.print(f"note: {run_dir} held an earlier run; its metrics and checkpoints are replaced")
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(dump(recipe), encoding="utf-8")
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(dump(recipe), encoding="utf-8")
     seed_everything(t.seed)
 
     # 1. data first (the tokenizer is enough), so a bad file is reported before the model loads
@@ -414,27 +469,26 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
                   f"{100 * trainable / base_params:.3f}% of the base's {base_params:,}")
     console.print(f"data: {s.kept} train examples ({s.dropped_empty_answer} empty answers and "
                   f"{s.dropped_truncated} over-long prompts dropped), eval on {len(eval_examples)} examples")
+    if world > 1:
+        console.print(f"processes: {world} ({accelerator.distributed_type}); {world * t.grad_accum} micro-batches per step")
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    log = RunLog(run_dir / "metrics.jsonl", upto_step=_checkpoint_step(checkpoint))
+    log = RunLog(run_dir / "metrics.jsonl", upto_step=_checkpoint_step(checkpoint), enabled=main)
     if checkpoint is None:
         log.write({"event": "data", "train": vars(ds.train_stats), "eval": vars(ds.eval_stats) if ds.eval_stats else None})
 
-    # 3. optimizer, schedule, accelerator
-    mixed = resolve_mixed_precision(t.mixed_precision)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed, log_with=t.report_to or None,
-                              project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")))
+    # 3. optimizer, schedule, accelerator (which wraps the loss module for data parallelism)
     if t.report_to:
         accelerator.init_trackers("peftcli", config=_flat(recipe.model_dump(mode="json")))
+        log.accelerator = accelerator
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     steps = total_steps(recipe, len(ds.train))
     scheduler = make_scheduler(optimizer, recipe, steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    log.accelerator = accelerator if t.report_to else None
+    loss_fn, optimizer = accelerator.prepare(SupervisedLoss(model), optimizer)
     start, position = 0, {"epoch": 0, "index": 0}
     if checkpoint is not None:
-        start, position = _restore(checkpoint, model, method, optimizer, scheduler)
+        start, position = _restore(checkpoint, model, method, optimizer, scheduler, rank)
         console.print(f"resumed from {checkpoint} (step {start})")
     stream = MicroBatches(ds.train, t.micro_batch_size, t.seed, **position)
 
@@ -442,7 +496,7 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
     model.train()
     device = accelerator.device
     padding_free = recipe.data.padding_free and method.PADDING_FREE
-    if padding_free and not keeps_examples_apart(accelerator.unwrap_model(model)):
+    if padding_free and not keeps_examples_apart(model):
         console.print("note: this model class attends across examples in a padding-free row; using padded rows")
         padding_free = False
     collate = make_collate(padding_free, tok.pad_token_id)
@@ -454,9 +508,10 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
     with progress, StopSignals() as stop:
         task = progress.add_task("train", total=steps, completed=start, loss=float("nan"), lr=0.0, tps=0.0)
         for step in range(start + 1, steps + 1):
-            micro = [collate([ds.train[i] for i in stream.next()]) for _ in range(t.grad_accum)]
-            loss, _ = accumulate_gradients(model, micro, device, accelerator.autocast, accelerator.backward)
-            window_tokens += sum(real_tokens(mb) for mb in micro)
+            drawn = [stream.next() for _ in range(world * t.grad_accum)]  # every process draws the same
+            micro = [collate([ds.train[i] for i in idx]) for idx in drawn[rank::world]]
+            loss, _ = accumulate_gradients(loss_fn, micro, device, accelerator.autocast, accelerator.backward, accelerator)
+            window_tokens += sum(real_tokens(mb) for mb in micro) * world
             if not math.isfinite(loss):
                 raise UserError(f"train: loss is {loss} at step {step}; lower train.lr or check the data (last checkpoint kept)")
             if t.max_grad_norm:
@@ -478,53 +533,63 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
                 if not progress.live.is_started:
                     console.print(f"step {step}/{steps}  loss {event['loss']:.4f}  lr {event['lr']:.2e}  {event['tokens_per_s']:.0f} tok/s")
                 step_losses, window_tokens, window_t0 = [], 0, time.perf_counter()
-            if eval_examples and t.eval_every and step % t.eval_every == 0 and step != steps:
+            if main and eval_examples and t.eval_every and step % t.eval_every == 0 and step != steps:
                 ev = eval_loss(model, eval_examples, collate, t.micro_batch_size, accelerator.autocast)
                 log.write({"event": "eval", "step": step, **ev})
                 progress.console.print(f"step {step}: eval loss {ev['eval_loss']:.4f}  ppl {ev['eval_ppl']:.2f}")
-            if stop.signum is not None or (t.save_every and step % t.save_every == 0 and step != steps):
-                saved = save_checkpoint(run_dir, step, model, recipe, base_path, fp, optimizer, scheduler, stream)
-                prune_checkpoints(run_dir, t.keep_checkpoints)
-                if stop.signum is not None:
-                    name = signal.Signals(stop.signum).name
+            stopping = _any_process(accelerator, stop.signum is not None)
+            if stopping or (t.save_every and step % t.save_every == 0 and step != steps):
+                saved = save_checkpoint(run_dir, step, model, recipe, base_path, fp, optimizer, scheduler, stream, accelerator)
+                if main:
+                    prune_checkpoints(run_dir, t.keep_checkpoints)
+                if stopping:
+                    name = signal.Signals(stop.signum or signal.SIGTERM).name
                     raise Interrupted(f"{name}: stopped after step {step}/{steps}; checkpoint {saved}. "
-                                      f"Resume with: peft train {run_dir / 'recipe.yaml'} --resume", stop.signum)
+                                      f"Resume with: peft train {run_dir / 'recipe.yaml'} --resume", stop.signum or signal.SIGTERM)
             progress.update(task, completed=step)
 
-    # 5. final eval + artifacts
-    summary = {"method": recipe.method.name, "steps": steps, "examples_per_step": t.micro_batch_size * t.grad_accum,
-               "final_train_loss": last_logged,
+    # 5. final eval + artifacts (first process)
+    summary = {"method": recipe.method.name, "steps": steps, "examples_per_step": t.micro_batch_size * t.grad_accum * world,
+               "processes": world, "final_train_loss": last_logged,
                "trainable_params": trainable, "base_params": base_params,
                "trainable_pct_of_base": 100 * trainable / base_params,
                "train_examples": len(ds.train), "dropped_rows": s.dropped_empty_answer + s.dropped_truncated,
                "mixed_precision": mixed, "padding_free": padding_free, "wall_s": time.perf_counter() - t0}
-    if eval_examples:
-        ev = eval_loss(model, eval_examples, collate, t.micro_batch_size, accelerator.autocast)
-        log.write({"event": "eval", "step": steps, **ev})
-        summary.update(ev)
-        console.print(f"final eval loss {ev['eval_loss']:.4f}  ppl {ev['eval_ppl']:.2f}")
-    model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # drop the autocast forward patch
-    adapter_dir = artifacts.save_adapter(run_dir / "adapter", model, recipe, base_path, fp)
-    summary["adapter_dir"] = str(adapter_dir)
-    write_json_atomic(run_dir / "summary.json", summary)
-    plot_loss(log.events, run_dir / "loss.png")
+    if main:
+        if eval_examples:
+            ev = eval_loss(model, eval_examples, collate, t.micro_batch_size, accelerator.autocast)
+            log.write({"event": "eval", "step": steps, **ev})
+            summary.update(ev)
+            console.print(f"final eval loss {ev['eval_loss']:.4f}  ppl {ev['eval_ppl']:.2f}")
+        summary["adapter_dir"] = str(artifacts.save_adapter(run_dir / "adapter", model, recipe, base_path, fp))
+        write_json_atomic(run_dir / "summary.json", summary)
+        plot_loss(log.events, run_dir / "loss.png")
+        console.print(f"wrote {run_dir}/ (adapter/, metrics.jsonl, summary.json, loss.png) in {summary['wall_s']:.1f}s")
+    accelerator.wait_for_everyone()
     if t.report_to:
         accelerator.end_training()
-    console.print(f"wrote {run_dir}/ (adapter/, metrics.jsonl, summary.json, loss.png) in {summary['wall_s']:.1f}s")
     model.eval()
     return TrainResult(run_dir, summary, model, tok, ds)
 
 
-def _restore(checkpoint: Path, model, method, optimizer, scheduler) -> tuple[int, dict]:
-    """Load adapter, optimizer, scheduler and RNG state from a checkpoint; returns its step and
-    data position ({"epoch", "index"})."""
+def _any_process(accelerator, flag: bool) -> bool:
+    """True on every process when ``flag`` is True on any (a signal may reach only some)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor(int(flag), device=accelerator.device), "sum") > 0)
+
+
+def _restore(checkpoint: Path, model, method, optimizer, scheduler, rank: int = 0) -> tuple[int, dict]:
+    """Load adapter, optimizer, scheduler and this process's RNG state from a checkpoint;
+    returns its step and data position ({"epoch", "index"})."""
     from safetensors.torch import load_file
 
     method.load_state_dict(model, load_file(checkpoint / "adapter" / "adapter_model.safetensors"))
     optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
-    rng = torch.load(checkpoint / "rng.pt", weights_only=True)
-    torch.set_rng_state(rng["torch"])
+    rng = torch.load(checkpoint / "rng.pt", weights_only=True)["torch"]
+    states = rng if isinstance(rng, list) else [rng]
+    torch.set_rng_state(states[rank] if rank < len(states) else states[0])
     state = json.loads((checkpoint / "state.json").read_text())
     return int(state["step"]), state["data"]
 
