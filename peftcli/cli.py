@@ -282,8 +282,9 @@ def schema():
 @user_errors
 def init(name: str = typer.Argument(..., help="bundled recipe name (see `peft recipes`)"), dest: Path = typer.Argument(...)):
     """Copy a bundled recipe to start from."""
-    src = recipes_dir() / f"{name.removesuffix('.yaml')}.yaml"
-    if not src.is_file():
+    bundled = {p.stem: p for p in recipes_dir().glob("*.yaml")}
+    src = bundled.get(name.removesuffix(".yaml"))  # a name, never a path: "../x" finds nothing
+    if src is None:
         names = ", ".join(p.stem for p in sorted(recipes_dir().glob("*.yaml")))
         raise UserError(f"no bundled recipe {name!r} (choose from {names})")
     if dest.is_dir():
