@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PEFT   := $(VENV)/bin/peft
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench compare lint clean
+.PHONY: install demo test test-fast bench compare results lint clean
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ test-fast: install
 # side by side with HF peft + transformers Trainer; writes bench/results.json, prepends to docs/benchmarks.md
 bench: install
 	$(PY) bench/run.py
+
+# every method on SST-2 and Alpaca from ../shared/data (skips with a message without it)
+results: install
+	$(PY) bench/results.py
 
 # every bundled recipe for the same steps on the bundled task; rewrites the table in docs/methods.md
 compare: install

@@ -144,22 +144,29 @@ def eval_(
     fmt: Optional[str] = typer.Option(None, "--format", help="alpaca | completion | chat | text"),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    labels: Optional[str] = typer.Option(None, "--labels", help="classification: comma-separated label answers, "
+                                                                "e.g. negative,positive (scored by likelihood and by greedy answer)"),
+    no_exact_match: bool = typer.Option(False, "--no-exact-match", help="skip greedy generation (loss only; fast on long answers)"),
 ):
-    """Held-out loss, perplexity and exact match: base vs adapted."""
+    """Held-out loss, perplexity and exact match (and label accuracy with --labels): base vs adapted."""
     from peftcli.evaluate import evaluate
 
-    result = evaluate(target, data, fmt, max_samples)
+    label_list = [x.strip() for x in labels.split(",") if x.strip()] if labels else None
+    result = evaluate(target, data, fmt, max_samples, label_list, generate_answers=not no_exact_match)
     if as_json:
         print(json.dumps(result))
         return
     table = Table(title=f"{result['rows']} rows of {result['data']} ({result['format']})")
     table.add_column("model")
-    for col in ("loss", "perplexity", "exact match"):
+    cols = ["loss", "perplexity", "exact match"] + (["label acc. (likelihood)", "label acc. (greedy)"] if label_list else [])
+    for col in cols:
         table.add_column(col, justify="right")
     for name in ("base", "adapted"):
         m = result.get(name)
         if m:
-            table.add_row(name, _fmt(m["loss"]), _fmt(m["perplexity"]), _fmt(m["exact_match"], pct=True))
+            c = m.get("classification") or {}
+            extra = [_fmt(c.get("label_accuracy"), pct=True), _fmt(c.get("generation_accuracy"), pct=True)] if label_list else []
+            table.add_row(name, _fmt(m["loss"]), _fmt(m["perplexity"]), _fmt(m["exact_match"], pct=True), *extra)
     out.print(table)
 
 

@@ -255,6 +255,30 @@ def reference(row: dict, fmt: str) -> str | None:
     return None
 
 
+def with_answer(row: dict, fmt: str, answer: str) -> dict:
+    """A copy of ``row`` whose expected answer (see :func:`reference`) is ``answer``: alpaca
+    ``output``, completion ``completion``, chat the last assistant message (appended when the
+    conversation has none).
+
+    Raises:
+        ValueError: ``text`` rows have no separate answer.
+    """
+    if fmt == "alpaca":
+        return {**row, "output": answer}
+    if fmt == "completion":
+        return {**row, "completion": answer}
+    if fmt == "chat":
+        messages = [dict(m) for m in row["messages"]]
+        turns = _assistant_turns(messages)
+        if turns:
+            messages = messages[: turns[-1] + 1]
+            messages[-1]["content"] = answer
+        else:
+            messages.append({"role": "assistant", "content": answer})
+        return {**row, "messages": messages}
+    raise ValueError(f"format {fmt} has no answer field")
+
+
 def _assistant_turns(messages: list[dict]) -> list[int]:
     """Indices of the assistant messages."""
     return [i for i, m in enumerate(messages) if m["role"] == "assistant"]

@@ -1,11 +1,14 @@
-"""Held-out metrics: loss per supervised token, perplexity and greedy exact match, base vs adapted."""
+"""Held-out metrics: loss per supervised token, perplexity, greedy exact match and (with labels)
+classification accuracy, base vs adapted."""
 
 from __future__ import annotations
 
+import re
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from peftcli import artifacts, data, models
@@ -53,14 +56,97 @@ def exact_match(model: nn.Module, tokenizer, rows: list[dict], fmt: str, batch_s
     return {"exact_match": hits / len(pairs), "n_references": len(pairs), "samples": samples}
 
 
-def score(model: nn.Module, tokenizer, examples: list[dict], rows: list[dict], fmt: str, micro_batch_size: int = 8) -> dict:
+@torch.no_grad()
+def answer_logprobs(model: nn.Module, examples: list[dict], pad_id: int, micro_batch_size: int = 16) -> list[float]:
+    """Log-probability (nats, summed) of each example's supervised tokens given the tokens before them.
+
+    Args:
+        examples: tokenised rows (``input_ids``, ``labels``; -100 where not scored).
+    Returns:
+        one float per example, in order.
+    """
+    body, head = getattr(model, model.base_model_prefix), model.get_output_embeddings()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(examples), micro_batch_size):
+        batch = {k: v.to(device) for k, v in data.collate(examples[i:i + micro_batch_size], pad_id).items()}
+        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+        targets = batch["labels"][:, 1:]
+        mask = targets != data.IGNORE_INDEX  # (B, T-1)
+        logp = -F.cross_entropy(head(hidden[:, :-1][mask]).float(), targets[mask], reduction="none")
+        sums = torch.zeros(len(targets), dtype=torch.float64, device=device).index_add_(0, mask.nonzero()[:, 0], logp.double())
+        out += sums.tolist()
+    return out
+
+
+def _normalise(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def match_label(answer: str, labels: list[str]) -> str | None:
+    """The label a free-text answer gives: the one label its normalised text (lower case,
+    punctuation dropped) starts with; None when no label or several match."""
+    text = _normalise(answer)
+    hits = [label for label in labels if text == _normalise(label) or text.startswith(_normalise(label) + " ")]
+    return hits[0] if len(hits) == 1 else None
+
+
+def classify(model: nn.Module, tokenizer, rows: list[dict], fmt: str, labels: list[str], max_seq_len: int = 512,
+             batch_size: int = 16) -> dict:
+    """Label accuracy of a classifier-by-generation, measured two ways on rows whose reference
+    answer is one of ``labels``:
+
+    - ``label_accuracy``: the label whose tokens (answer + EOS, tokenised as in training) have
+      the highest summed log-probability after the prompt — no generation, no parsing;
+    - ``generation_accuracy``: the greedy answer mapped to a label by :func:`match_label`;
+      answers that name no label (``unmatched``) count as wrong.
+
+    Raises:
+        UserError: a row's reference is not one of the labels; fewer than 2 labels.
+    """
+    if len(labels) < 2:
+        raise UserError(f"--labels: give at least 2 labels, got {labels}")
+    wanted = {_normalise(label): label for label in labels}
+    refs = []
+    for n, row in enumerate(rows, start=1):
+        ref = _normalise(data.reference(row, fmt) or "")
+        if ref not in wanted:
+            raise UserError(f"eval row {n}: answer {data.reference(row, fmt)!r} is not one of the labels {labels}")
+        refs.append(wanted[ref])
+    examples = [data.tokenize_row(data.with_answer(row, fmt, label), fmt, tokenizer, max_seq_len, False)
+                for row in rows for label in labels]
+    if any(e is None for e in examples):
+        raise UserError(f"eval rows: a prompt is longer than max_seq_len {max_seq_len}")
+    scores = torch.tensor(answer_logprobs(model, examples, tokenizer.pad_token_id, batch_size)).view(len(rows), len(labels))
+    by_likelihood = [labels[i] for i in scores.argmax(1).tolist()]
+    longest = max(len(tokenizer(label, add_special_tokens=False).input_ids) for label in labels)
+    prompts = [data.render_prompt(row, fmt, tokenizer) for row in rows]
+    answers = []
+    for i in range(0, len(prompts), batch_size):
+        answers += generate(model, tokenizer, prompts[i:i + batch_size], max_new_tokens=longest + 4)
+    by_generation = [match_label(a, labels) for a in answers]
+    n = len(rows)
+    return {"labels": labels, "n_labelled": n,
+            "label_accuracy": sum(p == r for p, r in zip(by_likelihood, refs)) / n,
+            "generation_accuracy": sum(p == r for p, r in zip(by_generation, refs)) / n,
+            "unmatched": sum(p is None for p in by_generation),
+            "predicted": {label: by_likelihood.count(label) for label in labels}}
+
+
+def score(model: nn.Module, tokenizer, examples: list[dict], rows: list[dict], fmt: str, micro_batch_size: int = 8,
+          labels: list[str] | None = None, max_seq_len: int = 512, generate_answers: bool = True) -> dict:
     """Loss (nats per supervised token), perplexity and exact match of one model (float32, eval mode)."""
     from peftcli.trainer import eval_loss, make_collate
 
     model.eval()
     out = eval_loss(model, examples, make_collate(False, tokenizer.pad_token_id), micro_batch_size, nullcontext) if examples else {}
     result = {"loss": out.get("eval_loss"), "perplexity": out.get("eval_ppl"), "supervised_tokens": out.get("eval_tokens", 0)}
-    result.update(exact_match(model, tokenizer, rows, fmt))
+    if generate_answers:
+        result.update(exact_match(model, tokenizer, rows, fmt))
+    else:
+        result.update(exact_match=None, n_references=0, samples=[])
+    if labels:
+        result["classification"] = classify(model, tokenizer, rows, fmt, labels, max_seq_len)
     return result
 
 
@@ -83,11 +169,16 @@ def _eval_data(recipe_dict: dict | None, data_path: str | None, fmt: str | None,
     return examples, rows, ds.eval_format
 
 
-def evaluate(target: str, data_path: str | None = None, fmt: str | None = None, max_samples: int | None = None) -> dict:
+def evaluate(target: str, data_path: str | None = None, fmt: str | None = None, max_samples: int | None = None,
+             labels: list[str] | None = None, generate_answers: bool = True) -> dict:
     """Score the base model and the adapted one on held-out data.
 
     ``target`` is a run dir, an adapter dir, or a recipe (whose ``output.dir`` holds the run;
     with no adapter there yet, only the base is scored).
+
+    With ``labels`` (e.g. ["negative", "positive"]) each model is also scored as a classifier
+    (:func:`classify`: label likelihood and greedy answer), under ``"classification"``.
+    ``generate_answers=False`` skips the greedy exact match (loss only: fast on long answers).
 
     Returns {"base": metrics, "adapted": metrics or None, "data": str, "rows": n}.
     Raises:
@@ -117,10 +208,13 @@ def evaluate(target: str, data_path: str | None = None, fmt: str | None = None, 
     examples, rows, eval_fmt = _eval_data(recipe_dict, data_path, fmt, tokenizer, max_samples)
     if not rows:
         raise UserError("eval data is empty")
+    max_len = (recipe_dict or {}).get("data", {}).get("max_seq_len", 512)
     result = {"data": data_path or "recipe eval set", "rows": len(rows), "format": eval_fmt,
-              "base": score(base, tokenizer, examples, rows, eval_fmt)}
+              "base": score(base, tokenizer, examples, rows, eval_fmt, labels=labels, max_seq_len=max_len,
+                            generate_answers=generate_answers)}
     del base
-    result["adapted"] = score(adapted, tokenizer, examples, rows, eval_fmt) if adapted is not None else None
+    result["adapted"] = score(adapted, tokenizer, examples, rows, eval_fmt, labels=labels, max_seq_len=max_len,
+                                generate_answers=generate_answers) if adapted is not None else None
     if info is not None:
         result["adapter"] = str(info["adapter_dir"])
     return result
