@@ -50,7 +50,8 @@ def test_answer_logprobs_equal_a_full_logits_computation():
         got = answer_logprobs(model, examples, tok.pad_token_id, micro_batch_size=3)
         for e, value in zip(examples, got):  # reference: each example alone, log_softmax over full logits
             ids = torch.tensor([e["input_ids"]])
-            logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0, :-1].double(), -1)
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0, :-1].double(), -1)
             targets = torch.tensor(e["labels"][1:])
             keep = targets != -100
             assert value == pytest.approx(float(logp[keep.nonzero()[:, 0], targets[keep]].sum()), abs=1e-4)
