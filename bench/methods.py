@@ -44,8 +44,9 @@ RUNS = [
 ]
 
 
-def run_measured(cmd: list[str], log: Path) -> tuple[float, float]:
-    """Run ``cmd`` with its output in ``log``; returns (wall seconds, peak RSS of the process in GiB).
+def run_measured(cmd: list[str], log: Path) -> tuple[float, float, float]:
+    """Run ``cmd`` with its output in ``log``; returns (wall seconds, CPU seconds (user + system),
+    peak RSS of the process in GiB).
 
     Raises:
         SystemExit: the command failed (its log is named).
@@ -57,7 +58,7 @@ def run_measured(cmd: list[str], log: Path) -> tuple[float, float]:
     wall = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(cmd)} (see {log})")
-    return wall, usage.ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
 def measure(label: str, recipe: str, sets: list[str], steps: int | None, out_root: Path) -> dict:
@@ -70,7 +71,7 @@ def measure(label: str, recipe: str, sets: list[str], steps: int | None, out_roo
     for item in overrides:
         train_cmd += ["--set", item]
     print(f"[{label}] training: {' '.join(train_cmd[2:])}", flush=True)
-    wall, rss = run_measured(train_cmd, out_root / f"{slug}.train.log")
+    wall, cpu, rss = run_measured(train_cmd, out_root / f"{slug}.train.log")
     summary = json.loads((run_dir / "summary.json").read_text())
     eval_log = out_root / f"{slug}.eval.json"
     run_measured([*PEFT, "eval", str(run_dir), "--json"], eval_log)
@@ -79,7 +80,7 @@ def measure(label: str, recipe: str, sets: list[str], steps: int | None, out_roo
         "label": label, "recipe": recipe, "overrides": overrides,
         "trainable_params": summary["trainable_params"], "trainable_pct_of_base": summary["trainable_pct_of_base"],
         "steps": summary["steps"], "examples_per_step": summary.get("examples_per_step"),
-        "train_s": summary["wall_s"], "process_wall_s": wall, "peak_rss_gib": rss,
+        "train_s": summary["wall_s"], "process_wall_s": wall, "process_cpu_s": cpu, "peak_rss_gib": rss,
         "mixed_precision": summary["mixed_precision"], "rows": scores["rows"],
         "base": scores["base"], "adapted": scores["adapted"],
     }
@@ -95,16 +96,19 @@ def table(rows: list[dict], meta: dict) -> str:
     lines = [
         f"Held-out: the {rows[0]['rows']} rows of `recipes/data/tasks/heldout.jsonl`. Base: the float32 model scores "
         f"loss {base['loss']:.4f} per supervised token, exact match {base['exact_match']:.1%}; the qlora row's base is "
-        f"the same model in NF4. Training time is the whole `peft train` (load, {meta['steps']} steps, in-run evals, checkpoints, save).",
+        "the same model in NF4. Training time: the `peft train` loop (steps, in-run evals, checkpoints, save); "
+        "CPU time (user + system) and peak RSS: the whole `peft train` process.",
         "",
-        "| method | trainable params | % of base | held-out loss (base → adapted) | exact match (base → adapted) | training time |",
-        "|---|---:|---:|---|---|---:|",
+        "| method | trainable params | % of base | held-out loss (base → adapted) | exact match (base → adapted) "
+        "| training time | CPU time | peak RSS |",
+        "|---|---:|---:|---|---|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['label']} | {r['trainable_params']:,} | {r['trainable_pct_of_base']:.3f} | "
             f"{r['base']['loss']:.4f} → **{r['adapted']['loss']:.4f}** | "
-            f"{r['base']['exact_match']:.1%} → **{r['adapted']['exact_match']:.1%}** | {r['train_s']:.0f} s |"
+            f"{r['base']['exact_match']:.1%} → **{r['adapted']['exact_match']:.1%}** | {r['train_s']:.0f} s | "
+            f"{r['process_cpu_s']:.0f} s | {r['peak_rss_gib']:.2f} GiB |"
         )
     return "\n".join(lines)
 
