@@ -20,10 +20,11 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from measure import run_measured
 
 ROOT = Path(__file__).resolve().parent.parent
 PEFT = [sys.executable, "-m", "peftcli.cli"]
@@ -44,23 +45,6 @@ RUNS = [
 ]
 
 
-def run_measured(cmd: list[str], log: Path) -> tuple[float, float, float]:
-    """Run ``cmd`` with its output in ``log``; returns (wall seconds, CPU seconds (user + system),
-    peak RSS of the process in GiB).
-
-    Raises:
-        SystemExit: the command failed (its log is named).
-    """
-    t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)} (see {log})")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
-
-
 def measure(label: str, recipe: str, sets: list[str], steps: int | None, out_root: Path) -> dict:
     """Train and evaluate one recipe; returns one row of the comparison."""
     slug = _slug(label)
@@ -71,7 +55,7 @@ def measure(label: str, recipe: str, sets: list[str], steps: int | None, out_roo
     for item in overrides:
         train_cmd += ["--set", item]
     print(f"[{label}] training: {' '.join(train_cmd[2:])}", flush=True)
-    wall, cpu, rss = run_measured(train_cmd, out_root / f"{slug}.train.log")
+    m = run_measured(train_cmd, out_root / f"{slug}.train.log")
     summary = json.loads((run_dir / "summary.json").read_text())
     eval_log = out_root / f"{slug}.eval.json"
     run_measured([*PEFT, "eval", str(run_dir), "--json"], eval_log)
@@ -80,7 +64,7 @@ def measure(label: str, recipe: str, sets: list[str], steps: int | None, out_roo
         "label": label, "recipe": recipe, "overrides": overrides,
         "trainable_params": summary["trainable_params"], "trainable_pct_of_base": summary["trainable_pct_of_base"],
         "steps": summary["steps"], "examples_per_step": summary.get("examples_per_step"),
-        "train_s": summary["wall_s"], "process_wall_s": wall, "process_cpu_s": cpu, "peak_rss_gib": rss,
+        "train_s": summary["wall_s"], "process_wall_s": m["wall_s"], "process_cpu_s": m["cpu_s"], "peak_rss_gib": m["peak_rss_gib"],
         "mixed_precision": summary["mixed_precision"], "rows": scores["rows"],
         "base": scores["base"], "adapted": scores["adapted"],
     }

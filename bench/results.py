@@ -23,12 +23,11 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
+from measure import run_measured
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("PEFTCLI_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -78,17 +77,6 @@ def prepare() -> dict[str, dict[str, str]]:
             "alpaca": {"train": str(out / "alpaca-train.jsonl"), "eval": str(out / "alpaca-heldout.jsonl")}}
 
 
-def run(cmd: list[str], log: Path) -> dict:
-    """Run a command from the project root; its wall seconds and peak RSS (GiB)."""
-    t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"results: failed: {' '.join(cmd)} (see {log})")
-    return {"wall_s": time.perf_counter() - t0, "peak_rss_gib": usage.ru_maxrss / 2**20}
-
-
 def measure(task: str, method: str, files: dict) -> dict:
     """Train one method on one task and score it; returns its row."""
     block, lr, quantization = METHODS[method]
@@ -107,11 +95,11 @@ def measure(task: str, method: str, files: dict) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     print(f"[{name}] training", flush=True)
-    train = run([sys.executable, "-m", "peftcli.cli", "train", str(path)], OUT / f"{name}.train.log")
+    train = run_measured([sys.executable, "-m", "peftcli.cli", "train", str(path)], OUT / f"{name}.train.log")
     summary = json.loads((OUT / name / "summary.json").read_text())
     args = ["--labels", spec["labels"]] if spec["labels"] else ["--no-exact-match"]
     log = OUT / f"{name}.eval.json"
-    run([sys.executable, "-m", "peftcli.cli", "eval", str(OUT / name), "--json", *args], log)
+    run_measured([sys.executable, "-m", "peftcli.cli", "eval", str(OUT / name), "--json", *args], log)
     scores = json.loads(log.read_text().strip().splitlines()[-1])
     row = {"task": task, "method": method, "trainable_params": summary["trainable_params"],
            "train_s": summary["wall_s"], "peak_rss_gib": train["peak_rss_gib"], "steps": summary["steps"],

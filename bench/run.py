@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from measure import run_measured
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "runs" / "bench"
 SHARED_ALPACA = Path(os.environ.get("PEFTCLI_SHARED_DATA", ROOT.parent / "shared" / "data")) / "alpaca"
@@ -34,23 +36,6 @@ HPARAMS = {"r": 16, "alpha": 32, "dropout": 0.05, "lr": 2e-4, "micro_batch_size"
 
 # ---------------------------------------------------------------------------------------------
 # measuring
-
-
-def run_measured(cmd: list[str], log: Path, env: dict | None = None) -> dict:
-    """Run ``cmd`` from the project root, output to ``log``.
-
-    Returns {"wall_s": whole-process seconds, "peak_rss_gib": the process's peak resident set}.
-    Raises:
-        SystemExit: the command failed (names its log).
-    """
-    t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-        _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"bench: failed: {' '.join(map(str, cmd))}\n  see {log}")
-    return {"wall_s": wall, "peak_rss_gib": usage.ru_maxrss / 2**20}  # ru_maxrss: KiB on Linux
 
 
 def matmul_peak() -> dict:
