@@ -191,23 +191,29 @@ def generate(
     prompt: str = typer.Argument(...),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
     raw: bool = typer.Option(False, "--raw", help="send the prompt as is, not in the run's train format"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="recompute the whole sequence each step (no KV cache)"),
 ):
-    """Greedy generation with the adapted model."""
+    """Greedy generation with the adapted model.
+
+    The prompt is put in the run's training format (alpaca template, chat template, ...); a
+    ``text``-format run, or an adapter with no recipe (e.g. saved by HF peft), gets it as is."""
     from peftcli import artifacts
     from peftcli.data import render_prompt
     from peftcli.evaluate import generate as greedy
 
+    if not prompt.strip():
+        raise UserError("generate: the prompt is empty")
     model, tok, info = artifacts.load_adapted(target)
     fmt = ((info.get("recipe") or {}).get("data") or {}).get("train", {}).get("format", "text")
-    text = prompt if raw else render_prompt(_as_row(prompt, fmt), fmt, tok)
-    out.print(greedy(model, tok, [text], max_new_tokens)[0], highlight=False, markup=False)
+    text = prompt if raw or fmt == "text" else render_prompt(_as_row(prompt, fmt), fmt, tok)
+    out.print(greedy(model, tok, [text], max_new_tokens, use_cache=not no_cache)[0], highlight=False, markup=False)
 
 
 def _as_row(prompt: str, fmt: str) -> dict:
     return {"alpaca": {"instruction": prompt, "input": "", "output": ""},
             "completion": {"prompt": prompt, "completion": ""},
             "chat": {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]},
-            }.get(fmt, {"text": prompt})
+            }[fmt]
 
 
 @app.command()

@@ -11,6 +11,7 @@ import torch
 SMOKE_OVERRIDES = [
     "train.max_steps=4", "data.max_samples=16", "train.micro_batch_size=2", "train.grad_accum=1",
     "train.log_every=1", "train.eval_every=0", "train.save_every=0", "train.eval_max_samples=4",
+    "train.warmup_steps=0",  # 4 steps: a recipe's warmup would keep the learning rate near 0 throughout
 ]
 
 

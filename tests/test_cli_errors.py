@@ -1,0 +1,74 @@
+"""Issue 5's bad-input list at the command line: exit 2, one line, no traceback."""
+
+import json
+
+import pytest
+from test_artifacts import trained
+from tiny import SORT_ROWS, save_tiny, tiny_run_recipe
+from typer.testing import CliRunner
+
+from peftcli.cli import app
+from peftcli.errors import UserError
+from peftcli.trainer import latest_checkpoint, train
+
+
+def _one_line_error(result, *needles):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and "Traceback" not in result.output
+    for needle in needles:
+        assert needle in lines[-1], lines[-1]
+
+
+@pytest.fixture(scope="module")
+def foreign_adapter(tiny_dir, tmp_path_factory):
+    """An adapter trained on tiny_dir whose config names another base with the same shapes."""
+    tmp = tmp_path_factory.mktemp("foreign")
+    other = save_tiny(tmp / "other", seed=1)
+    trained(tiny_dir, tmp / "adapter", target_modules=["q_proj"])
+    file = tmp / "adapter" / "adapter_config.json"
+    cfg = json.loads(file.read_text())
+    cfg["base_model_name_or_path"] = cfg["peftcli"]["model"]["name_or_path"] = str(other)
+    file.write_text(json.dumps(cfg))
+    data = tmp / "eval.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in SORT_ROWS))
+    return tmp
+
+
+@pytest.mark.parametrize("command", ["eval", "generate", "merge"])
+def test_adapter_on_a_different_base_exits_2(foreign_adapter, command):
+    adapter = str(foreign_adapter / "adapter")
+    args = {"eval": ["eval", adapter, "--data", str(foreign_adapter / "eval.jsonl"), "--format", "alpaca"],
+            "generate": ["generate", adapter, "Sort 3, 1"],
+            "merge": ["merge", adapter, "-o", str(foreign_adapter / f"merged-{command}")]}[command]
+    _one_line_error(CliRunner().invoke(app, args), "was trained on a different base model", "fingerprint")
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, tiny_dir):
+    recipe = tiny_run_recipe(tmp_path, tiny_dir, {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
+                             max_steps=20, lr=1e30, max_grad_norm=None, save_every=1, warmup_steps=0)
+    with pytest.raises(UserError, match=r"train: loss is (nan|inf) at step (\d+)") as err:
+        train(recipe)
+    step = int(str(err.value).split("at step ")[1].split(";")[0])
+    assert step >= 2  # step 1 is finite (it starts from the base), so a checkpoint was written before
+    assert latest_checkpoint(tmp_path / "run").name == f"step-{step - 1}"
+
+
+def test_generate_with_an_hf_saved_adapter_sends_the_prompt_as_is(tiny_dir, tmp_path):
+    # an adapter dir HF peft wrote has no recipe, so no train format: the prompt goes as typed
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir), LoraConfig(r=4, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path / "hf")
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    ids = tok("the quick brown fox", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = model.eval().generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    expected = tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+    for extra in ([], ["--no-cache"]):
+        result = CliRunner().invoke(app, ["generate", str(tmp_path / "hf"), "the quick brown fox", "--max-new-tokens", "4", *extra])
+        assert result.exit_code == 0, result.output
+        assert result.stdout.strip() == expected.strip()
+    _one_line_error(CliRunner().invoke(app, ["generate", str(tmp_path / "hf"), "  "]), "the prompt is empty")
