@@ -241,7 +241,8 @@ def validate(
     out.print(f"matched {len(targets)} modules: {', '.join(targets[:6])}{' ...' if len(targets) > 6 else ''}")
     out.print(f"trainable parameters: {trainable:,} = {100 * trainable / (total - trainable):.3f}% of the base's {total - trainable:,}")
     padding_free = r.data.padding_free and method.PADDING_FREE and keeps_examples_apart(model)
-    batch = memory.largest_micro_batch(ds.train, r.train.micro_batch_size, padding_free, tok.pad_token_id)
+    batch = memory.largest_micro_batch(ds.train, r.train.micro_batch_size, padding_free, tok.pad_token_id,
+                                       r.data.pad_to_multiple_of)
     if r.train.gradient_checkpointing:
         from peftcli.trainer import enable_gradient_checkpointing
 

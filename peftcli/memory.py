@@ -19,11 +19,14 @@ from torch import nn
 from peftcli import data
 
 
-def largest_micro_batch(examples: list[dict], micro_batch_size: int, padding_free: bool, pad_id: int) -> dict:
+def largest_micro_batch(examples: list[dict], micro_batch_size: int, padding_free: bool, pad_id: int,
+                        multiple_of: int = 1) -> dict:
     """The micro-batch of the ``micro_batch_size`` longest examples, collated as training would
-    (one padding-free row, or right-padded rows)."""
+    (one padding-free row, or right-padded rows; length rounded up to ``multiple_of``)."""
     longest = sorted(examples, key=lambda e: len(e["input_ids"]), reverse=True)[:micro_batch_size]
-    return data.collate_padding_free(longest) if padding_free else data.collate(longest, pad_id)
+    if padding_free:
+        return data.collate_padding_free(longest, multiple_of, pad_id)
+    return data.collate(longest, pad_id, multiple_of)
 
 
 def peak_bytes() -> int:

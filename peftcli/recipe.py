@@ -48,6 +48,9 @@ class DataConfig(_Strict):
     padding_free: bool = Field(True, description="concatenate each micro-batch's examples into one row, attention kept within "
                                "each example (same loss and gradients as padded rows, no padding computed); methods that add "
                                "virtual tokens (prompt_tuning, p_tuning, prefix_tuning) always use padded rows")
+    pad_to_multiple_of: int = Field(64, gt=0, description="round each micro-batch's length up to a multiple of this (the extra "
+                                    "positions are padding, never supervised) so shapes repeat and compiled kernels are reused; "
+                                    "1 turns it off")
     packing: bool = Field(False, description="pack several examples per row (not available yet: must be false)")
     max_samples: int | None = Field(None, gt=0, description="use only the first N train rows")
 

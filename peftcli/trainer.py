@@ -117,12 +117,6 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[dict], device, au
     return float(total) / max(n_step, 1), n_step
 
 
-def real_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens in a batch that are not padding."""
-    mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-
-
 @torch.no_grad()
 def keeps_examples_apart(model: nn.Module) -> bool:
     """Whether this model keeps attention within each example of a padding-free row.
@@ -143,9 +137,12 @@ def keeps_examples_apart(model: nn.Module) -> bool:
     return bool(torch.allclose(packed.float(), alone.float(), atol=1e-3, rtol=1e-3))
 
 
-def make_collate(padding_free: bool, pad_id: int):
-    """The micro-batch builder: :func:`peftcli.data.collate_padding_free` or right-padded rows."""
-    return data.collate_padding_free if padding_free else (lambda examples: data.collate(examples, pad_id))
+def make_collate(padding_free: bool, pad_id: int, multiple_of: int = 1):
+    """The micro-batch builder: :func:`peftcli.data.collate_padding_free` or right-padded rows
+    (:func:`peftcli.data.collate`), lengths rounded up to ``multiple_of``."""
+    if padding_free:
+        return lambda examples: data.collate_padding_free(examples, multiple_of, pad_id)
+    return lambda examples: data.collate(examples, pad_id, multiple_of)
 
 
 @torch.no_grad()
@@ -499,7 +496,7 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
     if padding_free and not keeps_examples_apart(model):
         console.print("note: this model class attends across examples in a padding-free row; using padded rows")
         padding_free = False
-    collate = make_collate(padding_free, tok.pad_token_id)
+    collate = make_collate(padding_free, tok.pad_token_id, recipe.data.pad_to_multiple_of)
     console.print(f"micro-batches: {'padding-free rows (no padding computed)' if padding_free else 'right-padded rows'}")
     t0 = time.perf_counter()
     window_tokens, window_t0, last_logged = 0, time.perf_counter(), None
@@ -511,7 +508,7 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
             drawn = [stream.next() for _ in range(world * t.grad_accum)]  # every process draws the same
             micro = [collate([ds.train[i] for i in idx]) for idx in drawn[rank::world]]
             loss, _ = accumulate_gradients(loss_fn, micro, device, accelerator.autocast, accelerator.backward, accelerator)
-            window_tokens += sum(real_tokens(mb) for mb in micro) * world
+            window_tokens += sum(len(ds.train[i]["input_ids"]) for idx in drawn for i in idx)  # real tokens, all processes
             if not math.isfinite(loss):
                 raise UserError(f"train: loss is {loss} at step {step}; lower train.lr or check the data (last checkpoint kept)")
             if t.max_grad_norm:

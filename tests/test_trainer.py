@@ -140,6 +140,26 @@ def test_padding_free_rows_same_loss_and_gradients_as_padded(method, attn):
             start += n
 
 
+def test_rounding_lengths_up_changes_no_loss_or_gradient():
+    # data.pad_to_multiple_of: padded rows get extra padding, a padding-free row a filler segment
+    tok = tiny_tokenizer()
+    model = _lora_model(tok)
+    examples = [_example(7, 3, 0), _example(19, 4, 1), _example(2, 1, 2)]
+    ref_loss, ref_n = accumulate_gradients(model, [data.collate(examples, tok.pad_token_id)], "cpu")
+    ref = _grads(model)
+    padded = data.collate(examples, tok.pad_token_id, multiple_of=16)
+    free = data.collate_padding_free(examples, multiple_of=16, pad_id=tok.pad_token_id)
+    assert padded["input_ids"].shape == (3, 32) and free["input_ids"].shape == (1, 32)
+    assert free["position_ids"][0, 28:].tolist() == [0, 1, 2, 3]  # the filler is a segment of its own
+    assert (free["labels"][0, 28:] == IGNORE_INDEX).all() and (free["input_ids"][0, 28:] == tok.pad_token_id).all()
+    for batch in (padded, free):
+        model.zero_grad()
+        loss, n = accumulate_gradients(model, [batch], "cpu")
+        assert n == ref_n and loss == pytest.approx(ref_loss, abs=1e-5)
+        for name, grad in _grads(model).items():
+            torch.testing.assert_close(grad, ref[name], atol=1e-5, rtol=1e-4)
+
+
 def test_padding_free_training_matches_padded(tmp_path, tiny_dir):
     # the whole loop: the same seed gives the same losses with padding-free rows as with padded ones
     rows = ROWS * 2
