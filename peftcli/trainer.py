@@ -417,7 +417,7 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
     same gradient, as one process with N × ``grad_accum``. Only the first process writes files.
 
     Raises:
-        UserError: bad model/data (from loading), nothing to resume, a non-finite loss.
+        UserError: bad model/data (from loading), a non-finite loss.
         Interrupted: SIGINT/SIGTERM; a checkpoint was written first.
     """
     from accelerate import Accelerator
@@ -434,8 +434,9 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
     if not main:
         console = Console(stderr=True, quiet=True)
     checkpoint = latest_checkpoint(run_dir) if resume else None
-    if resume and checkpoint is None:
-        raise UserError(f"{run_dir}: no checkpoint to resume from (train.save_every writes them)")
+    if resume and checkpoint is None:  # killed before its first checkpoint: there is nothing to keep
+        console.print(f"note: {run_dir} has no checkpoint yet (train.save_every writes them); starting from step 0")
+        resume = False
     if main and not resume and ((run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()):
         # a fresh run replaces an earlier one in the same dir, so --resume never mixes two runs
         console.print(f"note: {run_dir} held an earlier run; its metrics and checkpoints are replaced")
