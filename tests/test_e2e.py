@@ -73,6 +73,18 @@ def test_merge_matches_adapted_model(smoke_run, tmp_path):
 
 
 def test_generate(smoke_run):
+    # the CLI prints the greedy answer to the prompt in the run's train format (alpaca); reference:
+    # the same adapter loaded in-process, the alpaca template rendered by hand, transformers' generate
+    from peftcli import artifacts
+
     _, run, _ = smoke_run
-    p = peft("generate", str(run), "Which number is the largest?", "--max-new-tokens", "8")
-    assert p.stdout.strip()
+    question = "Which number is the largest? 3, 9, 4"
+    p = peft("generate", str(run), question, "--max-new-tokens", "8")
+    model, tok, _ = artifacts.load_adapted(run)
+    prompt = ("Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+              f"### Instruction:\n{question}\n\n### Response:\n")
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    assert p.stdout.strip() == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
