@@ -16,17 +16,15 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from peftcli import data
-
 
 def largest_micro_batch(examples: list[dict], micro_batch_size: int, padding_free: bool, pad_id: int,
                         multiple_of: int = 1) -> dict:
     """The micro-batch of the ``micro_batch_size`` longest examples, collated as training would
     (one padding-free row, or right-padded rows; length rounded up to ``multiple_of``)."""
+    from peftcli.trainer import make_collate
+
     longest = sorted(examples, key=lambda e: len(e["input_ids"]), reverse=True)[:micro_batch_size]
-    if padding_free:
-        return data.collate_padding_free(longest, multiple_of, pad_id)
-    return data.collate(longest, pad_id, multiple_of)
+    return make_collate(padding_free, pad_id, multiple_of)(longest)
 
 
 def peak_bytes() -> int:
