@@ -94,6 +94,7 @@ def train(
 
     if num_processes > 1 and "LOCAL_RANK" not in os.environ:
         recipes.load_recipe(recipe, list(set_), output_dir)  # a bad recipe fails here, once, not in N processes
+        _check_devices(num_processes)
         raise typer.Exit(_launch(num_processes))
     overrides = list(set_)
     if smoke:
@@ -111,6 +112,20 @@ def train(
         if not report.ok:
             raise typer.Exit(1)
     out.print(str(result.run_dir))
+
+
+def _check_devices(n: int) -> None:
+    """With CUDA visible, each process takes its own GPU (NCCL refuses two on one device).
+
+    Raises:
+        UserError: more processes than visible GPUs.
+    """
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if 0 < gpus < n:
+        raise UserError(f"--num-processes {n}: only {gpus} GPU(s) visible, one process per GPU "
+                        "(for processes on the CPU instead: CUDA_VISIBLE_DEVICES= peft train ...)")
 
 
 def _launch(n: int) -> int:

@@ -552,7 +552,8 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
                "trainable_params": trainable, "base_params": base_params,
                "trainable_pct_of_base": 100 * trainable / base_params,
                "train_examples": len(ds.train), "dropped_rows": s.dropped_empty_answer + s.dropped_truncated,
-               "mixed_precision": mixed, "padding_free": padding_free, "wall_s": time.perf_counter() - t0}
+               "mixed_precision": mixed, "padding_free": padding_free, "device": str(device),
+               "wall_s": time.perf_counter() - t0}
     if main:
         if eval_examples:
             ev = eval_loss(model, eval_examples, collate, t.micro_batch_size, accelerator.autocast)

@@ -5,6 +5,10 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite's references are CPU float32 (bit-identical resume, 1e-5 parities), and its tests build
+# CPU inputs: it runs on the CPU even where a GPU is visible. The GPU paths are checked by
+# bench/gpu_check.py on a CUDA machine.
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 
 @pytest.fixture(scope="session")

@@ -53,3 +53,17 @@ def test_two_processes_equal_one_process_with_double_accumulation(tmp_path, tiny
     assert summary["processes"] == 2 and summary["examples_per_step"] == 4
     assert sorted(p.name for p in (tmp_path / "two/checkpoints").iterdir()) == ["step-2"]
     assert len(torch.load(tmp_path / "two/checkpoints/step-2/rng.pt", weights_only=True)["torch"]) == 2  # one per process
+
+
+def test_more_processes_than_gpus_is_a_user_error(monkeypatch):
+    # seen on a 1-GPU machine: two processes on cuda:0 died inside NCCL ("Duplicate GPU detected")
+    from peftcli import cli
+    from peftcli.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match="--num-processes 2: only 1 GPU"):
+        cli._check_devices(2)
+    cli._check_devices(1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cli._check_devices(4)  # CPU processes (gloo): any number

@@ -1,0 +1,123 @@
+"""A short check on a CUDA machine: every method trains, evaluates, generates (and merges) on the
+GPU, and a QLoRA adapter trained there is read the same by HF peft + bitsandbytes.
+
+Uses a tiny random Llama (tests/tiny.py), so it needs no model download and runs in about a
+minute; CI has no GPU, so this is run by hand where one is lent:
+
+    python bench/gpu_check.py OUT_DIR [METHOD ...]
+
+Each line of the report is ``ok`` or ``FAIL`` with the measured values; exit 1 on any FAIL.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests.tiny import SORT_ROWS, save_tiny  # noqa: E402
+
+METHODS = {
+    "lora": {"name": "lora", "r": 8, "alpha": 16, "target_modules": "all-linear"},
+    "qlora": {"name": "qlora", "r": 8, "alpha": 16, "target_modules": "all-linear"},
+    "dora": {"name": "lora", "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"], "dora": True},
+    "adapter": {"name": "adapter", "variant": "houlsby"},
+    "ia3": {"name": "ia3"},
+    "prompt_tuning": {"name": "prompt_tuning", "num_virtual_tokens": 8},
+    "p_tuning": {"name": "p_tuning", "num_virtual_tokens": 8},
+    "prefix_tuning": {"name": "prefix_tuning", "num_virtual_tokens": 5},
+}
+FAILED: list[str] = []
+
+
+def check(name: str, ok: bool, detail: str) -> None:
+    print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}", flush=True)
+    if not ok:
+        FAILED.append(name)
+
+
+def peft(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "peftcli.cli", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def main(out: Path, only: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    check("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA")
+    model_dir = save_tiny(out / "tiny", pad="eos", head_dim=32)
+    rows = out / "train.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in SORT_ROWS * 4))
+    for label, method in METHODS.items():
+        if only and label not in only:
+            continue
+        run = out / label
+        recipe = {"model": {"name_or_path": str(model_dir), "quantization": "nf4" if label == "qlora" else "none"},
+                  "method": method,
+                  "data": {"train": {"path": str(rows), "format": "alpaca"}, "eval": {"path": str(rows), "format": "alpaca"},
+                           "max_seq_len": 128},
+                  "train": {"max_steps": 30, "micro_batch_size": 4, "lr": 1e-2, "log_every": 1, "eval_every": 0,
+                            "save_every": 10, "mixed_precision": "auto"},
+                  "output": {"dir": str(run)}}
+        (out / f"{label}.yaml").write_text(yaml.safe_dump(recipe))
+        done = peft("train", str(out / f"{label}.yaml"))
+        if done.returncode:
+            check(f"{label} train", False, done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no stderr")
+            continue
+        summary = json.loads((run / "summary.json").read_text())
+        losses = [e["loss"] for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in e]
+        check(f"{label} train", losses[-1] < losses[0] and summary.get("mixed_precision") == "bf16",
+              f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, mixed_precision {summary.get('mixed_precision')}, "
+              f"device {summary.get('device', '?')}")
+        ev = peft("eval", str(run), "--json")
+        if ev.returncode == 0:
+            result = json.loads(ev.stdout)
+            check(f"{label} eval", result["adapted"]["loss"] < result["base"]["loss"],
+                  f"loss base {result['base']['loss']:.3f} adapted {result['adapted']['loss']:.3f}")
+        else:
+            check(f"{label} eval", False, ev.stderr.strip()[-300:])
+        gen = peft("generate", str(run), "Sort the numbers.\n3, 1", "--max-new-tokens", "8")
+        nocache = peft("generate", str(run), "Sort the numbers.\n3, 1", "--max-new-tokens", "8", "--no-cache")
+        check(f"{label} generate", gen.returncode == 0 and gen.stdout == nocache.stdout,
+              f"rc {gen.returncode}, cache == no-cache: {gen.stdout == nocache.stdout} {gen.stdout.strip()[:40]!r}"
+              + (f" {gen.stderr.strip()[-200:]}" if gen.returncode else ""))
+        if label in ("lora", "qlora", "dora", "ia3"):
+            mg = peft("merge", str(run), "-o", str(out / f"{label}-merged"))
+            check(f"{label} merge", mg.returncode == 0, mg.stderr.strip()[-300:] if mg.returncode else "written")
+    qlora_against_hf_peft(model_dir, out / "qlora")
+    if FAILED:
+        raise SystemExit(f"{len(FAILED)} failed: {', '.join(FAILED)}")
+
+
+def qlora_against_hf_peft(model_dir: Path, run: Path) -> None:
+    """Our QLoRA adapter (trained on the GPU) on an NF4 base: our logits vs HF peft + bitsandbytes'."""
+    if not (run / "adapter").is_dir():
+        return
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from peftcli import artifacts
+
+    ours, _, _ = artifacts.load_adapted(run)
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    ids = torch.tensor([[1, 5, 9, 23, 40, 7, 2]], device=device)
+    with torch.no_grad():
+        a = ours(input_ids=ids).logits.float()
+        qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=qcfg, device_map={"": device},
+                                                    dtype=torch.float32)
+        for module in base.modules():  # the same numeric path as ours on a CPU (see models.load_model)
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+        b = PeftModel.from_pretrained(base, run / "adapter").eval()(input_ids=ids).logits.float()
+    diff = float((a - b).abs().max())
+    check("qlora vs HF peft (cuda)", diff < 1e-3, f"max |logits diff| {diff:.2e}")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2:])
