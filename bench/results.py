@@ -14,7 +14,8 @@ of ``docs/results.md``:
 
 Per method: trainable parameters, the metrics, training time and peak resident memory of the
 ``peft train`` process. Rows are kept in ``runs/results/<task>-<method>.json`` so ``--only``
-re-measures some. Usage: python bench/results.py [--only METHOD ...] [--tasks sst2 alpaca]
+re-measures some and ``--missing`` the rest. Usage:
+python bench/results.py [--only METHOD ... | --missing] [--tasks sst2 alpaca]
 """
 
 from __future__ import annotations
@@ -77,11 +78,27 @@ def prepare() -> dict[str, dict[str, str]]:
             "alpaca": {"train": str(out / "alpaca-train.jsonl"), "eval": str(out / "alpaca-heldout.jsonl")}}
 
 
-def measure(task: str, method: str, files: dict) -> dict:
-    """Train one method on one task and score it; returns its row."""
-    block, lr, quantization = METHODS[method]
+def eval_args(task: str) -> list[str]:
+    """``peft eval`` options for a task: label accuracy (likelihood and greedy answer) for SST-2,
+    loss and perplexity only (no greedy exact match) for Alpaca."""
+    labels = TASKS[task]["labels"]
+    return ["--no-exact-match"] + (["--labels", labels] if labels else [])
+
+
+def base_scores(task: str, files: dict) -> dict:
+    """The untrained base model's scores on a task, measured once (``runs/results/<task>-base.json``)."""
+    out = OUT / f"{task}-base.json"
+    if not out.exists():
+        recipe = write_recipe(f"{task}-base", task, METHODS["lora"], files)  # no adapter in its run dir: base only
+        print(f"[{task}-base] scoring the base model", flush=True)
+        run_measured([sys.executable, "-m", "peftcli.cli", "eval", str(recipe), "--json", *eval_args(task)], out)
+    return json.loads(out.read_text().strip().splitlines()[-1])["base"]
+
+
+def write_recipe(name: str, task: str, method: tuple, files: dict) -> Path:
+    """``runs/results/recipes/<name>.yaml`` for one method on one task."""
+    block, lr, quantization = method
     spec = TASKS[task]
-    name = f"{task}-{method}"
     recipe = {
         "model": {"name_or_path": "smollm2-135m", "quantization": quantization, "dtype": "float32"},
         "method": block,
@@ -94,47 +111,59 @@ def measure(task: str, method: str, files: dict) -> dict:
     path = OUT / "recipes" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def measure(task: str, method: str, files: dict) -> dict:
+    """Train one method on one task and score the adapter; returns its row."""
+    name = f"{task}-{method}"
+    path = write_recipe(name, task, METHODS[method], files)
     print(f"[{name}] training", flush=True)
     train = run_measured([sys.executable, "-m", "peftcli.cli", "train", str(path)], OUT / f"{name}.train.log")
     summary = json.loads((OUT / name / "summary.json").read_text())
-    args = ["--labels", spec["labels"]] if spec["labels"] else ["--no-exact-match"]
+    events = [json.loads(line) for line in (OUT / name / "metrics.jsonl").read_text().splitlines()]
     log = OUT / f"{name}.eval.json"
-    run_measured([sys.executable, "-m", "peftcli.cli", "eval", str(OUT / name), "--json", *args], log)
+    print(f"[{name}] scoring", flush=True)
+    run_measured([sys.executable, "-m", "peftcli.cli", "eval", str(OUT / name), "--json", "--no-base", *eval_args(task)], log)
     scores = json.loads(log.read_text().strip().splitlines()[-1])
     row = {"task": task, "method": method, "trainable_params": summary["trainable_params"],
-           "train_s": summary["wall_s"], "peak_rss_gib": train["peak_rss_gib"], "steps": summary["steps"],
-           "examples": summary["steps"] * summary["examples_per_step"], "base": scores["base"], "adapted": scores["adapted"]}
+           "train_s": [e for e in events if e.get("event") == "train"][-1]["elapsed_s"], "process_s": train["wall_s"],
+           "peak_rss_gib": train["peak_rss_gib"], "steps": summary["steps"],
+           "examples": summary["steps"] * summary["examples_per_step"],
+           "tokens_seen": summary["tokens_seen"], "adapted": scores["adapted"]}
     (OUT / f"{name}.json").write_text(json.dumps(row, indent=1))
     return row
 
 
-def tables(rows: list[dict]) -> str:
-    """docs/results.md's tables from the measured rows."""
+def tables(rows: list[dict], bases: dict) -> str:
+    """docs/results.md's tables from the measured rows and the base model's scores per task."""
     lines = []
     for task in TASKS:
         got = [r for r in rows if r["task"] == task]
         if not got:
             continue
-        base = got[0]["base"]
+        base = bases[task]
         if task == "sst2":
             c = base["classification"]
             lines += ["## SST-2 (872 validation rows)", "",
-                      "| method | trainable params | accuracy (label likelihood) | accuracy (greedy answer) | training time | peak RSS |",
-                      "|---|---:|---:|---:|---:|---:|",
-                      f"| base (zero-shot) | 0 | {c['label_accuracy']:.1%} | {c['generation_accuracy']:.1%} | — | — |"]
+                      "| method | trainable params | accuracy (label likelihood) | accuracy (greedy answer) | tokens seen | "
+                      "training time | peak RSS |",
+                      "|---|---:|---:|---:|---:|---:|---:|",
+                      f"| base (zero-shot) | 0 | {c['label_accuracy']:.1%} | {c['generation_accuracy']:.1%} | — | — | — |"]
             for r in got:
                 c = r["adapted"]["classification"]
                 lines.append(f"| {r['method']} | {r['trainable_params']:,} | {c['label_accuracy']:.1%} | "
-                             f"{c['generation_accuracy']:.1%} | {r['train_s']:.0f} s | {r['peak_rss_gib']:.2f} GiB |")
+                             f"{c['generation_accuracy']:.1%} | {r['tokens_seen']:,} | {r['train_s']:.0f} s | "
+                             f"{r['peak_rss_gib']:.2f} GiB |")
         else:
             lines += ["## Alpaca (first 300 held-out rows)", "",
-                      "| method | trainable params | held-out loss | perplexity | training time | peak RSS |",
-                      "|---|---:|---:|---:|---:|---:|",
-                      f"| base (zero-shot) | 0 | {base['loss']:.4f} | {base['perplexity']:.2f} | — | — |"]
+                      "| method | trainable params | held-out loss | perplexity | tokens seen | training time | peak RSS |",
+                      "|---|---:|---:|---:|---:|---:|---:|",
+                      f"| base (zero-shot) | 0 | {base['loss']:.4f} | {base['perplexity']:.2f} | — | — | — |"]
             for r in got:
                 a = r["adapted"]
                 lines.append(f"| {r['method']} | {r['trainable_params']:,} | {a['loss']:.4f} | {a['perplexity']:.2f} | "
-                             f"{r['train_s']:.0f} s | {r['peak_rss_gib']:.2f} GiB |")
+                             f"{r['tokens_seen']:,} | {r['train_s']:.0f} s | {r['peak_rss_gib']:.2f} GiB |")
         lines.append("")
     return "\n".join(lines)
 
@@ -143,22 +172,29 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", choices=list(METHODS), help="methods to (re)measure")
     ap.add_argument("--tasks", nargs="*", choices=list(TASKS), default=list(TASKS))
+    ap.add_argument("--missing", action="store_true", help="measure only the rows not measured yet")
+    ap.add_argument("--steps", type=int, help="optimizer steps for every task (a quick trial; the tables use the defaults)")
     args = ap.parse_args()
     if not (SHARED / "sst2" / "train.jsonl").is_file() or not (SHARED / "alpaca" / "train.jsonl").is_file():
         print(f"results: skipped: {SHARED}/sst2 and {SHARED}/alpaca are needed (set PEFTCLI_SHARED_DATA)")
         return
+    if args.steps:
+        for spec in TASKS.values():
+            spec["steps"] = args.steps
     files = prepare()
-    rows = []
+    rows, bases = [], {}
     for task in args.tasks:
+        bases[task] = base_scores(task, files[task])
         for method in METHODS:
             row_file = OUT / f"{task}-{method}.json"
-            if not args.only or method in args.only:
+            wanted = method in args.only if args.only else not (args.missing and row_file.exists())
+            if wanted:
                 measure(task, method, files[task])
             if row_file.exists():
                 rows.append(json.loads(row_file.read_text()))
-    text = tables(rows)
+    text = tables(rows, bases)
     print(text)
-    (ROOT / "bench" / "results-methods.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (ROOT / "bench" / "results-methods.json").write_text(json.dumps({"base": bases, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

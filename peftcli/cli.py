@@ -162,12 +162,13 @@ def eval_(
     labels: Optional[str] = typer.Option(None, "--labels", help="classification: comma-separated label answers, "
                                                                 "e.g. negative,positive (scored by likelihood and by greedy answer)"),
     no_exact_match: bool = typer.Option(False, "--no-exact-match", help="skip greedy generation (loss only; fast on long answers)"),
+    no_base: bool = typer.Option(False, "--no-base", help="score only the adapted model (e.g. when the base was scored once already)"),
 ):
     """Held-out loss, perplexity and exact match (and label accuracy with --labels): base vs adapted."""
     from peftcli.evaluate import evaluate
 
     label_list = [x.strip() for x in labels.split(",") if x.strip()] if labels else None
-    result = evaluate(target, data, fmt, max_samples, label_list, generate_answers=not no_exact_match)
+    result = evaluate(target, data, fmt, max_samples, label_list, generate_answers=not no_exact_match, score_base=not no_base)
     if as_json:
         print(json.dumps(result))
         return

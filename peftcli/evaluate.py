@@ -170,7 +170,7 @@ def _eval_data(recipe_dict: dict | None, data_path: str | None, fmt: str | None,
 
 
 def evaluate(target: str, data_path: str | None = None, fmt: str | None = None, max_samples: int | None = None,
-             labels: list[str] | None = None, generate_answers: bool = True) -> dict:
+             labels: list[str] | None = None, generate_answers: bool = True, score_base: bool = True) -> dict:
     """Score the base model and the adapted one on held-out data.
 
     ``target`` is a run dir, an adapter dir, or a recipe (whose ``output.dir`` holds the run;
@@ -178,7 +178,8 @@ def evaluate(target: str, data_path: str | None = None, fmt: str | None = None, 
 
     With ``labels`` (e.g. ["negative", "positive"]) each model is also scored as a classifier
     (:func:`classify`: label likelihood and greedy answer), under ``"classification"``.
-    ``generate_answers=False`` skips the greedy exact match (loss only: fast on long answers).
+    ``generate_answers=False`` skips the greedy exact match (loss only: fast on long answers);
+    ``score_base=False`` scores only the adapted model (``"base"`` is None).
 
     Returns {"base": metrics, "adapted": metrics or None, "data": str, "rows": n}.
     Raises:
@@ -203,16 +204,19 @@ def evaluate(target: str, data_path: str | None = None, fmt: str | None = None, 
         model_cfg = info["model"]
     else:
         model_cfg = recipe_dict["model"]
-    base, tok, _ = models.load_base(**model_cfg)
-    tokenizer = tok if adapted is None else tokenizer
+    score_base = score_base or adapted is None
+    if score_base:
+        base, tok, _ = models.load_base(**model_cfg)
+        tokenizer = tok if adapted is None else tokenizer
     examples, rows, eval_fmt = _eval_data(recipe_dict, data_path, fmt, tokenizer, max_samples)
     if not rows:
         raise UserError("eval data is empty")
     max_len = (recipe_dict or {}).get("data", {}).get("max_seq_len", 512)
-    result = {"data": data_path or "recipe eval set", "rows": len(rows), "format": eval_fmt,
-              "base": score(base, tokenizer, examples, rows, eval_fmt, labels=labels, max_seq_len=max_len,
-                            generate_answers=generate_answers)}
-    del base
+    result = {"data": data_path or "recipe eval set", "rows": len(rows), "format": eval_fmt, "base": None}
+    if score_base:
+        result["base"] = score(base, tokenizer, examples, rows, eval_fmt, labels=labels, max_seq_len=max_len,
+                               generate_answers=generate_answers)
+        del base
     result["adapted"] = score(adapted, tokenizer, examples, rows, eval_fmt, labels=labels, max_seq_len=max_len,
                                 generate_answers=generate_answers) if adapted is not None else None
     if info is not None:

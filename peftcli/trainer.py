@@ -500,7 +500,7 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
     collate = make_collate(padding_free, tok.pad_token_id, recipe.data.pad_to_multiple_of)
     console.print(f"micro-batches: {'padding-free rows (no padding computed)' if padding_free else 'right-padded rows'}")
     t0 = time.perf_counter()
-    window_tokens, window_t0, last_logged = 0, time.perf_counter(), None
+    window_tokens, window_t0, last_logged, tokens_seen = 0, time.perf_counter(), None, 0
     step_losses: list[float] = []
     progress = _progress(console, steps, start)
     with progress, StopSignals() as stop:
@@ -509,7 +509,9 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
             drawn = [stream.next() for _ in range(world * t.grad_accum)]  # every process draws the same
             micro = [collate([ds.train[i] for i in idx]) for idx in drawn[rank::world]]
             loss, _ = accumulate_gradients(loss_fn, micro, device, accelerator.autocast, accelerator.backward, accelerator)
-            window_tokens += sum(len(ds.train[i]["input_ids"]) for idx in drawn for i in idx)  # real tokens, all processes
+            step_tokens = sum(len(ds.train[i]["input_ids"]) for idx in drawn for i in idx)  # real tokens, all processes
+            window_tokens += step_tokens
+            tokens_seen += step_tokens
             if not math.isfinite(loss):
                 raise UserError(f"train: loss is {loss} at step {step}; lower train.lr or check the data (last checkpoint kept)")
             if t.max_grad_norm:
@@ -553,7 +555,7 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
                "trainable_pct_of_base": 100 * trainable / base_params,
                "train_examples": len(ds.train), "dropped_rows": s.dropped_empty_answer + s.dropped_truncated,
                "mixed_precision": mixed, "padding_free": padding_free, "device": str(device),
-               "wall_s": time.perf_counter() - t0}
+               "tokens_seen": tokens_seen, "wall_s": time.perf_counter() - t0}
     if main:
         if eval_examples:
             ev = eval_loss(model, eval_examples, collate, t.micro_batch_size, accelerator.autocast)

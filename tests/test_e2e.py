@@ -51,6 +51,8 @@ def test_eval_json_base_vs_adapted(smoke_run):
         assert m["loss"] > 0 and m["perplexity"] == pytest.approx(2.718281828 ** m["loss"], rel=1e-6)
         assert 0.0 <= m["exact_match"] <= 1.0 and m["n_references"] == 5
     assert result["adapted"]["loss"] != result["base"]["loss"]
+    alone = json.loads(peft("eval", str(run), "--max-samples", "5", "--json", "--no-base", "--no-exact-match").stdout)
+    assert alone["base"] is None and alone["adapted"]["loss"] == result["adapted"]["loss"]
 
 
 def test_merge_matches_adapted_model(smoke_run, tmp_path):
