@@ -56,18 +56,22 @@ def _quiet_libraries() -> None:
 
 
 def user_errors(fn):
-    """Turn a UserError into one line on stderr and exit 2."""
+    """Turn a UserError into one line on stderr and exit 2 (an Interrupted into its message and
+    128 + signal). Under several processes only the first prints: they all stop the same way."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         _quiet_libraries()
+        say = os.environ.get("RANK", "0") == "0"
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+            if say:
+                print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
             raise typer.Exit(2) from None
         except Interrupted as e:
-            print(str(e), file=sys.stderr)
+            if say:
+                print(str(e), file=sys.stderr)
             raise typer.Exit(128 + e.signum) from None
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
@@ -129,9 +133,19 @@ def _check_devices(n: int) -> None:
 
 
 def _launch(n: int) -> int:
-    """Re-run this ``peft train`` command as ``n`` processes under torchrun (one machine; gloo on
-    CPU, NCCL on GPUs, chosen by accelerate); returns the launcher's exit status."""
-    import subprocess
+    """Re-run this ``peft train`` command as ``n`` processes with torch's elastic launcher (what
+    ``torchrun --standalone`` runs; gloo on CPU, NCCL on GPUs, chosen by accelerate).
+
+    The launcher holds SIGINT/SIGTERM/SIGHUP here and passes the signal on to the workers, which
+    checkpoint and stop; the first worker prints the one message. Returns the exit status:
+    2 if a worker stopped on a user error, 128 + signal if stopped by one, else the workers'.
+    """
+    import logging
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     args, skip = [], False
     for a in sys.argv[1:]:
@@ -141,8 +155,23 @@ def _launch(n: int) -> int:
             skip = True
         elif not a.startswith("--num-processes="):
             args.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "peftcli.cli", *args]
-    return subprocess.run(cmd).returncode
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed")]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # the workers say what happened
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))  # no oversubscribed cores
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
+                          rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5,
+                          shutdown_timeout=600)  # time for the workers to finish the step and checkpoint
+    try:
+        elastic_launch(config, sys.executable)("-m", "peftcli.cli", *args)
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        codes = [f.exitcode for f in e.failures.values()]
+        for code in (2, 130, 143, 129):
+            if code in codes:
+                return code
+        return next((c for c in codes if c > 0), 1)
+    return 0
 
 
 def _fmt(v, pct=False):
@@ -321,7 +350,11 @@ def init(name: str = typer.Argument(..., help="bundled recipe name (see `peft re
         dest = dest / src.name
     if dest.exists():
         raise UserError(f"{dest}: already exists")
-    shutil.copyfile(src, dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+    except OSError as e:
+        raise UserError(f"{dest}: cannot write ({e.strerror})") from None
     out.print(f"wrote {dest}")
 
 

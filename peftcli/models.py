@@ -124,6 +124,16 @@ def hub_offline(hub_id: str) -> bool:
     return False
 
 
+def _refuse_missing_dir(path: str) -> None:
+    """A path-like name (``./x``, ``/x``, ``~/x``) that does not exist is a missing dir, not a hub id.
+
+    Raises:
+        UserError: naming the path.
+    """
+    if not Path(path).expanduser().exists() and path.startswith((".", "/", "~")):
+        raise UserError(f"model.name_or_path: {path}: no such dir (aliases: {', '.join(ALIASES)})")
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     """The tokenizer, with a pad token guaranteed: a tokenizer without one pads with its EOS
     (else UNK, else id 0) — never a new token, so every id stays below the embedding's row
@@ -135,6 +145,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     """
     from transformers import AutoTokenizer
 
+    _refuse_missing_dir(path)
     try:
         local_only = not Path(path).expanduser().exists() and hub_offline(path)
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=local_only)
@@ -168,8 +179,7 @@ def load_model(path: str, quantization: str = "none", dtype: str = "float32", do
     local = Path(path).expanduser()
     if local.exists() and not (local / "config.json").is_file():
         raise UserError(f"model.name_or_path: {path} is not a transformers model dir (no config.json)")
-    if not local.exists() and path.startswith((".", "/", "~")):
-        raise UserError(f"model.name_or_path: {path}: no such dir (aliases: {', '.join(ALIASES)})")
+    _refuse_missing_dir(path)
     if not local.exists():
         kwargs["local_files_only"] = hub_offline(path)
     try:

@@ -9,10 +9,12 @@ mixed-precision autocast and (under ``accelerate launch``) data parallelism.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import threading
@@ -322,9 +324,10 @@ def plot_loss(events: list[dict], path: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, recipe, base_path, fp, optimizer, scheduler, stream: MicroBatches,
-                    accelerator=None) -> Path:
+                    accelerator=None, progress: dict | None = None) -> Path:
     """``checkpoints/step-N/``: adapter, optimizer, scheduler, RNG state (of every process),
-    data position — written by the first process through :func:`peftcli.artifacts.atomic_dir`,
+    data position and ``progress`` (the loop's counters: losses not logged yet, tokens seen,
+    elapsed seconds) — written by the first process through :func:`peftcli.artifacts.atomic_dir`,
     so a checkpoint on disk is never partial; the others wait for it."""
     final = run_dir / "checkpoints" / f"step-{step}"
     rng = [torch.get_rng_state()]  # dropout draws from torch's RNG only
@@ -338,20 +341,40 @@ def save_checkpoint(run_dir: Path, step: int, model, recipe, base_path, fp, opti
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save({"torch": rng}, tmp / "rng.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": step, "data": stream.position}))
+            (tmp / "state.json").write_text(json.dumps({"step": step, "data": stream.position, "progress": progress or {}}))
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return final
 
 
-def checkpoints(run_dir: Path) -> list[Path]:
-    """The complete ``checkpoints/step-N`` dirs, oldest first."""
+def checkpoints(run_dir: Path, complete: bool = True) -> list[Path]:
+    """The complete ``checkpoints/step-N`` dirs, oldest first; with ``complete=False`` also the
+    partial ones (a temporary ``.step-N.tmp-*`` or ``.step-N.old-*`` left by a kill) — only
+    names peft writes, never other files a user keeps in ``checkpoints/``."""
     found = []
-    for p in (run_dir / "checkpoints").glob("step-*"):
-        step = p.name.removeprefix("step-")
-        if step.isdigit() and (p / "state.json").is_file():
-            found.append((int(step), p))
+    for p in (run_dir / "checkpoints").glob("*step-*"):
+        name = p.name.removeprefix("step-")
+        if name.isdigit() and (p / "state.json").is_file():
+            found.append((int(name), p))
+        elif not complete and (name.isdigit() or re.fullmatch(r"\.step-\d+\.(tmp|old)-.+", p.name)):
+            found.append((-1, p))
     return [p for _, p in sorted(found)]
+
+
+RUN_FILES = ("recipe.yaml", "metrics.jsonl", "summary.json", "loss.png", "adapter", "checkpoints", "tensorboard")
+
+
+def refuse_links(run_dir: Path) -> None:
+    """peft writes only inside the run dir: a symbolic link in place of one of its files or dirs
+    (which would send the write elsewhere) is refused. The run dir itself may be a link.
+
+    Raises:
+        UserError: names the link.
+    """
+    for name in RUN_FILES:
+        if (run_dir / name).is_symlink():
+            raise UserError(f"output.dir: {run_dir / name} is a symbolic link; peft writes only inside the run dir, "
+                            "not through links (remove it)")
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -437,10 +460,15 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
     if resume and checkpoint is None:  # killed before its first checkpoint: there is nothing to keep
         console.print(f"note: {run_dir} has no checkpoint yet (train.save_every writes them); starting from step 0")
         resume = False
-    if main and not resume and ((run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()):
+    if main:
+        refuse_links(run_dir)
+    if main and not resume and ((run_dir / "metrics.jsonl").exists() or checkpoints(run_dir, complete=False)):
         # a fresh run replaces an earlier one in the same dir, so --resume never mixes two runs
         console.print(f"note: {run_dir} held an earlier run; its metrics and checkpoints are replaced")
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        for old in checkpoints(run_dir, complete=False):
+            shutil.rmtree(old, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (run_dir / "checkpoints").rmdir()  # only when nothing else is in it
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(dump(recipe), encoding="utf-8")
@@ -458,6 +486,11 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
     model = models.load_model(base_path, m.quantization, m.dtype, m.double_quant, m.trust_remote_code)
     tok = models.fit_tokenizer(tok, model)
     fp = models.fingerprint(model)
+    if checkpoint is not None:
+        recorded = artifacts.read_adapter_config(checkpoint / "adapter").get("peftcli", {}).get("base_fingerprint")
+        if recorded and recorded != fp:
+            raise UserError(f"--resume: {checkpoint} was trained on a different base model "
+                            f"(fingerprint {recorded}, this base has {fp})")
     method = methods.get(recipe.method.name)
     targets = method.apply(model, recipe.method)
     trainable, total = parameter_counts(model)
@@ -484,10 +517,10 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
     steps = total_steps(recipe, len(ds.train))
     scheduler = make_scheduler(optimizer, recipe, steps)
     loss_fn, optimizer = accelerator.prepare(SupervisedLoss(model), optimizer)
-    start, position = 0, {"epoch": 0, "index": 0}
+    start, position, done = 0, {"epoch": 0, "index": 0}, {}
     if checkpoint is not None:
-        start, position = _restore(checkpoint, model, method, optimizer, scheduler, rank)
-        console.print(f"resumed from {checkpoint} (step {start})")
+        start, position, done = _restore(checkpoint, model, method, optimizer, scheduler, rank)
+        console.print(f"resumed from {checkpoint} (step {start})" + (" — the run was complete" if start >= steps else ""))
     stream = MicroBatches(ds.train, t.micro_batch_size, t.seed, **position)
 
     # 4. loop
@@ -499,9 +532,9 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
         padding_free = False
     collate = make_collate(padding_free, tok.pad_token_id, recipe.data.pad_to_multiple_of)
     console.print(f"micro-batches: {'padding-free rows (no padding computed)' if padding_free else 'right-padded rows'}")
-    t0 = time.perf_counter()
-    window_tokens, window_t0, last_logged, tokens_seen = 0, time.perf_counter(), None, 0
-    step_losses: list[float] = []
+    t0 = time.perf_counter() - done.get("elapsed_s", 0.0)  # elapsed time and counters carry over a resume
+    window_tokens, window_t0, last_logged, tokens_seen = 0, time.perf_counter(), done.get("last_logged"), done.get("tokens_seen", 0)
+    step_losses: list[float] = list(done.get("pending_losses", []))
     progress = _progress(console, steps, start)
     with progress, StopSignals() as stop:
         task = progress.add_task("train", total=steps, completed=start, loss=float("nan"), lr=0.0, tps=0.0)
@@ -513,6 +546,8 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
             window_tokens += step_tokens
             tokens_seen += step_tokens
             if not math.isfinite(loss):
+                if main:
+                    plot_loss(log.events, run_dir / "loss.png")
                 raise UserError(f"train: loss is {loss} at step {step}; lower train.lr or check the data (last checkpoint kept)")
             if t.max_grad_norm:
                 accelerator.clip_grad_norm_(params, t.max_grad_norm)
@@ -538,14 +573,21 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
                 log.write({"event": "eval", "step": step, **ev})
                 progress.console.print(f"step {step}: eval loss {ev['eval_loss']:.4f}  ppl {ev['eval_ppl']:.2f}")
             stopping = _any_process(accelerator, stop.signum is not None)
-            if stopping or (t.save_every and step % t.save_every == 0 and step != steps):
-                saved = save_checkpoint(run_dir, step, model, recipe, base_path, fp, optimizer, scheduler, stream, accelerator)
+            if stopping or (t.save_every and (step % t.save_every == 0 or step == steps)):
+                # the last step too, so --resume on a finished run has nothing to redo
+                counters = {"pending_losses": step_losses, "last_logged": last_logged, "tokens_seen": tokens_seen,
+                            "elapsed_s": time.perf_counter() - t0}
+                saved = save_checkpoint(run_dir, step, model, recipe, base_path, fp, optimizer, scheduler, stream,
+                                        accelerator, counters)
                 if main:
                     prune_checkpoints(run_dir, t.keep_checkpoints)
                 if stopping:
+                    if main:
+                        plot_loss(log.events, run_dir / "loss.png")
                     name = signal.Signals(stop.signum or signal.SIGTERM).name
+                    procs = f" --num-processes {world}" if world > 1 else ""
                     raise Interrupted(f"{name}: stopped after step {step}/{steps}; checkpoint {saved}. "
-                                      f"Resume with: peft train {run_dir / 'recipe.yaml'} --resume", stop.signum or signal.SIGTERM)
+                                      f"Resume with: peft train {run_dir / 'recipe.yaml'} --resume{procs}", stop.signum or signal.SIGTERM)
             progress.update(task, completed=step)
 
     # 5. final eval + artifacts (first process)
@@ -558,8 +600,12 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
                "tokens_seen": tokens_seen, "wall_s": time.perf_counter() - t0}
     if main:
         if eval_examples:
-            ev = eval_loss(model, eval_examples, collate, t.micro_batch_size, accelerator.autocast)
-            log.write({"event": "eval", "step": steps, **ev})
+            final = [e for e in log.events if e.get("event") == "eval" and e.get("step") == steps]  # a finished run resumed
+            if final:
+                ev = {k: v for k, v in final[-1].items() if k not in ("event", "step")}
+            else:
+                ev = eval_loss(model, eval_examples, collate, t.micro_batch_size, accelerator.autocast)
+                log.write({"event": "eval", "step": steps, **ev})
             summary.update(ev)
             console.print(f"final eval loss {ev['eval_loss']:.4f}  ppl {ev['eval_ppl']:.2f}")
         summary["adapter_dir"] = str(artifacts.save_adapter(run_dir / "adapter", model, recipe, base_path, fp))
@@ -580,9 +626,10 @@ def _any_process(accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(torch.tensor(int(flag), device=accelerator.device), "sum") > 0)
 
 
-def _restore(checkpoint: Path, model, method, optimizer, scheduler, rank: int = 0) -> tuple[int, dict]:
+def _restore(checkpoint: Path, model, method, optimizer, scheduler, rank: int = 0) -> tuple[int, dict, dict]:
     """Load adapter, optimizer, scheduler and this process's RNG state from a checkpoint;
-    returns its step and data position ({"epoch", "index"})."""
+    returns its step, data position ({"epoch", "index"}) and the loop's counters
+    (:func:`save_checkpoint`'s ``progress``; empty for checkpoints written before it existed)."""
     from safetensors.torch import load_file
 
     method.load_state_dict(model, load_file(checkpoint / "adapter" / "adapter_model.safetensors"))
@@ -592,7 +639,7 @@ def _restore(checkpoint: Path, model, method, optimizer, scheduler, rank: int = 
     states = rng if isinstance(rng, list) else [rng]
     torch.set_rng_state(states[rank] if rank < len(states) else states[0])
     state = json.loads((checkpoint / "state.json").read_text())
-    return int(state["step"]), state["data"]
+    return int(state["step"]), state["data"], state.get("progress", {})
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

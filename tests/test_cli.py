@@ -94,6 +94,11 @@ def test_methods_recipes_init(tmp_path):
     assert p.returncode == 0 and (tmp_path / "mine.yaml").read_text() == (ROOT / "recipes" / "qlora-llama.yaml").read_text()
     p = run("init", "nope", str(tmp_path / "x.yaml"))
     assert p.returncode == 2 and "nope" in p.stderr
+    p = run("init", "lora-llama", str(tmp_path / "new" / "dir" / "mine.yaml"))  # parents are made
+    assert p.returncode == 0 and (tmp_path / "new" / "dir" / "mine.yaml").is_file()
+    (tmp_path / "file").write_text("")
+    p = run("init", "lora-llama", str(tmp_path / "file" / "mine.yaml"))  # a parent that is a file
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "cannot write" in p.stderr
 
 
 def test_hub_id_without_hub_access_exits_2(tmp_path, data_file):
@@ -103,6 +108,13 @@ def test_hub_id_without_hub_access_exits_2(tmp_path, data_file):
     assert p.returncode == 2 and "Traceback" not in p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "model.name_or_path: 'someorg/some-model'" in lines[0]
+
+
+def test_missing_local_model_dir_is_named(tmp_path, data_file):
+    recipe = write(tmp_path, GOOD.format(model=tmp_path / "nomodel", data=data_file, out=tmp_path / "run"))
+    p = run("train", recipe)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        f"error: model.name_or_path: {tmp_path / 'nomodel'}: no such dir (aliases: smollm2-135m)"]
 
 
 def test_data_errors_are_reported_before_the_model_loads(tmp_path, tiny_dir):

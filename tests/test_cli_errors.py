@@ -52,6 +52,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_p
     step = int(str(err.value).split("at step ")[1].split(";")[0])
     assert step >= 2  # step 1 is finite (it starts from the base), so a checkpoint was written before
     assert latest_checkpoint(tmp_path / "run").name == f"step-{step - 1}"
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000  # the curve up to the divergence
 
 
 def test_generate_with_an_hf_saved_adapter_sends_the_prompt_as_is(tiny_dir, tmp_path):

@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -51,7 +53,7 @@ def test_two_processes_equal_one_process_with_double_accumulation(tmp_path, tiny
     assert loss("two") == pytest.approx(loss("one"), abs=1e-5)
     summary = json.loads((tmp_path / "two/summary.json").read_text())
     assert summary["processes"] == 2 and summary["examples_per_step"] == 4
-    assert sorted(p.name for p in (tmp_path / "two/checkpoints").iterdir()) == ["step-2"]
+    assert sorted(p.name for p in (tmp_path / "two/checkpoints").iterdir()) == ["step-2", "step-4"]
     assert len(torch.load(tmp_path / "two/checkpoints/step-2/rng.pt", weights_only=True)["torch"]) == 2  # one per process
 
 
@@ -67,3 +69,35 @@ def test_more_processes_than_gpus_is_a_user_error(monkeypatch):
     cli._check_devices(1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cli._check_devices(4)  # CPU processes (gloo): any number
+
+
+def test_a_data_error_in_the_workers_is_one_line_exit_2(tmp_path, tiny_dir):
+    recipe = _recipe(tmp_path, tiny_dir)
+    (tmp_path / "train.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    done = subprocess.run([sys.executable, "-m", "peftcli.cli", "train", recipe, "--num-processes", "2"],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "train.jsonl:2" in lines[0], done.stderr
+
+
+def test_sigterm_to_the_parent_checkpoints_every_process_and_says_how_to_resume(tmp_path, tiny_dir):
+    recipe = _recipe(tmp_path, tiny_dir)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "peftcli.cli", "train", recipe, "--num-processes", "2", "--output-dir", str(run),
+                             "--set", "train.max_steps=100000", "--set", "train.save_every=0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not ((run / "metrics.jsonl").exists() and '"event": "train"' in (run / "metrics.jsonl").read_text()):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "no step"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # to the parent only, as a CI timeout does
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    last = [line for line in stderr.splitlines() if "stopped after step" in line]
+    assert len(last) == 1 and "Traceback" not in stderr and "death signal" not in stderr, stderr
+    assert last[0].startswith("SIGTERM: stopped after step") and last[0].endswith("--resume --num-processes 2")
+    saved = list((run / "checkpoints").glob("step-*"))
+    assert len(saved) == 1 and len(torch.load(saved[0] / "rng.pt", weights_only=True)["torch"]) == 2
