@@ -155,8 +155,8 @@ def _launch(n: int) -> int:
             skip = True
         elif not a.startswith("--num-processes="):
             args.append(a)
-    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed")]:
-        logging.getLogger(name).setLevel(logging.CRITICAL)  # the workers say what happened
+    for logger_name in [k for k in logging.root.manager.loggerDict if k.startswith("torch.distributed")]:
+        logging.getLogger(logger_name).setLevel(logging.CRITICAL)  # the workers say what happened
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))  # no oversubscribed cores
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
                           rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5,
