@@ -100,7 +100,7 @@ def qlora_against_hf_peft(model_dir: Path, run: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from peftcli import artifacts
+    from peftcli import artifacts, models
 
     ours, _, _ = artifacts.load_adapted(run)
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
@@ -111,9 +111,7 @@ def qlora_against_hf_peft(model_dir: Path, run: Path) -> None:
                                   bnb_4bit_compute_dtype=torch.float32)
         base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=qcfg, device_map={"": device},
                                                     dtype=torch.float32)
-        for module in base.modules():  # the same numeric path as ours on a CPU (see models.load_model)
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
+        models.keep_one_4bit_path(base)  # the same numeric path as ours on a CPU
         b = PeftModel.from_pretrained(base, run / "adapter").eval()(input_ids=ids).logits.float()
     diff = float((a - b).abs().max())
     check("qlora vs HF peft (cuda)", diff < 1e-3, f"max |logits diff| {diff:.2e}")

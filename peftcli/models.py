@@ -187,12 +187,17 @@ def load_model(path: str, quantization: str = "none", dtype: str = "float32", do
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"model.name_or_path: cannot load {path!r} ({first}); no hub access here? use a local dir") from None
+    keep_one_4bit_path(model)
+    return model.eval()
+
+
+def keep_one_4bit_path(model: nn.Module) -> None:
+    """bitsandbytes repacks 4-bit weights for a bfloat16 CPU kernel at the first no-grad eval
+    forward; switch that off so training, eval and merge share one numeric path (dequantise +
+    float matmul). No effect on other layers or on CUDA."""
     for module in model.modules():
-        # bitsandbytes repacks 4-bit weights for a bfloat16 CPU kernel at the first no-grad eval
-        # forward; keep one numeric path (dequantise + float matmul) for training, eval and merge.
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-    return model.eval()
 
 
 def load_base(name_or_path: str, quantization: str = "none", dtype: str = "float32", double_quant: bool = True,
