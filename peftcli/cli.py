@@ -270,7 +270,7 @@ def validate(
     """Resolve a recipe; list matched modules, trainable parameters and a peak-memory estimate."""
     from peftcli import data, memory, methods, models
     from peftcli import recipe as recipes
-    from peftcli.trainer import keeps_examples_apart, parameter_counts, resolve_mixed_precision
+    from peftcli.trainer import parameter_counts, prepare_padding_free, resolve_mixed_precision
 
     r = recipes.load_recipe(recipe, set_)
     out.print(recipes.dump(r), highlight=False, markup=False)
@@ -285,7 +285,7 @@ def validate(
     out.print(f"base: {path}")
     out.print(f"matched {len(targets)} modules: {', '.join(targets[:6])}{' ...' if len(targets) > 6 else ''}")
     out.print(f"trainable parameters: {trainable:,} = {100 * trainable / (total - trainable):.3f}% of the base's {total - trainable:,}")
-    padding_free = r.data.padding_free and method.PADDING_FREE and keeps_examples_apart(model)
+    padding_free = r.data.padding_free and method.PADDING_FREE and prepare_padding_free(model)
     batch = memory.largest_micro_batch(ds.train, r.train.micro_batch_size, padding_free, tok.pad_token_id,
                                        r.data.pad_to_multiple_of)
     if r.train.gradient_checkpointing:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftcli import artifacts, data, methods, models
+from peftcli import artifacts, data, methods, models, varlen
 from peftcli.data import IGNORE_INDEX
 from peftcli.errors import Interrupted, UserError
 from peftcli.recipe import Recipe, dump
@@ -54,7 +54,8 @@ def supervised_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tup
     # use_cache=False: no KV cache to build, and transformers detects padding-free rows (restarting
     # position_ids, no attention_mask) only when there is no cache
     hidden = body(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                  position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state  # (B, T, H)
+                  position_ids=batch.get("position_ids"), use_cache=False,
+                  **_per_example_attention(model, batch)).last_hidden_state  # (B, T, H)
     targets = batch["labels"][:, 1:]  # (B, T-1)
     mask = targets != IGNORE_INDEX
     n = int(mask.sum())
@@ -63,6 +64,17 @@ def supervised_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tup
     h = hidden[:, :-1][mask]  # (n, H)
     logits = model.get_output_embeddings()(h)  # (n, V)
     return F.cross_entropy(logits.float(), targets[mask], reduction="sum"), n
+
+
+def _per_example_attention(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict:
+    """``{"example_bounds": [...]}`` for a padding-free row when the model uses
+    :mod:`peftcli.varlen` attention (see :func:`prepare_padding_free`), else {}."""
+    if batch.get("attention_mask") is not None or batch.get("position_ids") is None:
+        return {}
+    if getattr(model.config, "_attn_implementation", None) != varlen.NAME:
+        return {}
+    bounds = varlen.example_bounds(batch["position_ids"])
+    return {"example_bounds": bounds} if bounds else {}
 
 
 def count_supervised(batch: dict[str, torch.Tensor]) -> int:
@@ -132,11 +144,22 @@ def keeps_examples_apart(model: nn.Module) -> bool:
     model.eval()
     device = _device(model)
     first, second = torch.tensor([[5, 6, 7]], device=device), torch.tensor([[8, 9, 10]], device=device)
-    packed = body(input_ids=torch.cat([first, second], 1), position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]], device=device),
-                  use_cache=False).last_hidden_state[:, 3:]
-    alone = body(input_ids=second, use_cache=False).last_hidden_state
+    row = {"input_ids": torch.cat([first, second], 1), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2]], device=device)}
+    packed = body(**row, use_cache=False, **_per_example_attention(model, row)).last_hidden_state[:, 3:]
+    alone = {"input_ids": second, "position_ids": torch.tensor([[0, 1, 2]], device=device)}
+    alone = body(**alone, use_cache=False, **_per_example_attention(model, alone)).last_hidden_state
     model.train(was_training)
     return bool(torch.allclose(packed.float(), alone.float(), atol=1e-3, rtol=1e-3))
+
+
+def prepare_padding_free(model: nn.Module) -> bool:
+    """Ready a model for padding-free rows; returns whether it can take them.
+
+    A model on transformers' ``sdpa`` attention is switched to per-example attention
+    (:mod:`peftcli.varlen`: one causal attention call per example instead of a block-diagonal mask
+    over the row); then :func:`keeps_examples_apart` checks that the model really does."""
+    varlen.use_varlen_attention(model)
+    return keeps_examples_apart(model)
 
 
 def make_collate(padding_free: bool, pad_id: int, multiple_of: int = 1):
@@ -527,7 +550,7 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
     model.train()
     device = accelerator.device
     padding_free = recipe.data.padding_free and method.PADDING_FREE
-    if padding_free and not keeps_examples_apart(model):
+    if padding_free and not prepare_padding_free(model):
         console.print("note: this model class attends across examples in a padding-free row; using padded rows")
         padding_free = False
     collate = make_collate(padding_free, tok.pad_token_id, recipe.data.pad_to_multiple_of)

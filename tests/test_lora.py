@@ -361,3 +361,82 @@ def test_a_misspelt_target_name_is_an_error_not_ignored():
     near_miss = r"method.target_modules: 'v_porj' matched no module \(did you mean 'v_proj'\? Linear names here: .*v_proj"
     with pytest.raises(UserError, match=near_miss):
         lora.apply(tiny_llama(), lora.Config(target_modules=["q_proj", "v_porj"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# the training branch (LoRABranch): hand-written backward, dropout mask drawn again from its seed
+
+
+def plain_branch(x, A, B, scaling, keep, scale):
+    """The LoRA update by autograd on the formula, with a given keep mask (None: no dropout)."""
+    xd = x if keep is None else torch.where(keep, x * scale, 0)
+    return scaling * (xd @ A.T) @ B.T
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_training_branch_matches_autograd_on_the_formula(p):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 12, generator=g, dtype=torch.float64)
+    x[0, 0, :3] = 0.0  # zeros in x that are kept must still pass gradient
+    A = torch.randn(4, 12, generator=g, dtype=torch.float64)
+    B = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    grad_out = torch.randn(2, 5, 7, generator=g, dtype=torch.float64)
+    seed = 1234
+    keep = lora.keep_mask(x.shape, p, seed, x.device) if p else None
+    scale = 1 / (1 - round(p * 65536) / 65536)
+    ours = [t.clone().requires_grad_() for t in (x, A, B)]
+    ref = [t.clone().requires_grad_() for t in (x, A, B)]
+    y = lora.LoRABranch.apply(*ours, 2.0, p, seed, torch.float64)
+    y_ref = plain_branch(*ref, 2.0, keep, scale)
+    assert torch.allclose(y, y_ref, atol=1e-12)
+    y.backward(grad_out)
+    y_ref.backward(grad_out)
+    for a, b in zip(ours, ref):
+        assert torch.allclose(a.grad, b.grad, atol=1e-12)
+    if p:
+        no_dropout = 2.0 * grad_out @ B @ A  # d/dx without the mask
+        dropped = ~keep
+        assert dropped.any() and torch.all(ours[0].grad[dropped] == 0)
+        assert torch.allclose(ours[0].grad[keep], no_dropout[keep] * scale)
+        assert abs(scale - 1 / 0.7) < 1e-4
+
+
+def test_keep_mask_rate_and_repeatability():
+    shape = torch.Size([400, 1000])
+    m = lora.keep_mask(shape, 0.05, 7, torch.device("cpu"))
+    assert m.shape == shape and m.dtype == torch.bool
+    assert torch.equal(m, lora.keep_mask(shape, 0.05, 7, torch.device("cpu")))  # same seed, same mask
+    assert not torch.equal(m, lora.keep_mask(shape, 0.05, 8, torch.device("cpu")))
+    dropped = 1 - m.float().mean().item()
+    assert abs(dropped - 0.05) < 5 * math.sqrt(0.05 * 0.95 / shape.numel())  # 5 sigma of 400k draws
+    assert lora.keep_mask(torch.Size([3]), 0.5, 0, torch.device("cpu")).shape == (3,)  # n not a multiple of 4
+
+
+def test_train_mode_layer_equals_eval_formula_without_dropout_and_checkpointing_redraws_the_mask():
+    """A train-mode layer (the branch) gives the eval-mode output and gradients when p = 0; with p > 0,
+    activation checkpointing's recompute draws the same mask (the seed comes from the global RNG, which
+    checkpointing restores), so gradients equal those of the un-checkpointed step."""
+    from torch.utils.checkpoint import checkpoint
+
+    base = torch.nn.Linear(12, 7)
+    layer = lora.LoRALinear(base, r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(3, 12)
+    y_eval = layer.eval()(x)
+    y_train = layer.train()(x)
+    assert torch.allclose(y_train, y_eval, atol=1e-6)
+
+    layer = lora.LoRALinear(torch.nn.Linear(12, 7), r=4, alpha=8, dropout=0.2).train()
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    grads = []
+    for use_checkpoint in (False, True):
+        layer.zero_grad()
+        torch.manual_seed(3)
+        xi = x.clone().requires_grad_()
+        y = checkpoint(layer, xi, use_reentrant=False) if use_checkpoint else layer(xi)
+        y.square().sum().backward()
+        grads.append((xi.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

@@ -7,10 +7,10 @@ import pytest
 import torch
 from tiny import tiny_llama, tiny_run_recipe, tiny_tokenizer
 
-from peftcli import data, recipe
+from peftcli import data, recipe, varlen
 from peftcli.data import IGNORE_INDEX
 from peftcli.methods import lora
-from peftcli.trainer import accumulate_gradients, read_events, supervised_loss_sum, train
+from peftcli.trainer import accumulate_gradients, prepare_padding_free, read_events, supervised_loss_sum, train
 
 
 def _lora_model(tok, dropout=0.0, seed=0):
@@ -86,13 +86,21 @@ def _per_token_losses(model, batch):
     return ce.masked_fill(targets == IGNORE_INDEX, float("nan"))
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "varlen"])
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3", "adapter"])
 def test_padding_free_rows_same_loss_and_gradients_as_padded(method, attn):
+    """attn "varlen": the trainer's per-example attention (peftcli.varlen) on the padding-free row;
+    "sdpa"/"eager": transformers' block-diagonal mask. The padded batch and the per-example
+    reference use transformers' sdpa/eager in every case."""
     from peftcli.methods import adapter, ia3
 
     tok = tiny_tokenizer()
-    model = tiny_llama(tok, seed=3, attn_implementation=attn)
+    model = tiny_llama(tok, seed=3, attn_implementation="sdpa" if attn == "varlen" else attn)
+    if attn == "varlen":
+        assert prepare_padding_free(model) and model.config._attn_implementation == varlen.NAME
+        calls = []
+        model.model.layers[0].self_attn.register_forward_pre_hook(lambda m, a, kw: calls.append(kw.get("example_bounds")),
+                                                                   with_kwargs=True)
     if method in ("lora", "dora"):
         lora.apply(model, lora.Config(r=4, alpha=8, dropout=0.0, target_modules="all-linear", dora=method == "dora"))
         for layer in lora.lora_layers(model).values():
@@ -121,6 +129,8 @@ def test_padding_free_rows_same_loss_and_gradients_as_padded(method, attn):
     model.zero_grad()
     loss_f, n_f = accumulate_gradients(model, [free], "cpu")
     g_f = _grads(model)
+    if attn == "varlen":  # the padding-free row went through per-example attention, the padded batch did not
+        assert calls == [None, [0, 7, 26, 37, 39]]
     assert n_f == n_p == (7 - 3) + (19 - 4) + 10 + 1
     assert loss_f == pytest.approx(loss_p, abs=1e-5)
     for name in g_p:

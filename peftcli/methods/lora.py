@@ -137,8 +137,86 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
+        if self.training and torch.is_grad_enabled():
+            # training: the memory-lean branch (x saved once, dropout mask drawn again in backward)
+            update = lora_branch(x, self.lora_A.weight, self.lora_B.weight, self.scaling, getattr(self.dropout, "p", 0.0))
+            return result + update.to(result.dtype)
         update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
         return result + (self.scaling * update).to(result.dtype)
+
+
+def keep_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> torch.Tensor:
+    """A dropout keep mask: bool of ``shape``, each element True with probability 1 - p.
+
+    Drawn from a generator seeded with ``seed``, so the same call gives the same mask (the backward
+    pass of :class:`LoRABranch` draws it again instead of storing it). Each element takes 16 random
+    bits, four per 64-bit draw — the CPU generator's cost is per draw, so this is ~4x cheaper than
+    ``bernoulli_`` — and p is rounded to a multiple of 2⁻¹⁶ (0.05 -> 0.050003).
+    """
+    n = math.prod(shape)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None, generator=gen)
+    return bits.view(torch.int16)[:n].view(shape) >= round(p * 65536) - 32768
+
+
+def _dropped(x: torch.Tensor, p: float, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """(keep · x, keep, scale) for inverted dropout, in ``dtype``: dropout(x) = keep · x · scale with
+    scale = 1/(1-p); the scale is left to the caller, which folds it into the (r, in) A instead of
+    multiplying the (..., in) input. (x, None, 1.0) when p == 0."""
+    x = x.to(dtype)
+    if p == 0:
+        return x, None, 1.0
+    keep = keep_mask(x.shape, p, seed, x.device)
+    return torch.where(keep, x, 0), keep, 1 / (1 - round(p * 65536) / 65536)
+
+
+class LoRABranch(torch.autograd.Function):
+    """The LoRA update of one layer in training: scaling · B A dropout(x) (Hu et al. 2021, §4.1),
+    with a hand-written backward that stores only x, A, B and the (..., r) product A x'.
+
+    The autograd graph of the plain formula would keep, per layer, the dropout mask and the dropped
+    input x' (..., in) in the compute dtype; here the mask is drawn again from its seed in the
+    backward pass, and x is saved as is — the q/k/v (and gate/up) layers get the same x, so it is
+    stored once for all of them. Math in ``dtype`` (bf16 under autocast, else A's float32), as
+    autocast would do for the two matmuls; the gradients of A and B are returned in float32.
+
+    forward(x (..., in), weight_A (r, in), weight_B (out, r), scaling, p, seed, dtype) -> (..., out)
+    in ``dtype``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight_A, weight_B, scaling: float, p: float, seed: int, dtype: torch.dtype):
+        xd, _, scale = _dropped(x, p, seed, dtype)
+        u = F.linear(xd, (weight_A * scale).to(dtype))  # (..., r)
+        ctx.save_for_backward(x, weight_A, weight_B, u)
+        ctx.scaling, ctx.p, ctx.seed, ctx.dtype = scaling, p, seed, dtype
+        return F.linear(u, (weight_B * scaling).to(dtype))  # the scalings act on the small A and B
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight_A, weight_B, u = ctx.saved_tensors
+        g = grad_out.to(ctx.dtype)  # (..., out)
+        gu = g @ (weight_B * ctx.scaling).to(ctx.dtype)  # (..., r)
+        grad_B = (g.reshape(-1, g.shape[-1]).T @ u.reshape(-1, u.shape[-1])).to(weight_B.dtype) * ctx.scaling  # (out, r)
+        xd, keep, scale = _dropped(x, ctx.p, ctx.seed, ctx.dtype)
+        grad_A = (gu.reshape(-1, gu.shape[-1]).T @ xd.reshape(-1, xd.shape[-1])).to(weight_A.dtype) * scale  # (r, in)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = gu @ (weight_A * scale).to(ctx.dtype)  # (..., in); d(dropout)/dx = the same mask and scale
+            if keep is not None:
+                grad_x = torch.where(keep, grad_x, 0)
+            grad_x = grad_x.to(x.dtype)
+        return grad_x, grad_A, grad_B, None, None, None, None
+
+
+def lora_branch(x: torch.Tensor, weight_A: torch.Tensor, weight_B: torch.Tensor, scaling: float, p: float) -> torch.Tensor:
+    """scaling · B A dropout(x) through :class:`LoRABranch`, in the autocast dtype when autocast is
+    on for x's device (else A's dtype); the dropout seed comes from the global generator, so runs
+    are reproducible under ``train.seed`` and activation checkpointing re-draws the same mask."""
+    kind = x.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight_A.dtype
+    seed = int(torch.randint(0, 2**62, (), device="cpu")) if p > 0 else 0
+    return LoRABranch.apply(x, weight_A, weight_B, scaling, p, seed, dtype)
 
 
 class DoRALinear(nn.Module):
