@@ -252,12 +252,25 @@ def total_steps(recipe: Recipe, n_examples: int) -> int:
     return max(1, math.ceil((t.epochs or 1.0) * per_epoch))
 
 
-def make_scheduler(optimizer, recipe: Recipe, steps: int):
-    """Warmup then constant / linear / cosine decay to 0 (transformers' schedules)."""
-    from transformers import get_scheduler
+def lr_factor(step: int, schedule: str, warmup: int, steps: int) -> float:
+    """The learning-rate multiplier at optimizer step ``step`` (0-based): linear warmup from 0 over
+    ``warmup`` steps, then constant, linear decay to 0, or half a cosine to 0 (Loshchilov & Hutter
+    2017, SGDR, eq. 5 without restarts) at ``steps`` — the values of transformers'
+    ``constant_with_warmup`` / ``linear`` / ``cosine`` schedules."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, steps - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
-    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[recipe.train.scheduler]
-    return get_scheduler(name, optimizer, num_warmup_steps=recipe.train.warmup_steps, num_training_steps=steps)
+
+def make_scheduler(optimizer, recipe: Recipe, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The recipe's schedule (:func:`lr_factor`) as a ``LambdaLR`` (its state_dict is the step count)."""
+    t = recipe.train
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, t.scheduler, t.warmup_steps, steps))
 
 
 class MicroBatches:

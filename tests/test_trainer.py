@@ -373,3 +373,25 @@ def test_report_to_tensorboard_logs_the_same_numbers(tmp_path, tiny_dir):
     assert [v for _, v in train_loss] == pytest.approx([v for _, v in expected], rel=1e-6)
     eval_loss = [(s.step, s.value) for s in acc.Scalars("eval/eval_loss")]
     assert eval_loss == [(e["step"], pytest.approx(e["eval_loss"], rel=1e-6)) for e in events if e.get("event") == "eval"]
+
+
+@pytest.mark.parametrize("schedule,hf_name", [("constant", "constant_with_warmup"), ("linear", "linear"), ("cosine", "cosine")])
+def test_lr_schedule_equals_transformers(schedule, hf_name):
+    """Our schedules give transformers' get_scheduler learning rates at every step (the reference)."""
+    from transformers import get_scheduler
+
+    from peftcli.trainer import make_scheduler
+
+    r = recipe.validate({"method": {"name": "lora"}, "data": {"train": {"path": "unused.jsonl"}},
+                         "train": {"scheduler": schedule, "warmup_steps": 3, "lr": 0.1}})
+    ours_opt, ref_opt = (torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1) for _ in range(2))
+    ours, ref = make_scheduler(ours_opt, r, 20), get_scheduler(hf_name, ref_opt, num_warmup_steps=3, num_training_steps=20)
+    seen = []
+    for _ in range(22):
+        assert ours.get_last_lr()[0] == pytest.approx(ref.get_last_lr()[0], abs=1e-12)
+        seen.append(ours.get_last_lr()[0])
+        for opt, sched in ((ours_opt, ours), (ref_opt, ref)):
+            opt.step()
+            sched.step()
+    assert seen[0] == 0.0 and seen[3] == pytest.approx(0.1)  # warmup from 0 to the peak
+    assert (seen[20] == pytest.approx(0.0)) == (schedule != "constant")
