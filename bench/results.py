@@ -15,7 +15,11 @@ of ``docs/results.md``:
 Per method: trainable parameters, the metrics, training time and peak resident memory of the
 ``peft train`` process. Rows are kept in ``runs/results/<task>-<method>.json`` so ``--only``
 re-measures some and ``--missing`` the rest. Usage:
-python bench/results.py [--only METHOD ... | --missing] [--tasks sst2 alpaca]
+python bench/results.py [--only METHOD ... | --missing] [--tasks sst2 alpaca] [--reference prompt_tuning p_tuning]
+
+``--reference`` also trains those soft-prompt methods with HF peft + Trainer on the same SST-2
+rows, steps and learning rate (``bench/hf_reference.py``) and scores them with the same
+``peft eval``: a method that trails is then the method, or a bug of ours.
 """
 
 from __future__ import annotations
@@ -136,6 +140,35 @@ def measure(task: str, method: str, files: dict) -> dict:
     return row
 
 
+def reference(task: str, method: str, files: dict) -> dict:
+    """HF peft + Trainer training ``method`` (a soft-prompt method) in the setting of our row
+    (``bench/hf_reference.py``), its adapter scored by the same ``peft eval``; returns its row."""
+    from peftcli import models
+
+    block, lr, _ = METHODS[method]
+    spec, name = TASKS[task], f"{task}-{method}-hf-peft"
+    cfg = {"method": method, "model_dir": models.resolve("smollm2-135m"), "train": files["train"], "format": spec["format"],
+           "max_seq_len": spec["max_seq_len"], "steps": spec["steps"], "micro_batch_size": 8, "lr": lr, "warmup_steps": 10,
+           "seed": 0, "num_virtual_tokens": block["num_virtual_tokens"], "init_text": block.get("init_text"),
+           "out_dir": str(OUT / name)}
+    (OUT / name).mkdir(parents=True, exist_ok=True)
+    (OUT / name / "config.json").write_text(json.dumps(cfg))
+    print(f"[{name}] training (HF peft + Trainer)", flush=True)
+    train = run_measured([sys.executable, str(ROOT / "bench" / "hf_reference.py"), str(OUT / name / "config.json")],
+                         OUT / f"{name}.train.log")
+    ref = json.loads((OUT / name / "reference.json").read_text())
+    log = OUT / f"{name}.eval.json"
+    print(f"[{name}] scoring", flush=True)
+    run_measured([sys.executable, "-m", "peftcli.cli", "eval", str(OUT / name / "adapter"), "--data", files["eval"],
+                  "--format", spec["format"], "--json", "--no-base", *eval_args(task)], log)
+    row = {"task": task, "method": f"{method} (HF peft + Trainer)", "trainable_params": ref["trainable_params"],
+           "train_s": ref["train_s"], "process_s": train["wall_s"], "peak_rss_gib": train["peak_rss_gib"],
+           "steps": ref["steps"], "examples": ref["steps"] * 8, "tokens_seen": None,
+           "adapted": json.loads(log.read_text().strip().splitlines()[-1])["adapted"]}
+    (OUT / f"{name}.json").write_text(json.dumps(row, indent=1))
+    return row
+
+
 def tables(rows: list[dict], bases: dict) -> str:
     """docs/results.md's tables from the measured rows and the base model's scores per task."""
     lines = []
@@ -154,7 +187,7 @@ def tables(rows: list[dict], bases: dict) -> str:
             for r in got:
                 c = r["adapted"]["classification"]
                 lines.append(f"| {r['method']} | {r['trainable_params']:,} | {c['label_accuracy']:.1%} | "
-                             f"{c['generation_accuracy']:.1%} | {r['tokens_seen']:,} | {r['train_s']:.0f} s | "
+                             f"{c['generation_accuracy']:.1%} | {_count(r['tokens_seen'])} | {r['train_s']:.0f} s | "
                              f"{r['peak_rss_gib']:.2f} GiB |")
         else:
             lines += ["## Alpaca (first 300 held-out rows)", "",
@@ -164,9 +197,13 @@ def tables(rows: list[dict], bases: dict) -> str:
             for r in got:
                 a = r["adapted"]
                 lines.append(f"| {r['method']} | {r['trainable_params']:,} | {a['loss']:.4f} | {a['perplexity']:.2f} | "
-                             f"{r['tokens_seen']:,} | {r['train_s']:.0f} s | {r['peak_rss_gib']:.2f} GiB |")
+                             f"{_count(r['tokens_seen'])} | {r['train_s']:.0f} s | {r['peak_rss_gib']:.2f} GiB |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _count(n: int | None) -> str:
+    return "—" if n is None else f"{n:,}"
 
 
 def main() -> None:
@@ -175,6 +212,8 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="*", choices=list(TASKS), default=list(TASKS))
     ap.add_argument("--missing", action="store_true", help="measure only the rows not measured yet")
     ap.add_argument("--steps", type=int, help="optimizer steps for every task (a quick trial; the tables use the defaults)")
+    ap.add_argument("--reference", nargs="*", choices=["prompt_tuning", "p_tuning"], default=[],
+                    help="also train these methods with HF peft + Trainer in the same setting (SST-2), as a check of ours")
     args = ap.parse_args()
     if not (SHARED / "sst2" / "train.jsonl").is_file() or not (SHARED / "alpaca" / "train.jsonl").is_file():
         print(f"results: skipped: {SHARED}/sst2 and {SHARED}/alpaca are needed (set PEFTCLI_SHARED_DATA)")
@@ -193,6 +232,11 @@ def main() -> None:
                 measure(task, method, files[task])
             if row_file.exists():
                 rows.append(json.loads(row_file.read_text()))
+            ref_file = OUT / f"{task}-{method}-hf-peft.json"
+            if task == "sst2" and method in args.reference and not (args.missing and ref_file.exists()):
+                reference(task, method, files[task])
+            if ref_file.exists():
+                rows.append(json.loads(ref_file.read_text()))
     text = tables(rows, bases)
     print(text)
     (ROOT / "bench" / "results-methods.json").write_text(json.dumps({"base": bases, "rows": rows}, indent=1) + "\n")

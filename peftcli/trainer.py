@@ -62,8 +62,67 @@ def supervised_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tup
     if n == 0:
         return hidden.sum() * 0.0, 0
     h = hidden[:, :-1][mask]  # (n, H)
-    logits = model.get_output_embeddings()(h)  # (n, V)
-    return F.cross_entropy(logits.float(), targets[mask], reduction="sum"), n
+    return head_cross_entropy(model.get_output_embeddings(), h, targets[mask]), n
+
+
+LOSS_CHUNK = 256  # supervised positions per block of logits: 256 x vocab 49,152 float32 = 48 MiB
+
+
+def head_cross_entropy(head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the output head's logits at the given positions, never holding more
+    than :data:`LOSS_CHUNK` positions' logits.
+
+    Args:
+        head: the output Linear (vocab, hidden), frozen, no bias, for the chunked path; any other
+            head gets the plain formula.
+        h: (n, hidden) hidden states; targets: (n,) token ids.
+    Returns:
+        a float32 scalar (nats). With gradients on, the gradient of h is computed block by block
+        in this same pass (:class:`ChunkedHeadCrossEntropy`), so the (n, vocab) logits and their
+        gradient never exist at once.
+    """
+    frozen = isinstance(head, nn.Linear) and head.bias is None and not head.weight.requires_grad
+    if not frozen:
+        return F.cross_entropy(head(h).float(), targets, reduction="sum")
+    if torch.is_grad_enabled() and h.requires_grad:
+        return ChunkedHeadCrossEntropy.apply(h, head.weight, targets)
+    return sum(F.cross_entropy(F.linear(hc, head.weight).float(), tc, reduction="sum")
+               for hc, tc in zip(h.split(LOSS_CHUNK), targets.split(LOSS_CHUNK)))
+
+
+class ChunkedHeadCrossEntropy(torch.autograd.Function):
+    """sum_i CE(W h_i, t_i) with its gradient in h computed in the forward pass, block by block.
+
+    For a frozen head W (vocab, hidden) the loss's only gradient is dL/dh_i = (softmax(W h_i) -
+    onehot(t_i)) W — the same product backward would form from the full logits. Computing it per
+    block of :data:`LOSS_CHUNK` positions while the block's logits are at hand keeps at most one
+    block of (positions, vocab) float32 logits alive, instead of the logits, their log-softmax and
+    their gradient for all n positions (the "fused linear cross-entropy" of Liger Kernel, Hsu et al.
+    2024, §3.3). The matmuls run under the caller's autocast like ``F.linear`` would.
+
+    forward(h (n, hidden), weight (vocab, hidden), targets (n,)) -> float32 scalar; backward
+    returns dL/dh scaled by the incoming gradient, in h's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets):
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h)
+        for start in range(0, h.shape[0], LOSS_CHUNK):
+            hc, tc = h[start:start + LOSS_CHUNK], targets[start:start + LOSS_CHUNK]
+            logits = F.linear(hc, weight)  # (chunk, vocab), bf16 under autocast
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            total += -logp.gather(1, tc[:, None]).sum()
+            grad = logp.exp_()  # softmax
+            grad[torch.arange(tc.shape[0], device=tc.device), tc] -= 1.0
+            grad_h[start:start + LOSS_CHUNK] = (grad.to(logits.dtype) @ weight.to(logits.dtype)).to(h.dtype)
+        ctx.save_for_backward(grad_h)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_loss.to(grad_h.dtype), None, None
 
 
 def _per_example_attention(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict:

@@ -395,3 +395,25 @@ def test_lr_schedule_equals_transformers(schedule, hf_name):
             sched.step()
     assert seen[0] == 0.0 and seen[3] == pytest.approx(0.1)  # warmup from 0 to the peak
     assert (seen[20] == pytest.approx(0.0)) == (schedule != "constant")
+
+
+@pytest.mark.parametrize("n", [5, 300, 600])
+def test_chunked_head_cross_entropy_equals_the_full_logits_formula(n):
+    """Loss and gradient of h: the block-wise pass (gradient formed in the forward) against autograd
+    on the full (n, vocab) logits; n spans one block, a block and a bit, and several blocks."""
+    from peftcli.trainer import LOSS_CHUNK, head_cross_entropy
+
+    assert n < LOSS_CHUNK or n > LOSS_CHUNK
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).double().requires_grad_(False)
+    h = torch.randn(n, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (n,), generator=g)
+    loss = head_cross_entropy(head, h, targets)
+    loss.backward(torch.tensor(0.5, dtype=torch.float64))
+    ref_h = h.detach().clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(head(ref_h), targets, reduction="sum")
+    (0.5 * ref).backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)  # float32 accumulation
+    torch.testing.assert_close(h.grad, ref_h.grad, atol=1e-6, rtol=1e-5)  # the softmax is float32 in both tools
+    with torch.no_grad():  # evaluation: chunked, no gradient pass
+        assert head_cross_entropy(head, h, targets).item() == pytest.approx(ref.item(), rel=1e-6)
