@@ -1,8 +1,9 @@
 """A short check on a CUDA machine: every method trains, evaluates, generates (and merges) on the
 GPU, and a QLoRA adapter trained there is read the same by HF peft + bitsandbytes.
 
-Uses a tiny random Llama (tests/tiny.py), so it needs no model download and runs in about a
-minute; CI has no GPU, so this is run by hand where one is lent:
+First the training step's own kernels (LoRA branch, per-example attention, block-wise head
+cross-entropy) against their plain formulas on the GPU. Uses a tiny random Llama (tests/tiny.py),
+so it needs no model download and runs in about a minute; CI has no GPU, so this is run by hand where one is lent:
 
     python bench/gpu_check.py OUT_DIR [METHOD ...]
 
@@ -49,6 +50,8 @@ def peft(*args: str) -> subprocess.CompletedProcess:
 def main(out: Path, only: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     check("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA")
+    if torch.cuda.is_available():
+        training_path("cuda")
     model_dir = save_tiny(out / "tiny", pad="eos", head_dim=32)
     rows = out / "train.jsonl"
     rows.write_text("".join(json.dumps(r) + "\n" for r in SORT_ROWS * 4))
@@ -91,6 +94,52 @@ def main(out: Path, only: list[str]) -> None:
     qlora_against_hf_peft(model_dir, out / "qlora")
     if FAILED:
         raise SystemExit(f"{len(FAILED)} failed: {', '.join(FAILED)}")
+
+
+def training_path(device: str) -> None:
+    """The training step's own kernels on the GPU against their plain formulas on the same device:
+    the LoRA branch (mask drawn from int64 bits, hand-written backward), per-example attention
+    (bf16) against transformers' block-diagonal mask, and the block-wise head cross-entropy."""
+    import torch.nn.functional as F
+
+    from peftcli import data, trainer
+    from peftcli.methods import lora
+    from tests.tiny import tiny_llama
+
+    x = torch.randn(3, 40, 64, device=device, requires_grad=True)
+    a, b = torch.randn(8, 64, device=device, requires_grad=True), torch.randn(32, 8, device=device, requires_grad=True)
+    keep = lora.keep_mask(x.shape, 0.1, 77, torch.device(device))
+    y = lora.LoRABranch.apply(x, a, b, 2.0, 0.1, 77, torch.float32)
+    scale = 1 / (1 - round(0.1 * 65536) / 65536)
+    ref = 2.0 * (torch.where(keep, x * scale, 0) @ a.T) @ b.T
+    grads = torch.autograd.grad(y.square().sum(), (x, a, b))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (x, a, b))
+    diff = max(float((g - r).abs().max()) for g, r in zip(grads, ref_grads))
+    rate = 1 - keep.float().mean().item()
+    check("lora branch (cuda)", float((y - ref).abs().max()) < 1e-4 and diff < 1e-3 and abs(rate - 0.1) < 0.01,
+          f"max |grad diff| {diff:.1e}, dropped {rate:.3f}")
+
+    model = tiny_llama(attn_implementation="sdpa").to(device, torch.bfloat16)
+    examples = [{"input_ids": list(range(5, 5 + n)), "labels": list(range(5, 5 + n))} for n in (9, 17, 4)]
+    free = {k: v.to(device) for k, v in data.collate_padding_free(examples).items()}
+    with torch.no_grad():
+        masked = trainer.supervised_loss_sum(model, free)[0].item()
+        switched = trainer.prepare_padding_free(model)
+        per_example = trainer.supervised_loss_sum(model, free)[0].item()
+    check("per-example attention (cuda, bf16)", switched and abs(per_example - masked) < 1e-2 * abs(masked),
+          f"loss {per_example:.4f} vs block mask {masked:.4f}")
+
+    head = torch.nn.Linear(64, 5000, bias=False, device=device).requires_grad_(False)
+    h = torch.randn(700, 64, device=device, requires_grad=True)
+    t = torch.randint(0, 5000, (700,), device=device)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = trainer.head_cross_entropy(head, h, t)
+        (gh,) = torch.autograd.grad(loss, h)
+        ref = F.cross_entropy(head(h).float(), t, reduction="sum")
+        (rh,) = torch.autograd.grad(ref, h)
+    rel = float((gh - rh).abs().max() / rh.abs().max())
+    check("head cross-entropy in blocks (cuda, bf16)", abs(loss.item() - ref.item()) < 1e-3 * ref.item() and rel < 2e-2,
+          f"loss {loss.item():.3f} vs {ref.item():.3f}, grad rel diff {rel:.1e}")
 
 
 def qlora_against_hf_peft(model_dir: Path, run: Path) -> None:
