@@ -114,10 +114,10 @@ def training_path(device: str) -> None:
     ref = 2.0 * (torch.where(keep, x * scale, 0) @ a.T) @ b.T
     grads = torch.autograd.grad(y.square().sum(), (x, a, b))
     ref_grads = torch.autograd.grad(ref.square().sum(), (x, a, b))
-    diff = max(float((g - r).abs().max()) for g, r in zip(grads, ref_grads))
-    rate = 1 - keep.float().mean().item()
-    check("lora branch (cuda)", float((y - ref).abs().max()) < 1e-4 and diff < 1e-3 and abs(rate - 0.1) < 0.01,
-          f"max |grad diff| {diff:.1e}, dropped {rate:.3f}")
+    diff = max(float((g - r).abs().max() / r.abs().max()) for g, r in zip(grads, ref_grads))  # relative to the largest
+    rate = 1 - keep.float().mean().item()  # 7,680 draws: one standard deviation is 0.0034
+    check("lora branch (cuda)", float((y - ref).abs().max() / ref.abs().max()) < 1e-5 and diff < 1e-5 and abs(rate - 0.1) < 0.015,
+          f"max grad diff {diff:.1e} of the largest, dropped {rate:.3f}")
 
     model = tiny_llama(attn_implementation="sdpa").to(device, torch.bfloat16)
     examples = [{"input_ids": list(range(5, 5 + n)), "labels": list(range(5, 5 + n))} for n in (9, 17, 4)]

@@ -208,7 +208,7 @@ def _count(n: int | None) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", nargs="*", choices=list(METHODS), help="methods to (re)measure")
+    ap.add_argument("--only", nargs="*", choices=list(METHODS), help="methods to (re)measure (none: only the --reference runs)")
     ap.add_argument("--tasks", nargs="*", choices=list(TASKS), default=list(TASKS))
     ap.add_argument("--missing", action="store_true", help="measure only the rows not measured yet")
     ap.add_argument("--steps", type=int, help="optimizer steps for every task (a quick trial; the tables use the defaults)")
@@ -227,7 +227,7 @@ def main() -> None:
         bases[task] = base_scores(task, files[task])
         for method in METHODS:
             row_file = OUT / f"{task}-{method}.json"
-            wanted = method in args.only if args.only else not (args.missing and row_file.exists())
+            wanted = method in args.only if args.only is not None else not (args.missing and row_file.exists())
             if wanted:
                 measure(task, method, files[task])
             if row_file.exists():
