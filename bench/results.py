@@ -9,7 +9,7 @@ of ``docs/results.md``:
   8 examples (1,600 examples). Accuracy on all 872 rows of ``sst2/validation.jsonl`` with
   ``peft eval --labels negative,positive``: by label likelihood and by greedy answer.
 - Alpaca: a 2,000-row subset of ``alpaca/train.jsonl`` (shuffled with seed 0), alpaca format,
-  max_seq_len 256; 50 steps of 8 examples (400 examples). Held-out loss and perplexity (``--no-exact-match``)
+  max_seq_len 256; 30 steps of 8 examples (240 examples). Held-out loss and perplexity (``--no-exact-match``)
   on the first 300 rows of ``alpaca/heldout.jsonl``.
 
 Per method: trainable parameters, the metrics, training time and peak resident memory of the
@@ -55,7 +55,7 @@ METHODS = {  # method block, learning rate, model.quantization
 }
 TASKS = {
     "sst2": {"steps": 200, "format": "chat", "max_seq_len": 128, "labels": "negative,positive"},
-    "alpaca": {"steps": 50, "format": "alpaca", "max_seq_len": 256, "labels": None},
+    "alpaca": {"steps": 30, "format": "alpaca", "max_seq_len": 256, "labels": None},
 }
 
 
