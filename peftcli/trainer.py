@@ -97,8 +97,8 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
     onehot(t_i)) W — the same product backward would form from the full logits. Computing it per
     block of :data:`LOSS_CHUNK` positions while the block's logits are at hand keeps at most one
     block of (positions, vocab) float32 logits alive, instead of the logits, their log-softmax and
-    their gradient for all n positions (the "fused linear cross-entropy" of Liger Kernel, Hsu et al.
-    2024, §3.3). The matmuls run under the caller's autocast like ``F.linear`` would.
+    their gradient for all n positions (the fused linear cross-entropy of Hsu et al. 2024, Liger
+    Kernel). The matmuls run under the caller's autocast like ``F.linear`` would.
 
     forward(h (n, hidden), weight (vocab, hidden), targets (n,)) -> float32 scalar; backward
     returns dL/dh scaled by the incoming gradient, in h's dtype.
