@@ -156,7 +156,12 @@ def keep_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> t
     n = math.prod(shape)
     gen = torch.Generator(device=device).manual_seed(seed)
     bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None, generator=gen)
-    return bits.view(torch.int16)[:n].view(shape) >= round(p * 65536) - 32768
+    return bits.view(torch.int16)[:n].view(shape) >= _drop_units(p) - 32768
+
+
+def _drop_units(p: float) -> int:
+    """p in units of 2⁻¹⁶: the dropped share of the 65,536 values a mask element's 16 bits take."""
+    return round(p * 65536)
 
 
 def _dropped(x: torch.Tensor, p: float, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, float]:
@@ -167,7 +172,7 @@ def _dropped(x: torch.Tensor, p: float, seed: int, dtype: torch.dtype) -> tuple[
     if p == 0:
         return x, None, 1.0
     keep = keep_mask(x.shape, p, seed, x.device)
-    return torch.where(keep, x, 0), keep, 1 / (1 - round(p * 65536) / 65536)
+    return torch.where(keep, x, 0), keep, 1 / (1 - _drop_units(p) / 65536)
 
 
 class LoRABranch(torch.autograd.Function):
