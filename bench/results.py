@@ -17,9 +17,10 @@ Per method: trainable parameters, the metrics, training time and peak resident m
 re-measures some and ``--missing`` the rest. Usage:
 python bench/results.py [--only METHOD ... | --missing] [--tasks sst2 alpaca] [--reference prompt_tuning p_tuning]
 
-``--reference`` also trains those soft-prompt methods with HF peft + Trainer on the same SST-2
-rows, steps and learning rate (``bench/hf_reference.py``) and scores them with the same
-``peft eval``: a method that trails is then the method, or a bug of ours.
+``--reference`` (default: prompt_tuning; none with ``--only``) also trains those soft-prompt methods with HF peft +
+Trainer on the same SST-2 rows, steps and learning rate (``bench/hf_reference.py``), and ours once
+more in HF's precision (float32 base, bf16 autocast); all scored by the same ``peft eval``: a
+method that trails is then the method, the setting, or a bug of ours.
 """
 
 from __future__ import annotations
@@ -99,13 +100,13 @@ def base_scores(task: str, files: dict) -> dict:
     return json.loads(out.read_text().strip().splitlines()[-1])["base"]
 
 
-def write_recipe(name: str, task: str, method: tuple, files: dict) -> Path:
+def write_recipe(name: str, task: str, method: tuple, files: dict, dtype: str = "bfloat16") -> Path:
     """``runs/results/recipes/<name>.yaml`` for one method on one task."""
     block, lr, quantization = method
     spec = TASKS[task]
     recipe = {
         # frozen base (and QLoRA compute) in bfloat16, trained weights float32: the fastest setting on this CPU
-        "model": {"name_or_path": "smollm2-135m", "quantization": quantization, "dtype": "bfloat16"},
+        "model": {"name_or_path": "smollm2-135m", "quantization": quantization, "dtype": dtype},
         "method": block,
         "data": {"train": {"path": files["train"], "format": spec["format"]},
                  "eval": {"path": files["eval"], "format": spec["format"]}, "max_seq_len": spec["max_seq_len"]},
@@ -119,10 +120,11 @@ def write_recipe(name: str, task: str, method: tuple, files: dict) -> Path:
     return path
 
 
-def measure(task: str, method: str, files: dict) -> dict:
-    """Train one method on one task and score the adapter; returns its row."""
-    name = f"{task}-{method}"
-    path = write_recipe(name, task, METHODS[method], files)
+def measure(task: str, method: str, files: dict, dtype: str = "bfloat16") -> dict:
+    """Train one method on one task (frozen base in ``dtype``) and score the adapter; returns its
+    row, written to ``runs/results/<task>-<method>[-<dtype>].json``."""
+    name = f"{task}-{method}" + ("" if dtype == "bfloat16" else f"-{dtype}")
+    path = write_recipe(name, task, METHODS[method], files, dtype)
     print(f"[{name}] training", flush=True)
     train = run_measured([sys.executable, "-m", "peftcli.cli", "train", str(path)], OUT / f"{name}.train.log")
     summary = json.loads((OUT / name / "summary.json").read_text())
@@ -131,7 +133,8 @@ def measure(task: str, method: str, files: dict) -> dict:
     print(f"[{name}] scoring", flush=True)
     run_measured([sys.executable, "-m", "peftcli.cli", "eval", str(OUT / name), "--json", "--no-base", *eval_args(task)], log)
     scores = json.loads(log.read_text().strip().splitlines()[-1])
-    row = {"task": task, "method": method, "trainable_params": summary["trainable_params"],
+    label = method if dtype == "bfloat16" else f"{method} ({dtype} base)"
+    row = {"task": task, "method": label, "trainable_params": summary["trainable_params"],
            "train_s": [e for e in events if e.get("event") == "train"][-1]["elapsed_s"], "process_s": train["wall_s"],
            "peak_rss_gib": train["peak_rss_gib"], "steps": summary["steps"],
            "examples": summary["steps"] * summary["examples_per_step"],
@@ -142,7 +145,8 @@ def measure(task: str, method: str, files: dict) -> dict:
 
 def reference(task: str, method: str, files: dict) -> dict:
     """HF peft + Trainer training ``method`` (a soft-prompt method) in the setting of our row
-    (``bench/hf_reference.py``), its adapter scored by the same ``peft eval``; returns its row."""
+    (``bench/hf_reference.py``: float32 base, bf16 autocast), its adapter scored by the same
+    ``peft eval``; returns its row, written to ``runs/results/<task>-<method>-hf-peft.json``."""
     from peftcli import models
 
     block, lr, _ = METHODS[method]
@@ -212,8 +216,9 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="*", choices=list(TASKS), default=list(TASKS))
     ap.add_argument("--missing", action="store_true", help="measure only the rows not measured yet")
     ap.add_argument("--steps", type=int, help="optimizer steps for every task (a quick trial; the tables use the defaults)")
-    ap.add_argument("--reference", nargs="*", choices=["prompt_tuning", "p_tuning"], default=[],
-                    help="also train these methods with HF peft + Trainer in the same setting (SST-2), as a check of ours")
+    ap.add_argument("--reference", nargs="*", choices=["prompt_tuning", "p_tuning"],
+                    help="also train these methods with HF peft + Trainer in the same setting (SST-2), and ours in "
+                    "HF's precision (float32 base), as a check of ours (default: prompt_tuning, none with --only)")
     args = ap.parse_args()
     if not (SHARED / "sst2" / "train.jsonl").is_file() or not (SHARED / "alpaca" / "train.jsonl").is_file():
         print(f"results: skipped: {SHARED}/sst2 and {SHARED}/alpaca are needed (set PEFTCLI_SHARED_DATA)")
@@ -222,6 +227,7 @@ def main() -> None:
         for spec in TASKS.values():
             spec["steps"] = args.steps
     files = prepare()
+    references = args.reference if args.reference is not None else ["prompt_tuning"] if args.only is None else []
     rows, bases = [], {}
     for task in args.tasks:
         bases[task] = base_scores(task, files[task])
@@ -232,11 +238,14 @@ def main() -> None:
                 measure(task, method, files[task])
             if row_file.exists():
                 rows.append(json.loads(row_file.read_text()))
-            ref_file = OUT / f"{task}-{method}-hf-peft.json"
-            if task == "sst2" and method in args.reference and not (args.missing and ref_file.exists()):
-                reference(task, method, files[task])
-            if ref_file.exists():
-                rows.append(json.loads(ref_file.read_text()))
+            checks = [(f"{task}-{method}-float32.json", measure, ("float32",)),  # ours in HF's precision
+                      (f"{task}-{method}-hf-peft.json", reference, ())]  # HF peft + Trainer
+            for file, run, extra in checks:
+                check_file = OUT / file
+                if task == "sst2" and method in references and not (args.missing and check_file.exists()):
+                    run(task, method, files[task], *extra)
+                if check_file.exists():
+                    rows.append(json.loads(check_file.read_text()))
     text = tables(rows, bases)
     print(text)
     (ROOT / "bench" / "results-methods.json").write_text(json.dumps({"base": bases, "rows": rows}, indent=1) + "\n")
