@@ -192,7 +192,7 @@ def tables(rows: list[dict], bases: dict) -> str:
                 c = r["adapted"]["classification"]
                 lines.append(f"| {r['method']} | {r['trainable_params']:,} | {c['label_accuracy']:.1%} | "
                              f"{c['generation_accuracy']:.1%} | {_count(r['tokens_seen'])} | {r['train_s']:.0f} s | "
-                             f"{r['peak_rss_gib']:.2f} GiB |")
+                             f"{_gib(r['peak_rss_gib'])} |")
         else:
             lines += ["## Alpaca (first 300 held-out rows)", "",
                       "| method | trainable params | held-out loss | perplexity | tokens seen | training time | peak RSS |",
@@ -201,13 +201,17 @@ def tables(rows: list[dict], bases: dict) -> str:
             for r in got:
                 a = r["adapted"]
                 lines.append(f"| {r['method']} | {r['trainable_params']:,} | {a['loss']:.4f} | {a['perplexity']:.2f} | "
-                             f"{_count(r['tokens_seen'])} | {r['train_s']:.0f} s | {r['peak_rss_gib']:.2f} GiB |")
+                             f"{_count(r['tokens_seen'])} | {r['train_s']:.0f} s | {_gib(r['peak_rss_gib'])} |")
         lines.append("")
     return "\n".join(lines)
 
 
 def _count(n: int | None) -> str:
     return "—" if n is None else f"{n:,}"
+
+
+def _gib(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f} GiB"
 
 
 def main() -> None:
