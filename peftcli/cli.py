@@ -10,7 +10,7 @@ import functools
 import json
 import logging
 import os
-import shutil
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -317,6 +317,16 @@ def recipes_dir() -> Path:
     return here if here.is_dir() else Path(__file__).resolve().parent.parent / "recipes"
 
 
+def _absolute_data_paths(text: str, root: Path) -> str:
+    """``text`` of a bundled recipe with each ``path: recipes/...`` that names a file under
+    ``root`` rewritten to that file's absolute path (comments and layout kept)."""
+    def absolute(m: re.Match) -> str:
+        target = root / m.group(2)
+        return m.group(1) + str(target) if target.is_file() else m.group(0)
+
+    return re.sub(r"(\bpath:\s*)(recipes/[^\s,}]+)", absolute, text)
+
+
 @app.command("recipes")
 @user_errors
 def recipes_():
@@ -340,7 +350,8 @@ def schema():
 @app.command()
 @user_errors
 def init(name: str = typer.Argument(..., help="bundled recipe name (see `peft recipes`)"), dest: Path = typer.Argument(...)):
-    """Copy a bundled recipe to start from."""
+    """Copy a bundled recipe to start from; its data paths are made absolute, so the copy works
+    from any directory (they are relative to the project root in the bundled recipes)."""
     bundled = {p.stem: p for p in recipes_dir().glob("*.yaml")}
     src = bundled.get(name.removesuffix(".yaml"))  # a name, never a path: "../x" finds nothing
     if src is None:
@@ -352,7 +363,7 @@ def init(name: str = typer.Argument(..., help="bundled recipe name (see `peft re
         raise UserError(f"{dest}: already exists")
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dest)
+        dest.write_text(_absolute_data_paths(src.read_text(), recipes_dir().resolve().parent))
     except OSError as e:
         raise UserError(f"{dest}: cannot write ({e.strerror})") from None
     out.print(f"wrote {dest}")

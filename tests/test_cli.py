@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 PEFT = str(Path(sys.executable).with_name("peft"))
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,7 +92,11 @@ def test_methods_recipes_init(tmp_path):
     p = run("recipes")
     assert p.returncode == 0 and "qlora-llama" in p.stdout and "lora-llama" in p.stdout
     p = run("init", "qlora-llama", str(tmp_path / "mine.yaml"))
-    assert p.returncode == 0 and (tmp_path / "mine.yaml").read_text() == (ROOT / "recipes" / "qlora-llama.yaml").read_text()
+    # the copy is the bundled recipe with its data paths absolute, so it works from any directory
+    bundled, copied = (ROOT / "recipes" / "qlora-llama.yaml").read_text(), (tmp_path / "mine.yaml").read_text()
+    assert p.returncode == 0 and copied == bundled.replace("path: recipes/", f"path: {ROOT.resolve()}/recipes/")
+    data = yaml.safe_load(copied)["data"]
+    assert all(Path(data[k]["path"]).is_absolute() and Path(data[k]["path"]).is_file() for k in ("train", "eval"))
     p = run("init", "nope", str(tmp_path / "x.yaml"))
     assert p.returncode == 2 and "nope" in p.stderr
     p = run("init", "lora-llama", str(tmp_path / "new" / "dir" / "mine.yaml"))  # parents are made

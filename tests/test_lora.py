@@ -13,7 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tiny import tiny_llama
 from transformers import AutoModelForCausalLM
 
-from peftcli import artifacts, models
+from peftcli import artifacts, merge, models
 from peftcli.errors import UserError
 from peftcli.methods import lora
 from peftcli.recipe import validate
@@ -73,9 +73,12 @@ def test_C9_rslora_scale_at_creation_reload_and_merge(tiny_dir, tmp_path):
     hf_only = {k: v for k, v in cfg.items() if k != "peftcli"}
     assert lora.config_from_adapter(hf_only).rslora is True
 
-    # in the merged update: W' - W = 4 · B A
+    # in the merged update: W' - W = 4 · B A — written to disk by `peft merge`'s function, and in memory
     W = q.base_layer.weight.detach().clone()
     BA = (q.lora_B.weight @ q.lora_A.weight).detach()
+    merged_dir = merge.merge_adapter(out, tmp_path / "merged", dtype="float32")
+    written = safetensors.torch.load_file(str(merged_dir / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"]
+    torch.testing.assert_close(written - W, 4.0 * BA, atol=1e-6, rtol=1e-5)
     lora.merge(model)
     merged = model.get_submodule("model.layers.0.self_attn.q_proj")
     assert type(merged) is torch.nn.Linear
