@@ -17,10 +17,11 @@ Per method: trainable parameters, the metrics, training time and peak resident m
 re-measures some and ``--missing`` the rest. Usage:
 python bench/results.py [--only METHOD ... | --missing] [--tasks sst2 alpaca] [--reference prompt_tuning p_tuning]
 
-``--reference`` (default: prompt_tuning; none with ``--only``) also trains those soft-prompt methods with HF peft +
-Trainer on the same SST-2 rows, steps and learning rate (``bench/hf_reference.py``), and ours once
-more in HF's precision (float32 base, bf16 autocast); all scored by the same ``peft eval``: a
-method that trails is then the method, the setting, or a bug of ours.
+``--reference`` (default: prompt_tuning; none with ``--only``) also trains those soft-prompt
+methods with HF peft + Trainer on the same SST-2 rows, steps and learning rate
+(``bench/hf_reference.py``), and ours once more in HF's precision (float32 base, bf16 autocast);
+all scored by the same ``peft eval``: a method that trails is then the method, the setting, or a
+bug of ours.
 """
 
 from __future__ import annotations
