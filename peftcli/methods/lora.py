@@ -145,34 +145,52 @@ class LoRALinear(nn.Module):
         return result + (self.scaling * update).to(result.dtype)
 
 
-def keep_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> torch.Tensor:
-    """A dropout keep mask: bool of ``shape``, each element True with probability 1 - p.
+def drop_index(n: int, p: float, seed: int, device: torch.device, chunk: int | None = None) -> torch.Tensor:
+    """The flat positions in [0, n) that dropout zeroes, each one independently with probability p:
+    a sorted int64 tensor of about p·n positions, the same for the same seed (the backward pass of
+    :class:`LoRABranch` draws it again instead of storing it).
 
-    Drawn from a generator seeded with ``seed``, so the same call gives the same mask (the backward
-    pass of :class:`LoRABranch` draws it again instead of storing it). Each element takes 16 random
-    bits, four per 64-bit draw — the CPU generator's cost is per draw, so this is ~4x cheaper than
-    ``bernoulli_`` — and p is rounded to a multiple of 2⁻¹⁶ (0.05 -> 0.050003).
+    Sampled as a Bernoulli process by its gaps: the distance from one dropped position to the
+    next is Geometric(p), drawn by inverting its CDF, G = 1 + ⌊log U / log(1 - p)⌋ with U uniform
+    on (0, 1] (Knuth, TAOCP vol. 2, §3.4.1, the geometric distribution). That takes about p·n
+    uniform draws instead of n, and keeps p exact. Needs 0 < p < 1. ``chunk``: gaps drawn per
+    round (default: enough to pass n but for ~1e-15 of draws; more rounds follow if not).
     """
-    n = math.prod(shape)
     gen = torch.Generator(device=device).manual_seed(seed)
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None, generator=gen)
-    return bits.view(torch.int16)[:n].view(shape) >= _drop_units(p) - 32768
+    per_log_keep = 1 / math.log1p(-p)
+    chunk = chunk or int(n * p + 8 * math.sqrt(n * p) + 32)  # mean + 8 sigma
+    pieces, last = [], -1.0
+    while True:
+        u = torch.empty(chunk, dtype=torch.float64, device=device).uniform_(generator=gen)  # [0, 1)
+        gaps = torch.log(torch.rsub(u, 1.0)).mul_(per_log_keep).floor_().add_(1)  # Geometric(p) on 1, 2, ...
+        positions = gaps.cumsum_(0).add_(last)  # integers, exact in float64 below 2**53
+        inside = int(torch.searchsorted(positions, float(n)))  # how many are < n
+        pieces.append(positions[:inside])
+        if inside < chunk:
+            return (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).to(torch.int64)
+        last = float(positions[-1])
 
 
-def _drop_units(p: float) -> int:
-    """p in units of 2⁻¹⁶: the dropped share of the 65,536 values a mask element's 16 bits take."""
-    return round(p * 65536)
+def keep_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> torch.Tensor:
+    """The dropout keep mask that :class:`LoRABranch` applies for ``seed``: bool of ``shape``,
+    False at :func:`drop_index`'s positions (each element False with probability p)."""
+    keep = torch.ones(math.prod(shape), dtype=torch.bool, device=device)
+    if p > 0:
+        keep[drop_index(keep.numel(), p, seed, device)] = False
+    return keep.view(shape)
 
 
 def _dropped(x: torch.Tensor, p: float, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, float]:
-    """(keep · x, keep, scale) for inverted dropout, in ``dtype``: dropout(x) = keep · x · scale with
+    """(x', dropped, scale) for inverted dropout: x' = a contiguous copy of x in ``dtype`` with the
+    flat positions ``dropped`` (:func:`drop_index`) zeroed, so dropout(x) = x' · scale with
     scale = 1/(1-p); the scale is left to the caller, which folds it into the (r, in) A instead of
-    multiplying the (..., in) input. (x, None, 1.0) when p == 0."""
-    x = x.to(dtype)
+    multiplying the (..., in) input. (x in ``dtype``, None, 1.0) when p == 0."""
     if p == 0:
-        return x, None, 1.0
-    keep = keep_mask(x.shape, p, seed, x.device)
-    return torch.where(keep, x, 0), keep, 1 / (1 - _drop_units(p) / 65536)
+        return x.to(dtype), None, 1.0
+    xd = x.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+    dropped = drop_index(xd.numel(), p, seed, x.device)
+    xd.view(-1)[dropped] = 0
+    return xd, dropped, 1 / (1 - p)
 
 
 class LoRABranch(torch.autograd.Function):
@@ -203,13 +221,13 @@ class LoRABranch(torch.autograd.Function):
         g = grad_out.to(ctx.dtype)  # (..., out)
         gu = g @ (weight_B * ctx.scaling).to(ctx.dtype)  # (..., r)
         grad_B = (g.reshape(-1, g.shape[-1]).T @ u.reshape(-1, u.shape[-1])).to(weight_B.dtype) * ctx.scaling  # (out, r)
-        xd, keep, scale = _dropped(x, ctx.p, ctx.seed, ctx.dtype)
+        xd, dropped, scale = _dropped(x, ctx.p, ctx.seed, ctx.dtype)
         grad_A = (gu.reshape(-1, gu.shape[-1]).T @ xd.reshape(-1, xd.shape[-1])).to(weight_A.dtype) * scale  # (r, in)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = gu @ (weight_A * scale).to(ctx.dtype)  # (..., in); d(dropout)/dx = the same mask and scale
-            if keep is not None:
-                grad_x = torch.where(keep, grad_x, 0)
+            grad_x = gu @ (weight_A * scale).to(ctx.dtype)  # (..., in), contiguous; d(dropout)/dx = the same mask and scale
+            if dropped is not None:
+                grad_x.view(-1)[dropped] = 0
             grad_x = grad_x.to(x.dtype)
         return grad_x, grad_A, grad_B, None, None, None, None
 
