@@ -228,7 +228,8 @@ def scaling(d: dict, tok) -> list[dict]:
 
 def report(results: dict) -> str:
     """The markdown tables of one benchmark run."""
-    lines = [f"## {results['date']} — {results['machine']}", "",
+    commit = f", commit {results['commit']}" if results.get("commit") else ""
+    lines = [f"## {results['date']}{commit} — {results['machine']}", "",
              f"Data: {results['data']['source']}; {results['data']['train_rows']} train rows (one epoch, "
              f"{HPARAMS['micro_batch_size']} examples per step), {results['data']['heldout_rows']} held-out rows. "
              f"Matmul peak measured here: {results['peak']['float32'] / 1e9:.0f} GFLOP/s float32, "
@@ -257,6 +258,30 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
+def git_commit() -> str | None:
+    """The checkout's short commit, with "+ local changes" when tracked files differ from it; None
+    outside a git checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        return git("rev-parse", "--short", "HEAD") + (" + local changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def relative_paths(obj):
+    """``obj`` with every string path under the checkout written relative to it (results.json is
+    committed; absolute paths would name one machine's directories)."""
+    if isinstance(obj, dict):
+        return {k: relative_paths(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [relative_paths(v) for v in obj]
+    if isinstance(obj, str) and obj.startswith(str(ROOT) + os.sep):
+        return obj[len(str(ROOT)) + 1:]
+    return obj
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=160, help="train rows (one epoch)")
@@ -275,13 +300,14 @@ def main() -> None:
 
     examples, _ = data.tokenize_rows(data.load_rows(DataSource(path=d["train"], format="completion")), "completion",
                                      tok, HPARAMS["max_seq_len"], False, d["train"])
-    results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}",
+    machine = f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}"
+    results = {"date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "machine": machine,
                "hparams": HPARAMS, "data": d, "peak": matmul_peak(), "workloads": {}}
     for name in args.workloads:
         results["workloads"][name] = workload(name, "nf4" if name == "B" else "none", d, model_dir, examples, results["peak"])
     if not args.skip_scaling:
         results["scaling"] = scaling(d, tok)
-    (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (ROOT / "bench" / "results.json").write_text(json.dumps(relative_paths(results), indent=1) + "\n")
     text = report(results)
     print(text)
     if not args.no_doc:
