@@ -270,7 +270,7 @@ def validate(
     """Resolve a recipe; list matched modules, trainable parameters and a peak-memory estimate."""
     from peftcli import data, memory, methods, models
     from peftcli import recipe as recipes
-    from peftcli.trainer import parameter_counts, prepare_padding_free, resolve_mixed_precision
+    from peftcli.trainer import choose_loss_path, parameter_counts, resolve_mixed_precision
 
     r = recipes.load_recipe(recipe, set_)
     out.print(recipes.dump(r), highlight=False, markup=False)
@@ -285,14 +285,17 @@ def validate(
     out.print(f"base: {path}")
     out.print(f"matched {len(targets)} modules: {', '.join(targets[:6])}{' ...' if len(targets) > 6 else ''}")
     out.print(f"trainable parameters: {trainable:,} = {100 * trainable / (total - trainable):.3f}% of the base's {total - trainable:,}")
-    padding_free = r.data.padding_free and method.PADDING_FREE and prepare_padding_free(model)
+    mixed = resolve_mixed_precision(r.train.mixed_precision)
+    path = choose_loss_path(model, r, method, ds.train, tok.pad_token_id, mixed, console=out)
+    out.print(path.describe(), highlight=False, markup=False)
+    padding_free = path.padding_free
     batch = memory.largest_micro_batch(ds.train, r.train.micro_batch_size, padding_free, tok.pad_token_id,
                                        r.data.pad_to_multiple_of)
     if r.train.gradient_checkpointing:
         from peftcli.trainer import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(model)
-    peak = memory.dry_step_peak(model, batch, resolve_mixed_precision(r.train.mixed_precision))
+    peak = memory.dry_step_peak(model, batch, mixed, path.loss_sum)
     out.print(f"peak memory estimate: {peak / 2**30:.2f} GiB (one dry step on the largest micro-batch, "
               f"{batch['input_ids'].numel()} tokens{' padding-free' if padding_free else ' padded'})")
 

@@ -136,11 +136,16 @@ def classify(model: nn.Module, tokenizer, rows: list[dict], fmt: str, labels: li
 def score(model: nn.Module, tokenizer, examples: list[dict], rows: list[dict], fmt: str, micro_batch_size: int = 8,
           labels: list[str] | None = None, max_seq_len: int = 512, generate_answers: bool = True) -> dict:
     """Loss (nats per supervised token), perplexity and exact match of one model (float32, eval mode)."""
+    from peftcli.guard import choose_loss_path
     from peftcli.trainer import eval_loss, make_collate
 
     model.eval()
-    out = eval_loss(model, examples, make_collate(False, tokenizer.pad_token_id), micro_batch_size, nullcontext) if examples else {}
-    result = {"loss": out.get("eval_loss"), "perplexity": out.get("eval_ppl"), "supervised_tokens": out.get("eval_tokens", 0)}
+    result = {"loss": None, "perplexity": None, "supervised_tokens": 0}
+    if examples:
+        # the fast loss only where it equals the model's own on these rows (peftcli.guard)
+        path = choose_loss_path(model, examples, tokenizer.pad_token_id, padding_free=False, gradients=False)
+        out = eval_loss(model, examples, make_collate(False, tokenizer.pad_token_id), micro_batch_size, nullcontext, path.loss_sum)
+        result.update(loss=out["eval_loss"], perplexity=out["eval_ppl"], supervised_tokens=out["eval_tokens"], loss_path=path.name)
     if generate_answers:
         result.update(exact_match(model, tokenizer, rows, fmt))
     else:

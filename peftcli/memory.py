@@ -34,18 +34,20 @@ def peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def dry_step_peak(model: nn.Module, batch: dict[str, torch.Tensor], mixed_precision: str) -> int:
+def dry_step_peak(model: nn.Module, batch: dict[str, torch.Tensor], mixed_precision: str, loss_sum=None) -> int:
     """Forward + backward on ``batch`` and AdamW state allocation, without changing any weight.
 
     Args:
         model: the base with the method applied (trainable parameters require grad).
         batch: a collated micro-batch (see :func:`largest_micro_batch`).
         mixed_precision: "no" | "bf16" | "fp16" (resolved, as in the run).
+        loss_sum: the run's loss path (:meth:`peftcli.guard.LossPath.loss_sum`; default the fast one).
     Returns:
         the process's peak memory afterwards, bytes (:func:`peak_bytes`).
     """
     from peftcli.trainer import supervised_loss_sum
 
+    loss_sum = loss_sum or supervised_loss_sum
     device = next(p.device for p in model.parameters())
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
@@ -53,7 +55,7 @@ def dry_step_peak(model: nn.Module, batch: dict[str, torch.Tensor], mixed_precis
     was_training = model.training
     model.train()
     with autocast:
-        loss, n = supervised_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
+        loss, n = loss_sum(model, {k: v.to(device) for k, v in batch.items()})
     (loss / max(n, 1)).backward()
     # AdamW keeps two float32 moments per trainable parameter
     moments = [torch.zeros_like(p, dtype=torch.float32) for p in params for _ in range(2)]

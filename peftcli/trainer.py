@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftcli import artifacts, data, methods, models, varlen
+from peftcli import artifacts, data, guard, methods, models, varlen
 from peftcli.data import IGNORE_INDEX
 from peftcli.errors import Interrupted, UserError
 from peftcli.recipe import Recipe, dump
@@ -142,16 +142,17 @@ def count_supervised(batch: dict[str, torch.Tensor]) -> int:
 
 
 class SupervisedLoss(nn.Module):
-    """The training forward as a module: ``forward(batch) -> (loss_sum, n)`` of
-    :func:`supervised_loss_sum`. Accelerate wraps *this* for data parallelism, so DDP sees the
-    call that uses the trainable parameters (the causal LM's own forward is not used)."""
+    """The training forward as a module: ``forward(batch) -> (loss_sum, n)`` of ``loss_sum``
+    (:func:`supervised_loss_sum`, or the path :func:`peftcli.guard.choose_loss_path` chose).
+    Accelerate wraps *this* for data parallelism, so DDP sees the call that uses the trainable
+    parameters."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, loss_sum=supervised_loss_sum):
         super().__init__()
-        self.model = model
+        self.model, self.loss_sum = model, loss_sum
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        return supervised_loss_sum(self.model, batch)
+        return self.loss_sum(self.model, batch)
 
 
 def accumulate_gradients(model: nn.Module, micro_batches: list[dict], device, autocast=nullcontext,
@@ -221,6 +222,34 @@ def prepare_padding_free(model: nn.Module) -> bool:
     return keeps_examples_apart(model)
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def choose_loss_path(model: nn.Module, recipe: Recipe, method, examples: list[dict], pad_id: int, mixed: str,
+                     autocast=None, console=None) -> guard.LossPath:
+    """The loss path this run trains and evaluates on, proven on its first micro-batch
+    (:func:`peftcli.guard.choose_loss_path`): padding-free rows where the recipe
+    (``data.padding_free``), the method and the model allow them, else right-padded rows.
+
+    Args:
+        examples: the tokenized train examples; mixed: the resolved mixed precision.
+        autocast: the run's autocast context factory (default: torch.autocast for ``mixed`` on
+            the model's device, or none).
+    """
+    dtype = AUTOCAST_DTYPES.get(mixed)
+    if autocast is None:
+        device = _device(model).type
+        autocast = (lambda: torch.autocast(device, dtype=dtype)) if dtype else nullcontext
+    padding_free = recipe.data.padding_free and method.PADDING_FREE
+    if padding_free and not prepare_padding_free(model):
+        if console is not None:
+            console.print("note: this model class attends across examples in a padding-free row; using padded rows")
+        padding_free = False
+    t = recipe.train
+    first = [examples[i] for i in data.batches(examples, t.micro_batch_size, t.seed, 0)[0]]
+    return guard.choose_loss_path(model, first, pad_id, padding_free, autocast, dtype)
+
+
 def make_collate(padding_free: bool, pad_id: int, multiple_of: int = 1):
     """The micro-batch builder: :func:`peftcli.data.collate_padding_free` or right-padded rows
     (:func:`peftcli.data.collate`), lengths rounded up to ``multiple_of``."""
@@ -230,10 +259,12 @@ def make_collate(padding_free: bool, pad_id: int, multiple_of: int = 1):
 
 
 @torch.no_grad()
-def eval_loss(model: nn.Module, examples: list[dict], collate, micro_batch_size: int, autocast) -> dict:
+def eval_loss(model: nn.Module, examples: list[dict], collate, micro_batch_size: int, autocast,
+              loss_sum=supervised_loss_sum) -> dict:
     """Mean loss per supervised token (nats) and perplexity over tokenized examples.
 
-    ``collate`` builds a micro-batch from a list of examples (see :func:`make_collate`)."""
+    ``collate`` builds a micro-batch from a list of examples (see :func:`make_collate`);
+    ``loss_sum`` is the loss path (:meth:`peftcli.guard.LossPath.loss_sum`)."""
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
@@ -241,7 +272,7 @@ def eval_loss(model: nn.Module, examples: list[dict], collate, micro_batch_size:
         batch = collate(examples[i:i + micro_batch_size])
         batch = {k: v.to(_device(model)) for k, v in batch.items()}
         with autocast():
-            s, k = supervised_loss_sum(model, batch)
+            s, k = loss_sum(model, batch)
         total, n = total + float(s), n + k
     model.train(was_training)
     loss = total / max(n, 1)
@@ -610,6 +641,10 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
                   f"{s.dropped_truncated} over-long prompts dropped), eval on {len(eval_examples)} examples")
     if world > 1:
         console.print(f"processes: {world} ({accelerator.distributed_type}); {world * t.grad_accum} micro-batches per step")
+    if m.quantization == "none":
+        model.to(accelerator.device)  # the check runs where training does (4/8-bit weights are placed at load)
+    path = choose_loss_path(model, recipe, method, ds.train, tok.pad_token_id, mixed, accelerator.autocast, console)
+    console.print(path.describe())
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     log = RunLog(run_dir / "metrics.jsonl", upto_step=_checkpoint_step(checkpoint), enabled=main)
@@ -624,7 +659,7 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
     optimizer = make_optimizer(params, recipe)
     steps = total_steps(recipe, len(ds.train))
     scheduler = make_scheduler(optimizer, recipe, steps)
-    loss_fn, optimizer = accelerator.prepare(SupervisedLoss(model), optimizer)
+    loss_fn, optimizer = accelerator.prepare(SupervisedLoss(model, path.loss_sum), optimizer)
     start, position, done = 0, {"epoch": 0, "index": 0}, {}
     if checkpoint is not None:
         start, position, done = _restore(checkpoint, model, method, optimizer, scheduler, rank)
@@ -634,10 +669,7 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
     # 4. loop
     model.train()
     device = accelerator.device
-    padding_free = recipe.data.padding_free and method.PADDING_FREE
-    if padding_free and not prepare_padding_free(model):
-        console.print("note: this model class attends across examples in a padding-free row; using padded rows")
-        padding_free = False
+    padding_free = path.padding_free
     collate = make_collate(padding_free, tok.pad_token_id, recipe.data.pad_to_multiple_of)
     console.print(f"micro-batches: {'padding-free rows (no padding computed)' if padding_free else 'right-padded rows'}")
     t0 = time.perf_counter() - done.get("elapsed_s", 0.0)  # elapsed time and counters carry over a resume
@@ -677,7 +709,7 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
                     console.print(f"step {step}/{steps}  loss {event['loss']:.4f}  lr {event['lr']:.2e}  {event['tokens_per_s']:.0f} tok/s")
                 step_losses, window_tokens, window_t0 = [], 0, time.perf_counter()
             if main and eval_examples and t.eval_every and step % t.eval_every == 0 and step != steps:
-                ev = eval_loss(model, eval_examples, collate, t.micro_batch_size, accelerator.autocast)
+                ev = eval_loss(model, eval_examples, collate, t.micro_batch_size, accelerator.autocast, path.loss_sum)
                 log.write({"event": "eval", "step": step, **ev})
                 progress.console.print(f"step {step}: eval loss {ev['eval_loss']:.4f}  ppl {ev['eval_ppl']:.2f}")
             stopping = _any_process(accelerator, stop.signum is not None)
@@ -704,7 +736,7 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
                "trainable_params": trainable, "base_params": base_params,
                "trainable_pct_of_base": 100 * trainable / base_params,
                "train_examples": len(ds.train), "dropped_rows": s.dropped_empty_answer + s.dropped_truncated,
-               "mixed_precision": mixed, "padding_free": padding_free, "device": str(device),
+               "mixed_precision": mixed, "padding_free": padding_free, "loss_path": path.as_json(), "device": str(device),
                "tokens_seen": tokens_seen, "wall_s": time.perf_counter() - t0}
     if main:
         if eval_examples:
@@ -712,7 +744,7 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
             if final:
                 ev = {k: v for k, v in final[-1].items() if k not in ("event", "step")}
             else:
-                ev = eval_loss(model, eval_examples, collate, t.micro_batch_size, accelerator.autocast)
+                ev = eval_loss(model, eval_examples, collate, t.micro_batch_size, accelerator.autocast, path.loss_sum)
                 log.write({"event": "eval", "step": steps, **ev})
             summary.update(ev)
             console.print(f"final eval loss {ev['eval_loss']:.4f}  ppl {ev['eval_ppl']:.2f}")

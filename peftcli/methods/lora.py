@@ -115,6 +115,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
         self.register_buffer("init_A", None, persistent=False)
         self.register_buffer("init_B", None, persistent=False)
+        self.fused_backward = True  # with gradients on, :class:`LoRABranch`; False: the plain formula (peftcli.guard)
         if init == "pissa":
             init_pissa(self)
         else:
@@ -137,9 +138,10 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        if self.training and torch.is_grad_enabled():
+        if self.fused_backward and torch.is_grad_enabled():
             # training: the memory-lean branch (x saved once, dropout mask drawn again in backward)
-            update = lora_branch(x, self.lora_A.weight, self.lora_B.weight, self.scaling, getattr(self.dropout, "p", 0.0))
+            p = getattr(self.dropout, "p", 0.0) if self.training else 0.0
+            update = lora_branch(x, self.lora_A.weight, self.lora_B.weight, self.scaling, p)
             return result + update.to(result.dtype)
         update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
         return result + (self.scaling * update).to(result.dtype)
