@@ -257,3 +257,25 @@ def test_C14_merge_from_nf4_writes_conv1d_layout(gpt2_dir, tmp_path):
     assert 0 < (saved[w] - original[w]).abs().max() < 0.02
     assert not any(type(m).__module__.startswith("bitsandbytes") for m in reloaded.modules())
     torch.testing.assert_close(logits(reloaded), adapted, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", [{"name": "qlora", "r": 4, "alpha": 8, "dora": True, "target_modules": "all-linear"},
+                                    {"name": "ia3", **GPT2_IA3}], ids=["dora", "ia3"])
+def test_C14_dora_and_ia3_merge_from_nf4_reload(gpt2_dir, tmp_path, method):
+    recipe = validate({"model": {"name_or_path": str(gpt2_dir), "quantization": "nf4"}, "method": method,
+                       "data": {"train": {"path": "unused.jsonl"}}})
+    model, _, base_path = models.load_base(str(gpt2_dir), "nf4")
+    fp = models.fingerprint(model)
+    methods.get(method["name"]).apply(model, recipe.method)
+    torch.manual_seed(1)
+    with torch.no_grad():  # as if trained: every trainable tensor moved off its initial value
+        for p in (p for p in model.parameters() if p.requires_grad):
+            p.add_(torch.randn_like(p) * 0.1)
+    artifacts.save_adapter(tmp_path / "adapter", model, recipe, base_path, fp)
+    adapted = logits(model.eval())
+    assert (adapted - logits(gpt2(gpt2_dir))).abs().max() > 1e-3
+
+    out = merge.merge_adapter(tmp_path / "adapter", tmp_path / "merged")
+
+    _, _, reloaded = _assert_conv1d_files(out, gpt2_dir)
+    torch.testing.assert_close(logits(reloaded), adapted, atol=1e-4, rtol=0)
