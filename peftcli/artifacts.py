@@ -140,6 +140,16 @@ def _hf_loadable(cfg: dict, weights: dict) -> dict:
     return cfg
 
 
+def _hf_fan_in_fan_out(cfg: dict, model: nn.Module) -> dict:
+    """HF peft's LoRA and IA3 record ``fan_in_fan_out: true`` once they wrap a transformers
+    ``Conv1D`` (GPT-2: the base weight is stored (in, out)); write the same for the layers the
+    method wrapped. A Conv1D that transformers quantised is a bitsandbytes Linear of (out, in),
+    for which HF peft keeps ``false``, and so do we. The saved weights' shapes do not change."""
+    if "fan_in_fan_out" in cfg:
+        cfg["fan_in_fan_out"] = any(models.is_conv1d(getattr(m, "base_layer", None)) for m in model.modules())
+    return cfg
+
+
 def save_adapter(out_dir: str | Path, model: nn.Module, recipe: Recipe, base_path: str, base_fingerprint: str) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` to ``out_dir``, atomically
     (temporary sibling dir, fsync, rename; an existing ``out_dir`` is replaced only once the new
@@ -159,7 +169,7 @@ def save_adapter(out_dir: str | Path, model: nn.Module, recipe: Recipe, base_pat
 
     method = methods.get(recipe.method.name)
     weights = method.state_dict(model)
-    cfg = _hf_loadable(adapter_config(recipe, base_path, base_fingerprint), weights)
+    cfg = _hf_fan_in_fan_out(_hf_loadable(adapter_config(recipe, base_path, base_fingerprint), weights), model)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -4,6 +4,8 @@ For LoRA the merged weight is W + scale·B·A, summed in float32 and rounded onc
 dtype (Hu et al. 2021, §4.1: "no additional inference latency"). A 4-bit or 8-bit base is
 dequantised first, so a QLoRA run merges into dequant(W_nf4) + scale·B·A — the weights the
 adapter was trained against (Dettmers et al. 2023, §3) — and the output is never re-quantised.
+Layers keep the base's layout: a GPT-2 ``Conv1D`` (quantised by transformers into a (out, in)
+bitsandbytes Linear) is written back as a Conv1D holding (in, out).
 A tied output head that received an update gets its own storage and the config is untied, so
 the input embedding stays bit-identical.
 """
@@ -105,18 +107,12 @@ def _check_out_dir(out_dir: Path, adapter_dir: Path, base_path: str) -> None:
 def dequantize_linears(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
     """Replace every bitsandbytes 4/8-bit Linear left in ``model`` by a plain ``nn.Linear``
     holding ``models.dequantized_weight`` (the values the quantised layer computes with) in
-    ``dtype``. Returns how many were replaced."""
+    ``dtype`` — a ``Conv1D`` holding its transpose where transformers quantised a Conv1D (GPT-2),
+    so the model's own layout comes back. Returns how many were replaced."""
     names = [n for n, m in model.named_modules() if models.is_quantized_linear(m)]
     for name in names:
         q = model.get_submodule(name)
-        w = models.dequantized_weight(q)  # (out, in) float32
-        linear = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=w.device, dtype=dtype)
-        with torch.no_grad():
-            linear.weight.copy_(w)
-            if q.bias is not None:
-                linear.bias.copy_(q.bias.float())
-        linear.requires_grad_(False)
-        model.set_submodule(name, linear)
+        model.set_submodule(name, models.plain_linear(models.dequantized_weight(q), q.bias, q, dtype))
     return len(names)
 
 

@@ -249,10 +249,71 @@ def is_quantized_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and type(module).__module__.startswith("bitsandbytes")
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' ``Conv1D`` (GPT-2, GPT, ...): a linear layer, ``x @ W + b``, whose
+    weight is stored transposed, (in_features, out_features)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def has_conv1d_layout(module: nn.Module) -> bool:
+    """True when the model's files hold this layer's weight as (in, out): a ``Conv1D``, or a
+    bitsandbytes Linear that transformers quantised from one (it records ``source_cls`` and
+    transposes the weight to (out, in) before quantising, ``integrations/bitsandbytes.py``)."""
+    from transformers.pytorch_utils import Conv1D
+
+    source = getattr(module, "source_cls", None)
+    return is_conv1d(module) or (isinstance(source, type) and issubclass(source, Conv1D))
+
+
+def is_linear(module: nn.Module) -> bool:
+    """True for a linear layer: ``nn.Linear`` and its bitsandbytes subclasses (Linear4bit,
+    Linear8bitLt), and transformers' ``Conv1D``."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear layer (:func:`is_linear`); a ``Conv1D`` stores
+    them as ``nx``, ``nf``."""
+    if is_conv1d(module):
+        return module.nx, module.nf
+    return module.in_features, module.out_features
+
+
+def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A frozen full-precision layer computing x Wᵀ + b, in the file layout of ``like``: a
+    ``Conv1D`` holding Wᵀ (in, out) when :func:`has_conv1d_layout`, else an ``nn.Linear``, so a
+    merged model's state dict loads into a fresh ``from_config`` model of its class.
+
+    Args:
+        weight: W, (out_features, in_features), any float dtype (copied, never shared).
+        bias: (out_features,) or None.
+        like: the layer being replaced (a Linear, a bitsandbytes Linear or a Conv1D).
+        dtype: the dtype of the new parameters.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    out_features, in_features = weight.shape
+    with torch.no_grad():
+        if has_conv1d_layout(like):
+            layer = Conv1D(out_features, in_features).to(device=weight.device, dtype=dtype)
+            layer.weight.copy_(weight.T)  # a Conv1D always has a bias (zeros unless copied below)
+        else:
+            layer = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=dtype)
+            layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias.float())
+    return layer.requires_grad_(False)
+
+
 def dequantized_weight(linear: nn.Module) -> torch.Tensor:
-    """The weight of a Linear as float32 (out_features, in_features); bitsandbytes 4-bit and
-    8-bit weights are dequantised (the values the quantised layer computes with)."""
+    """The weight of a linear layer as float32 (out_features, in_features); bitsandbytes 4-bit
+    and 8-bit weights are dequantised (the values the quantised layer computes with), and a
+    ``Conv1D``'s (in, out) weight is transposed (a view when it is float32 already)."""
     w = linear.weight
+    if is_conv1d(linear):
+        return w.float().T
     quant_state = getattr(w, "quant_state", None)
     if quant_state is not None:  # bitsandbytes Params4bit
         import bitsandbytes.functional as bnbf

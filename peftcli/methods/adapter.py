@@ -16,8 +16,9 @@ initialization"); ``W_down`` is Kaiming-uniform (nn.Linear's default, as LoRA's 
 Blocks are found by structure, not class names: the decoder blocks are the entries of the
 largest ``nn.ModuleList`` whose entries have an attention child (name containing ``attn`` /
 ``attention``) and a feed-forward child (``mlp`` / ``feed_forward`` / ``ffn``; or the block
-itself, as in OPT), each holding an output ``nn.Linear`` with a known name (``o_proj``,
-``out_proj``, ``dense``, ... / ``down_proj``, ``fc2``, ``w2``, ...). The output Linear is wrapped in place by a
+itself, as in OPT), each holding an output linear layer (``nn.Linear``, or GPT-2's ``Conv1D``)
+with a known name (``o_proj``, ``out_proj``, ``dense``, ``c_proj``, ... / ``down_proj``, ``fc2``,
+``w2``, ``c_proj``, ...). The output Linear is wrapped in place by a
 :class:`BottleneckAdapter`, so module paths stay stable and saved keys read
 ``base_model.model.model.layers.0.mlp.down_proj.adapter_down.weight``.
 
@@ -34,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from peftcli.errors import UserError
+from peftcli.models import is_linear, linear_features
 
 PEFT_TYPE = "BOTTLENECK"
 PAPER = "Houlsby et al. 2019, Parameter-Efficient Transfer Learning for NLP; pfeiffer: Pfeiffer et al. 2020"
@@ -74,8 +76,8 @@ class BottleneckAdapter(nn.Module):
     ``y + adapter_up(act(adapter_down(y)))`` with ``y = base_layer(x)``.
 
     Args:
-        base_layer: the frozen output projection (``nn.Linear`` or a bitsandbytes subclass);
-            its ``out_features`` is the hidden size d.
+        base_layer: the frozen output projection (``nn.Linear``, a bitsandbytes subclass, or a
+            transformers ``Conv1D``); its ``out_features`` is the hidden size d.
         reduction_factor: bottleneck size m = d // reduction_factor.
         non_linearity: ``relu`` | ``gelu`` | ``silu`` | ``tanh`` (default relu).
 
@@ -88,14 +90,14 @@ class BottleneckAdapter(nn.Module):
 
     def __init__(self, base_layer: nn.Linear, reduction_factor: int, non_linearity: str = "relu"):
         super().__init__()
-        hidden = base_layer.out_features
+        in_features, hidden = linear_features(base_layer)
         bottleneck = hidden // reduction_factor
         if bottleneck < 1:
             raise UserError(f"method.reduction_factor: {reduction_factor} exceeds the hidden size {hidden} (empty bottleneck)")
         if non_linearity not in ACTIVATIONS:
             raise UserError(f"method.non_linearity: {non_linearity!r} (choose from {', '.join(ACTIVATIONS)})")
         self.base_layer = base_layer
-        self.in_features, self.out_features, self.bottleneck = base_layer.in_features, hidden, bottleneck
+        self.in_features, self.out_features, self.bottleneck = in_features, hidden, bottleneck
         device = base_layer.weight.device
         self.adapter_down = nn.Linear(hidden, bottleneck, device=device, dtype=torch.float32)
         self.act = ACTIVATIONS[non_linearity]()
@@ -105,7 +107,8 @@ class BottleneckAdapter(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The frozen base weight (out_features, in_features), for code that reads ``.weight``."""
+        """The frozen base weight as the base stores it, (out_features, in_features) ((in, out) for a
+        Conv1D), for code that reads ``.weight``."""
         return self.base_layer.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,7 +142,7 @@ def _named_like(name: str, words: tuple[str, ...]) -> bool:
 def _output_linear(sub: nn.Module, out_names: tuple[str, ...]) -> str | None:
     """The path (inside ``sub``) of its output Linear: the one whose last name is the first of
     ``out_names`` present, or None."""
-    linears = {n: m for n, m in sub.named_modules() if n and isinstance(m, nn.Linear)}
+    linears = {n: m for n, m in sub.named_modules() if n and is_linear(m)}
     for want in out_names:
         hits = [n for n in linears if n.rsplit(".", 1)[-1] == want]
         if len(hits) == 1:
@@ -158,7 +161,7 @@ def _block_parts(block: nn.Module) -> tuple[str, str] | None:
             out = _output_linear(child, MLP_OUT)
             mlp = f"{child_name}.{out}" if out else None
     if mlp is None:  # feed-forward Linears held by the block itself (OPT: fc1, fc2)
-        mlp = next((n for n in MLP_OUT if isinstance(getattr(block, n, None), nn.Linear)), None)
+        mlp = next((n for n in MLP_OUT if is_linear(getattr(block, n, None))), None)
     return (attn, mlp) if attn and mlp else None
 
 

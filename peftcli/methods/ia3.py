@@ -5,10 +5,12 @@ is Better and Cheaper than In-Context Learning", §3.3, https://arxiv.org/abs/22
     feed-forward:             x ↦ W (l ⊙ x) + b          l: (in_features,)
 
 The paper rescales the keys, the values and the feed-forward intermediate activation (the
-input of the FFN's output projection). Each target ``nn.Linear`` is wrapped in place by an
-:class:`IA3Linear` holding it as ``base_layer``; a module listed in ``feedforward_modules``
-scales its input, every other target its output. The vectors start at ones, so the adapted
-model starts equal to the base (§3.3).
+input of the FFN's output projection). Each target ``nn.Linear`` (or transformers ``Conv1D``)
+is wrapped in place by an :class:`IA3Linear` holding it as ``base_layer``; a module listed in
+``feedforward_modules`` scales its input, every other target its output. The vectors start at
+ones, so the adapted model starts equal to the base (§3.3). On GPT-2, HF peft's defaults are
+``target_modules: [c_attn, mlp.c_proj]``, ``feedforward_modules: [mlp.c_proj]``: the fused
+query/key/value output (so the queries are rescaled too) and the FFN output projection's input.
 
 Files are Hugging Face peft's IA3 format: one key per target,
 ``base_model.model.<module>.ia3_l``, shaped (out_features, 1) for an output vector and
@@ -76,7 +78,8 @@ class IA3Linear(nn.Module):
     ``base_layer(x * ia3_l)`` (input scaling, ``ia3_l``: (in_features,)).
 
     Args:
-        base_layer: the frozen ``nn.Linear`` (or bitsandbytes ``Linear4bit``/``Linear8bitLt``).
+        base_layer: the frozen ``nn.Linear`` (or bitsandbytes ``Linear4bit``/``Linear8bitLt``, or
+            a transformers ``Conv1D``).
         is_feedforward: scale the input instead of the output (default False).
 
     ``ia3_l`` is float32 whatever the base dtype and starts at ones; the product is taken in
@@ -86,14 +89,15 @@ class IA3Linear(nn.Module):
     def __init__(self, base_layer: nn.Linear, is_feedforward: bool = False):
         super().__init__()
         self.base_layer = base_layer
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.in_features, self.out_features = models.linear_features(base_layer)
         self.is_feedforward = is_feedforward
         size = self.in_features if is_feedforward else self.out_features
         self.ia3_l = nn.Parameter(torch.ones(size, device=base_layer.weight.device, dtype=torch.float32))
 
     @property
     def weight(self) -> torch.Tensor:
-        """The frozen base weight (out_features, in_features), for code that reads ``.weight``."""
+        """The frozen base weight as the base stores it, (out_features, in_features) ((in, out) for a
+        Conv1D), for code that reads ``.weight``."""
         return self.base_layer.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -179,7 +183,7 @@ def adapter_config(cfg: Config) -> dict:
         "feedforward_modules": cfg.feedforward_modules,
         "exclude_modules": None,
         "init_ia3_weights": True,
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": False,  # true for Conv1D targets: set by artifacts.save_adapter, as HF peft does
         "modules_to_save": None,
         "inference_mode": True,
     }
@@ -205,7 +209,8 @@ def config_from_adapter(d: dict) -> Config:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every vector into its base weight and put a plain ``nn.Linear`` back:
+    """Fold every vector into its base weight and put a plain ``nn.Linear`` back (a ``Conv1D``
+    where the base's files hold one):
 
         output scaling:  W' = l[:, None] · W,  b' = l · b
         input scaling:   W' = W · l[None, :],  b' = b
@@ -222,13 +227,8 @@ def merge(model: nn.Module) -> nn.Module:
         w = dequantized_weight(base)  # (out, in) float32
         vec = layer.ia3_l.detach().float().to(w.device)  # l: (in,) or (out,)
         dtype = torch.float32 if models.is_quantized_linear(base) else base.weight.dtype
-        merged = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, device=w.device, dtype=dtype)
-        with torch.no_grad():
-            merged.weight.copy_((w * vec[None, :] if layer.is_feedforward else w * vec[:, None]).to(dtype))
-            if base.bias is not None:
-                bias = base.bias.float()
-                merged.bias.copy_((bias if layer.is_feedforward else bias * vec).to(dtype))
-        merged.requires_grad_(False)
-        model.set_submodule(name, merged)
+        weight = w * vec[None, :] if layer.is_feedforward else w * vec[:, None]
+        bias = None if base.bias is None else base.bias.detach().float() * (1 if layer.is_feedforward else vec)
+        model.set_submodule(name, models.plain_linear(weight, bias, base, dtype))
     return model
 

@@ -4,9 +4,11 @@
 
 W (out × in) stays frozen; A (r × in) is Kaiming-uniform, B (out × r) starts at zero so the
 adapted model starts equal to the base (§4.1). Each target ``nn.Linear`` (or bitsandbytes 4/8-bit
-Linear, which subclass it) is replaced in its parent by a :class:`LoRALinear` that holds it as
-``base_layer`` — the module names therefore match Hugging Face peft's, and so do the saved keys
-(``base_model.model.<module>.lora_A.weight``).
+Linear, which subclass it, or transformers' ``Conv1D`` of GPT-2, which stores W transposed) is
+replaced in its parent by a :class:`LoRALinear` that holds it as ``base_layer`` — the module
+names therefore match Hugging Face peft's, and so do the saved keys
+(``base_model.model.<module>.lora_A.weight``). A and B have the same shapes for a Conv1D base;
+only merging writes W back in the Conv1D's (in × out) layout.
 
 Options:
 
@@ -34,7 +36,7 @@ from torch import nn
 
 from peftcli import models
 from peftcli.errors import UserError
-from peftcli.models import dequantized_weight
+from peftcli.models import dequantized_weight, is_linear
 
 PEFT_TYPE = "LORA"
 PAPER = "Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models"
@@ -79,7 +81,8 @@ class LoRALinear(nn.Module):
     ``base_layer(x) + scaling · lora_B(lora_A(dropout(x)))``.
 
     Args:
-        base_layer: the frozen ``nn.Linear`` (or bitsandbytes ``Linear4bit``/``Linear8bitLt``).
+        base_layer: the frozen ``nn.Linear`` (or bitsandbytes ``Linear4bit``/``Linear8bitLt``, or
+            a transformers ``Conv1D``).
         r: rank (> 0).
         alpha: scale numerator.
         dropout: dropout probability on the LoRA branch input (default 0).
@@ -106,7 +109,7 @@ class LoRALinear(nn.Module):
         if init not in INITS:
             raise ValueError(f"LoRA init must be one of {INITS}, got {init!r}")
         self.base_layer = base_layer
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.in_features, self.out_features = models.linear_features(base_layer)
         self.r, self.alpha, self.rslora = r, alpha, rslora
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -124,7 +127,8 @@ class LoRALinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The frozen base weight (out_features, in_features), for code that reads ``.weight``."""
+        """The frozen base weight as the base stores it, (out_features, in_features) ((in, out) for a
+        Conv1D), for code that reads ``.weight``."""
         return self.base_layer.weight
 
     def delta_weight(self) -> torch.Tensor:
@@ -282,7 +286,8 @@ class DoRALinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The frozen base weight (out_features, in_features), for code that reads ``.weight``."""
+        """The frozen base weight as the base stores it, (out_features, in_features) ((in, out) for a
+        Conv1D), for code that reads ``.weight``."""
         return self.base_layer.weight
 
     def delta_weight(self) -> torch.Tensor:
@@ -353,7 +358,7 @@ def init_pissa(layer: LoRALinear) -> None:
                         "which a 4/8-bit weight cannot hold); use init zeros or gaussian with a quantised base")
     if layer.r > min(layer.in_features, layer.out_features):
         raise UserError(f"method.init: pissa needs r <= min(in, out) = {min(layer.in_features, layer.out_features)}, got r = {layer.r}")
-    W = base.weight.float()  # (out, in)
+    W = dequantized_weight(base)  # (out, in) float32
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     sqrt_S = torch.sqrt(S[: layer.r] / layer.scaling)  # (r,)
     A = torch.diag(sqrt_S) @ Vh[: layer.r]  # (r, in)
@@ -361,7 +366,10 @@ def init_pissa(layer: LoRALinear) -> None:
     layer.lora_A.weight.copy_(A)
     layer.lora_B.weight.copy_(B)
     layer.init_A, layer.init_B = A.clone(), B.clone()
-    base.weight = nn.Parameter((W - layer.scaling * B @ A).to(base.weight.dtype), requires_grad=False)
+    residual = W - layer.scaling * B @ A  # (out, in)
+    if models.is_conv1d(base):
+        residual = residual.T.contiguous()  # stored (in, out)
+    base.weight = nn.Parameter(residual.to(base.weight.dtype), requires_grad=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,16 +378,12 @@ def init_pissa(layer: LoRALinear) -> None:
 _LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
-def is_linear(module: nn.Module) -> bool:
-    """True for nn.Linear and its bitsandbytes subclasses (Linear4bit, Linear8bitLt)."""
-    return isinstance(module, nn.Linear)
-
-
 def find_targets(model: nn.Module, target_modules: str | list[str], layers: list[int] | None = None) -> list[str]:
     """Names of the modules ``target_modules`` selects, with Hugging Face peft's matching rules:
     a list matches a module whose name equals an entry or ends with ``"." + entry``; a string is
     a regex that must match the whole module path; ``"all-linear"`` is every Linear except the
-    output head. ``layers`` keeps only modules inside those block indices.
+    output head (HF peft's ``all-linear``: ``nn.Linear``, its bitsandbytes subclasses and
+    ``Conv1D``). ``layers`` keeps only modules inside those block indices.
 
     Raises:
         UserError: nothing matched, or an entry of a list matched nothing (a typo; the message
@@ -401,7 +405,7 @@ def find_targets(model: nn.Module, target_modules: str | list[str], layers: list
             hit = m is not None and int(m.group(1)) in layers
         if hit:
             if not is_linear(module):
-                raise UserError(f"method.target_modules: {name} is a {type(module).__name__}, LoRA wraps Linear layers only")
+                raise UserError(f"method.target_modules: {name} is a {type(module).__name__}, LoRA wraps Linear (or Conv1D) layers only")
             names.append(name)
     unmatched = [] if isinstance(target_modules, str) else [
         t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
@@ -531,7 +535,7 @@ def adapter_config(cfg: Config) -> dict:
         "layers_to_transform": cfg.layers,
         "use_rslora": cfg.rslora,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": False,  # true for Conv1D targets: set by artifacts.save_adapter, as HF peft does
         "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True,
         "modules_to_save": None,
         "use_dora": cfg.dora,
@@ -568,7 +572,8 @@ def config_from_adapter(d: dict) -> Config:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every LoRA update into its base weight and put a plain ``nn.Linear`` back.
+    """Fold every LoRA update into its base weight and put a plain ``nn.Linear`` back (a
+    ``Conv1D`` where the base's files hold one, so a GPT-2 merge reloads into GPT-2).
 
     The merged weight (``merged_weight``: W + scaling·B·A; for DoRA m ⊙ (W + s·B A) / ‖W + s·B A‖_r)
     is computed in float32 and rounded once to the output dtype; a 4/8-bit base is dequantised
@@ -583,11 +588,5 @@ def merge(model: nn.Module) -> nn.Module:
         with torch.no_grad():
             w = layer.merged_weight()  # (out, in) float32
         dtype = torch.float32 if models.is_quantized_linear(base) else base.weight.dtype
-        merged = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, device=w.device, dtype=dtype)
-        with torch.no_grad():
-            merged.weight.copy_(w.to(dtype))
-            if base.bias is not None:
-                merged.bias.copy_(base.bias.float().to(dtype))
-        merged.weight.requires_grad_(False)
-        model.set_submodule(name, merged)
+        model.set_submodule(name, models.plain_linear(w, base.bias, base, dtype))
     return model
