@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftcli.data import IGNORE_INDEX
+from peftcli.errors import UserError
 
 # (loss relative to max(1, loss) in nats, gradient relative L2 norm) the fast path may differ by.
 # float32: the reduction-order noise of padded vs padding-free attention and of the blockwise head
@@ -137,7 +138,8 @@ def _loss_and_grads(loss_fn, model: nn.Module, batch: dict, params: list[nn.Para
         s, n = loss_fn(model, batch)
     if not params:
         return float(s.detach()) / max(n, 1), n, None
-    (s / max(n, 1)).backward()
+    if s.requires_grad:  # else no trainable parameter is on the loss's way: every gradient is zero
+        (s / max(n, 1)).backward()
     grads = [p.grad.detach().float().clone() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32) for p in params]
     for p in params:
         p.grad = None
@@ -166,6 +168,9 @@ def choose_loss_path(model: nn.Module, examples: list[dict], pad_id: int, paddin
         gradients: also compare trainable-parameter gradients (off for scoring only).
     Returns:
         the :class:`LossPath`; its ``loss_sum`` is the loss to train and evaluate with.
+    Raises:
+        UserError: no trainable parameter gets a gradient through the model's own forward (the
+            method hooks something that forward does not use).
     """
     from peftcli.data import collate, collate_padding_free
 
@@ -181,6 +186,9 @@ def choose_loss_path(model: nn.Module, examples: list[dict], pad_id: int, paddin
         with torch.enable_grad() if gradients else torch.no_grad():
             set_fused_backward(model, False)
             ref_loss, ref_n, ref_grads = _loss_and_grads(LossPath("reference", False).loss_sum, model, padded, params, autocast)
+            if ref_grads is not None and all(not bool(g.any()) for g in ref_grads):
+                raise UserError(f"method: its trainable parameters do not reach {type(model).__name__}'s own forward "
+                                "(every gradient is zero there); this method cannot apply to this model")
             set_fused_backward(model, True)
             tried = []
             candidates = ([("fast", True)] if padding_free else []) + [("fast-padded", False)]

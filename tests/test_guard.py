@@ -9,6 +9,7 @@ from tiny import SORT_ROWS, tiny_llama, tiny_run_recipe, tiny_tokenizer
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from peftcli import data, guard, methods, models, trainer
+from peftcli.errors import UserError
 from peftcli.methods import lora
 
 
@@ -129,3 +130,15 @@ def test_C12_training_on_a_transformed_model_matches_its_own_loss(tmp_path, tiny
     # the final eval loss is the trained model's own loss on the eval rows
     with torch.no_grad():
         assert summary["eval_loss"] == pytest.approx(own_loss(result.model.eval(), ds.eval, tok.pad_token_id), rel=1e-5)
+
+
+def test_C12_a_method_the_forward_never_reaches_is_refused(tmp_path):
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok)
+    recipe, module, examples = adapted(model, tok, tmp_path)
+    model.forward_bypass = torch.nn.Linear(2, 2)  # trainable, but not on the forward's way
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.forward_bypass.weight.requires_grad_(True)
+    with pytest.raises(UserError, match="do not reach LlamaForCausalLM's own forward"):
+        trainer.choose_loss_path(model, recipe, module, examples, tok.pad_token_id, "no")
