@@ -285,6 +285,7 @@ def validate(
     out.print(f"base: {path}")
     out.print(f"matched {len(targets)} modules: {', '.join(targets[:6])}{' ...' if len(targets) > 6 else ''}")
     out.print(f"trainable parameters: {trainable:,} = {100 * trainable / (total - trainable):.3f}% of the base's {total - trainable:,}")
+    out.print(f"trainable by kind: {methods.kinds_line(model)}")
     padding_free = r.data.padding_free and method.PADDING_FREE and prepare_padding_free(model)
     batch = memory.largest_micro_batch(ds.train, r.train.micro_batch_size, padding_free, tok.pad_token_id,
                                        r.data.pad_to_multiple_of)
