@@ -128,18 +128,6 @@ def adapter_config(recipe: Recipe, base_path: str, base_fingerprint: str) -> dic
     return cfg
 
 
-def _hf_loadable(cfg: dict, weights: dict) -> dict:
-    """HF peft refuses ``layers_to_transform`` beside a string ``target_modules`` (a regex or
-    ``all-linear``); for that combination write the explicit list of wrapped module paths (read
-    from the LoRA weight keys), which HF matches exactly. The ``peftcli`` block keeps the
-    recipe's own form, which is what :func:`load_adapted` reads."""
-    if cfg.get("peft_type") == "LORA" and isinstance(cfg.get("target_modules"), str) and cfg.get("layers_to_transform"):
-        suffix = ".lora_A.weight"
-        cfg["target_modules"] = sorted(k.removeprefix("base_model.model.").removesuffix(suffix) for k in weights if k.endswith(suffix))
-        cfg["layers_to_transform"] = None
-    return cfg
-
-
 def _hf_fan_in_fan_out(cfg: dict, model: nn.Module) -> dict:
     """HF peft's LoRA and IA3 record ``fan_in_fan_out: true`` once they wrap a transformers
     ``Conv1D`` (GPT-2: the base weight is stored (in, out)); write the same for the layers the
@@ -169,7 +157,10 @@ def save_adapter(out_dir: str | Path, model: nn.Module, recipe: Recipe, base_pat
 
     method = methods.get(recipe.method.name)
     weights = method.state_dict(model)
-    cfg = _hf_fan_in_fan_out(_hf_loadable(adapter_config(recipe, base_path, base_fingerprint), weights), model)
+    cfg = adapter_config(recipe, base_path, base_fingerprint)
+    if hasattr(method, "file_fields"):  # what was wrapped, named explicitly (the peftcli block keeps the recipe's form)
+        cfg.update(method.file_fields(model))
+    cfg = _hf_fan_in_fan_out(cfg, model)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")

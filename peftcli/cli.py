@@ -285,6 +285,7 @@ def validate(
     out.print(f"base: {path}")
     out.print(f"matched {len(targets)} modules: {', '.join(targets[:6])}{' ...' if len(targets) > 6 else ''}")
     out.print(f"trainable parameters: {trainable:,} = {100 * trainable / (total - trainable):.3f}% of the base's {total - trainable:,}")
+    out.print(f"trainable by kind: {methods.kinds_line(model)}")
     mixed = resolve_mixed_precision(r.train.mixed_precision)
     path = choose_loss_path(model, r, method, ds.train, tok.pad_token_id, mixed, console=out)
     out.print(path.describe(), highlight=False, markup=False)

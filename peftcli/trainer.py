@@ -636,7 +636,7 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
     base_params = total - trainable  # the frozen base; the method's parameters are the trainable ones
     console.print(f"[bold]{recipe.method.name}[/] on {', '.join(targets[:2])}{', ...' if len(targets) > 2 else ''} "
                   f"({len(targets)} module{'s' * (len(targets) != 1)}): trainable parameters {trainable:,} = "
-                  f"{100 * trainable / base_params:.3f}% of the base's {base_params:,}")
+                  f"{100 * trainable / base_params:.3f}% of the base's {base_params:,} ({methods.kinds_line(model)})")
     console.print(f"data: {s.kept} train examples ({s.dropped_empty_answer} empty answers and "
                   f"{s.dropped_truncated} over-long prompts dropped), eval on {len(eval_examples)} examples")
     if world > 1:

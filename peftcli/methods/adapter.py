@@ -20,7 +20,10 @@ itself, as in OPT), each holding an output linear layer (``nn.Linear``, or GPT-2
 with a known name (``o_proj``, ``out_proj``, ``dense``, ``c_proj``, ... / ``down_proj``, ``fc2``,
 ``w2``, ``c_proj``, ...). The output Linear is wrapped in place by a
 :class:`BottleneckAdapter`, so module paths stay stable and saved keys read
-``base_model.model.model.layers.0.mlp.down_proj.adapter_down.weight``.
+``base_model.model.model.layers.0.mlp.down_proj.adapter_down.weight``. A mixture-of-experts
+feed-forward block (fused 3-D expert weights, or an ``experts`` child: Mixtral, Qwen3-MoE) has
+no single output Linear: the whole block is wrapped, so the adapter acts on the routed sum of
+the experts (``...layers.0.mlp.adapter_down.weight``).
 
 HF peft has no such method: files use ``peft_type: BOTTLENECK`` (see ``docs/formats.md``).
 """
@@ -77,9 +80,11 @@ class BottleneckAdapter(nn.Module):
 
     Args:
         base_layer: the frozen output projection (``nn.Linear``, a bitsandbytes subclass, or a
-            transformers ``Conv1D``); its ``out_features`` is the hidden size d.
+            transformers ``Conv1D``); its ``out_features`` is the hidden size d. Or any module
+            whose output is (..., d) (a mixture-of-experts block), with ``hidden_size`` given.
         reduction_factor: bottleneck size m = d // reduction_factor.
         non_linearity: ``relu`` | ``gelu`` | ``silu`` | ``tanh`` (default relu).
+        hidden_size: d, for a base that is not a Linear.
 
     ``adapter_down`` (m × d, bias m) and ``adapter_up`` (d × m, bias d) are float32 whatever the
     base dtype; the bottleneck runs in float32 and is cast to ``y``'s dtype before the sum.
@@ -88,9 +93,10 @@ class BottleneckAdapter(nn.Module):
         UserError: reduction_factor larger than d (an empty bottleneck), or an unknown non-linearity.
     """
 
-    def __init__(self, base_layer: nn.Linear, reduction_factor: int, non_linearity: str = "relu"):
+    def __init__(self, base_layer: nn.Linear, reduction_factor: int, non_linearity: str = "relu",
+                 hidden_size: int | None = None):
         super().__init__()
-        in_features, hidden = linear_features(base_layer)
+        in_features, hidden = linear_features(base_layer) if hidden_size is None else (hidden_size, hidden_size)
         bottleneck = hidden // reduction_factor
         if bottleneck < 1:
             raise UserError(f"method.reduction_factor: {reduction_factor} exceeds the hidden size {hidden} (empty bottleneck)")
@@ -98,7 +104,7 @@ class BottleneckAdapter(nn.Module):
             raise UserError(f"method.non_linearity: {non_linearity!r} (choose from {', '.join(ACTIVATIONS)})")
         self.base_layer = base_layer
         self.in_features, self.out_features, self.bottleneck = in_features, hidden, bottleneck
-        device = base_layer.weight.device
+        device = next(base_layer.parameters()).device
         self.adapter_down = nn.Linear(hidden, bottleneck, device=device, dtype=torch.float32)
         self.act = ACTIVATIONS[non_linearity]()
         self.adapter_up = nn.Linear(bottleneck, hidden, device=device, dtype=torch.float32)
@@ -150,13 +156,21 @@ def _output_linear(sub: nn.Module, out_names: tuple[str, ...]) -> str | None:
     return None
 
 
+def is_moe(module: nn.Module) -> bool:
+    """True for a mixture-of-experts block: it holds fused 3-D expert weights or an ``experts`` child."""
+    return any(p.ndim == 3 for p in module.parameters()) or any(n.rsplit(".", 1)[-1] == "experts" for n, _ in module.named_modules())
+
+
 def _block_parts(block: nn.Module) -> tuple[str, str] | None:
-    """(attention output Linear, feed-forward output Linear) paths inside ``block``, or None."""
+    """(attention output Linear, feed-forward output) paths inside ``block``, or None; the
+    feed-forward output of a mixture-of-experts block is the block itself."""
     attn = mlp = None
     for child_name, child in block.named_children():
         if attn is None and _named_like(child_name, ATTENTION_NAMES):
             out = _output_linear(child, ATTENTION_OUT)
             attn = f"{child_name}.{out}" if out else None
+        elif mlp is None and _named_like(child_name, MLP_NAMES) and is_moe(child):
+            mlp = child_name
         elif mlp is None and _named_like(child_name, MLP_NAMES):
             out = _output_linear(child, MLP_OUT)
             mlp = f"{child_name}.{out}" if out else None
@@ -226,7 +240,8 @@ def apply(model: nn.Module, cfg: Config) -> list[str]:
         p.requires_grad_(False)
     for name in targets:
         base = model.get_submodule(name)
-        wrapped = BottleneckAdapter(base, cfg.reduction_factor, cfg.non_linearity).train(base.training)
+        hidden = None if isinstance(base, nn.Linear) else model.get_input_embeddings().embedding_dim  # an MoE block
+        wrapped = BottleneckAdapter(base, cfg.reduction_factor, cfg.non_linearity, hidden).train(base.training)
         model.set_submodule(name, wrapped)
     return targets
 

@@ -20,6 +20,9 @@ Options:
   start as the principal part of W and the base weight becomes the residual. The adapter is
   *saved* as a plain rank-2r LoRA relative to the original W (see :func:`state_dict`), so the
   files need no modified base, in our loader and in HF peft alike.
+- ``target_parameters`` — LoRA on ``nn.Parameter`` weights such as the fused experts of MoE
+  blocks (:mod:`peftcli.methods.lora_params`, HF peft's ``target_parameters`` layout); no
+  dropout there, ``dropout`` applies to the ``target_modules`` Linear layers.
 """
 
 from __future__ import annotations
@@ -31,11 +34,12 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from peftcli import models
 from peftcli.errors import UserError
+from peftcli.methods import lora_params
 from peftcli.models import dequantized_weight, is_linear
 
 PEFT_TYPE = "LORA"
@@ -59,7 +63,12 @@ class Config(BaseModel):
     target_modules: str | list[str] = Field(
         default_factory=lambda: ["q_proj", "v_proj"],
         description="module names (suffix match), a regex (full match of the module path), "
-        "or all-linear (every Linear but the output head)",
+        "or all-linear (every Linear but the output head, and the fused expert weights of MoE blocks)",
+    )
+    target_parameters: list[str] = Field(
+        default_factory=list,
+        description="nn.Parameter weights to adapt, e.g. mlp.experts.gate_up_proj (suffix match of the parameter "
+        "path): one low-rank update per expert of a 3-D fused weight, or of a 2-D weight such as a router; no dropout there",
     )
     layers: list[int] | None = Field(None, description="only these transformer block indices")
     rslora: bool = Field(False, description="rank-stabilised scale alpha/√r")
@@ -68,6 +77,13 @@ class Config(BaseModel):
         "zeros", description="zeros: Kaiming-uniform A, zero B; gaussian: A ~ N(0, 1/r²), zero B; "
         "pissa: A, B from the top-r singular vectors of W, the base keeps the residual (full-precision base only)",
     )
+
+    @model_validator(mode="after")
+    def _parameter_options(self):
+        if self.target_parameters and (self.dora or self.init == "pissa"):
+            raise ValueError(f"target_parameters cannot be combined with {'dora' if self.dora else 'init pissa'} "
+                             "(they need a Linear weight); drop one of them")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,7 +421,8 @@ def find_targets(model: nn.Module, target_modules: str | list[str], layers: list
             hit = m is not None and int(m.group(1)) in layers
         if hit:
             if not is_linear(module):
-                raise UserError(f"method.target_modules: {name} is a {type(module).__name__}, LoRA wraps Linear (or Conv1D) layers only")
+                raise UserError(f"method.target_modules: {name} is a {type(module).__name__}, LoRA wraps Linear (or Conv1D) layers "
+                                f"only (name its weights in method.target_parameters, e.g. {_param_hint(module, name)})")
             names.append(name)
     unmatched = [] if isinstance(target_modules, str) else [
         t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
@@ -422,14 +439,24 @@ def find_targets(model: nn.Module, target_modules: str | list[str], layers: list
 # the method surface
 
 
+def _param_hint(module: nn.Module, name: str) -> str:
+    params = [p for p, w in module.named_parameters(recurse=False) if w.ndim >= 2]
+    return f"{name.rsplit('.', 1)[-1]}.{params[0]}" if params else "experts.gate_up_proj"
+
+
 def apply(model: nn.Module, cfg: Config) -> list[str]:
     """Freeze every base parameter and wrap each target Linear in a :class:`LoRALinear` (a
-    :class:`DoRALinear` with ``cfg.dora``), initialised as ``cfg.init`` says.
+    :class:`DoRALinear` with ``cfg.dora``), initialised as ``cfg.init`` says; then each
+    ``target_parameters`` match (and, for ``all-linear``, every fused 3-D expert weight) in a
+    :class:`~peftcli.methods.lora_params.LoRAParameter`.
 
-    Returns the wrapped module names. Raises UserError when ``target_modules`` matches nothing,
-    or for ``init: pissa`` on a quantised base.
+    Returns the wrapped module names, then the adapted parameter paths. Raises UserError when
+    ``target_modules`` or ``target_parameters`` matches nothing, or for ``init: pissa`` on a
+    quantised base.
     """
-    targets = find_targets(model, cfg.target_modules, cfg.layers)
+    only_params = cfg.target_modules == [] and cfg.target_parameters
+    targets = [] if only_params else find_targets(model, cfg.target_modules, cfg.layers)
+    params = lora_params.find_parameters(model, cfg.target_parameters, cfg.layers, cfg.target_modules == "all-linear")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in targets:
@@ -439,12 +466,18 @@ def apply(model: nn.Module, cfg: Config) -> list[str]:
             layer = DoRALinear(layer)
         # keep the mode the base layer was in: LoRA dropout is off on a model in eval mode
         model.set_submodule(name, layer.train(base.training))
-    return targets
+    lora_params.wrap(model, params, cfg.r, cfg.alpha, cfg.rslora, cfg.init)
+    return targets + params
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear | DoRALinear]:
     """name -> LoRALinear or DoRALinear for every wrapped layer of ``model``."""
     return {n: m for n, m in model.named_modules() if isinstance(m, (LoRALinear, DoRALinear))}
+
+
+def all_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """name -> layer for every LoRA layer: the Linear ones and the ``target_parameters`` wrappers."""
+    return {**lora_layers(model), **lora_params.param_layers(model)}
 
 
 def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -457,11 +490,15 @@ def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     "PiSSA to LoRA" conversion (``path_initial_model_for_weight_conversion``) — and
     :func:`adapter_config` doubles r and alpha to keep the scale. The files then work with the
     unmodified base; a DoRA magnitude is unaffected, since W' is the same matrix.
+
+    A ``target_parameters`` wrapper saves the same two keys under its module path, in HF peft's
+    ``ParamWrapper`` layout (:mod:`peftcli.methods.lora_params`): ``lora_A`` (r·E, in),
+    ``lora_B`` (out, r·E); a second wrapper on one module is ``<module>.base_layer.lora_A.weight``.
     """
     out = {}
-    for name, layer in lora_layers(model).items():
+    for name, layer in all_layers(model).items():
         A, B = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
-        if layer.init_A is not None:  # PiSSA
+        if getattr(layer, "init_A", None) is not None:  # PiSSA
             A, B = torch.cat([A, layer.init_A]), torch.cat([B, -layer.init_B], dim=1)
         out[f"{KEY_PREFIX}{name}.lora_A.weight"] = A.cpu().contiguous()
         out[f"{KEY_PREFIX}{name}.lora_B.weight"] = B.cpu().contiguous()
@@ -483,7 +520,7 @@ def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
         UserError: a wrapped layer has no saved weights, a saved key matches no layer, or a
         shape differs (an adapter for another model or rank).
     """
-    layers = lora_layers(model)
+    layers = all_layers(model)
     want = set()
     for name, layer in layers.items():
         want |= {f"{name}.lora_A.weight", f"{name}.lora_B.weight"}
@@ -497,7 +534,7 @@ def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, layer in layers.items():
             A, B = got[f"{name}.lora_A.weight"], got[f"{name}.lora_B.weight"]
-            if layer.init_A is not None and A.shape[0] == 2 * layer.r:  # our PiSSA form [A ; A₀], [B | −B₀]
+            if getattr(layer, "init_A", None) is not None and A.shape[0] == 2 * layer.r:  # our PiSSA form [A ; A₀], [B | −B₀]
                 A, init_A = A.split(layer.r)
                 B, minus_init_B = B.split(layer.r, dim=1)
                 layer.init_A.copy_(init_A)
@@ -543,6 +580,26 @@ def adapter_config(cfg: Config) -> dict:
     }
 
 
+def file_fields(model: nn.Module) -> dict:
+    """The ``adapter_config.json`` fields that name what :func:`apply` wrapped on ``model``, for
+    :func:`peftcli.artifacts.save_adapter` to write over :func:`adapter_config`'s recipe form:
+
+    - ``target_modules``: the explicit sorted list of wrapped Linear paths, never ``all-linear``
+      or a regex (HF peft expands those its own way: on an MoE model its ``all-linear`` adds the
+      router, ours does not), and ``layers_to_transform: null`` since the list says it;
+    - ``target_parameters``: the adapted parameter paths (null when none);
+    - ``lora_dropout: 0`` when there are any: HF peft refuses dropout beside target_parameters,
+      and dropout never changes inference. The recipe's dropout stays in the ``peftcli`` block,
+      which our loader reads.
+    """
+    params = lora_params.adapted_parameters(model)
+    fields = {"target_modules": sorted(lora_layers(model)), "layers_to_transform": None,
+              "target_parameters": params or None}
+    if params:
+        fields["lora_dropout"] = 0.0
+    return fields
+
+
 # HF peft's init_lora_weights values we read: any init whose base is the unmodified W, and exact PiSSA
 _HF_INITS = {True: "zeros", False: "zeros", "gaussian": "gaussian", "pissa": "pissa"}
 
@@ -562,10 +619,11 @@ def config_from_adapter(d: dict) -> Config:
     init = d.get("init_lora_weights", True)
     if not isinstance(init, (bool, str)) or init not in _HF_INITS:
         raise UserError(f"adapter_config.json: init_lora_weights {init!r} is not supported (true, false, gaussian, pissa)")
-    targets = d.get("target_modules") or ["q_proj", "v_proj"]
+    parameters = list(d.get("target_parameters") or [])
+    targets = d.get("target_modules") or ([] if parameters else ["q_proj", "v_proj"])
     return Config(
         r=d["r"], alpha=d.get("lora_alpha", 8), dropout=d.get("lora_dropout", 0.0),
-        target_modules=targets if isinstance(targets, str) else list(targets),
+        target_modules=targets if isinstance(targets, str) else list(targets), target_parameters=parameters,
         layers=d.get("layers_to_transform"), rslora=bool(d.get("use_rslora", False)),
         dora=bool(d.get("use_dora", False)), init=_HF_INITS[init],
     )
@@ -581,8 +639,10 @@ def merge(model: nn.Module) -> nn.Module:
     Linear is full precision (float32 for a quantised base, else the base dtype). For PiSSA, W is
     the residual, so the sum is the original W plus the trained update. A weight shared with
     another module (tied embeddings) is never written in place: the merged Linear gets its own
-    storage. The bias is kept as is. Returns ``model``.
+    storage. The bias is kept as is. ``target_parameters`` updates are folded into their fused
+    weights (:func:`peftcli.methods.lora_params.merge`). Returns ``model``.
     """
+    lora_params.merge(model)
     for name, layer in lora_layers(model).items():
         base = layer.base_layer
         with torch.no_grad():

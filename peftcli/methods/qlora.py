@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import field_validator
 
 from peftcli.methods import lora
-from peftcli.methods.lora import adapter_config, apply, load_state_dict, merge, state_dict  # noqa: F401
+from peftcli.methods.lora import adapter_config, apply, file_fields, load_state_dict, merge, state_dict  # noqa: F401
 
 PEFT_TYPE = lora.PEFT_TYPE
 PAPER = "Dettmers et al. 2023, QLoRA: Efficient Finetuning of Quantized LLMs"
@@ -38,6 +38,14 @@ class Config(lora.Config):
             raise ValueError("pissa needs a full-precision base (it replaces W by the residual W - scale·B·A); "
                              "use method lora with init pissa, or init zeros/gaussian with qlora")
         return init
+
+    @field_validator("target_parameters")
+    @classmethod
+    def _no_parameters(cls, target_parameters: list[str]) -> list[str]:
+        if target_parameters:
+            raise ValueError("LoRA on nn.Parameter weights is not supported on a 4-bit base; "
+                             "use method lora (full-precision base) for target_parameters")
+        return target_parameters
 
 
 def config_from_adapter(d: dict) -> Config:
