@@ -237,20 +237,31 @@ def generate(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
     raw: bool = typer.Option(False, "--raw", help="send the prompt as is, not in the run's train format"),
     no_cache: bool = typer.Option(False, "--no-cache", help="recompute the whole sequence each step (no KV cache)"),
+    system: Optional[str] = typer.Option(None, "--system", help="chat runs: the system message (default: the run's "
+                                                                "data.system_prompt)"),
 ):
     """Greedy generation with the adapted model.
 
-    The prompt is put in the run's training format (alpaca template, chat template, ...); a
-    ``text``-format run, or an adapter with no recipe (e.g. saved by HF peft), gets it as is."""
-    from peftcli import artifacts
-    from peftcli.data import render_prompt
+    The prompt is put in the run's training format (alpaca template, the chat template the run
+    trained with and its system prompt, ...); a ``text``-format run, or an adapter with no recipe
+    (e.g. saved by HF peft), gets it as is. Generation stops at EOS and at the chat template's
+    end-of-turn token."""
+    from peftcli import artifacts, data
     from peftcli.evaluate import generate as greedy
 
     if not prompt.strip():
         raise UserError("generate: the prompt is empty")
     model, tok, info = artifacts.load_adapted(target)
-    fmt = ((info.get("recipe") or {}).get("data") or {}).get("train", {}).get("format", "text")
-    text = prompt if raw or fmt == "text" else render_prompt(_as_row(prompt, fmt), fmt, tok)
+    recipe = info.get("recipe")
+    run_system = data.use_recipe_chat(tok, recipe)
+    fmt = (((recipe or {}).get("data") or {}).get("train") or {}).get("format", "text")
+    if system is not None and (raw or fmt != "chat"):
+        raise UserError(f"--system: only a chat run's prompt has a system message (this one: {'--raw' if raw else fmt})")
+    if raw or fmt == "text":
+        text = prompt
+    else:
+        rows = data.add_system_prompt([_as_row(prompt, fmt)], fmt, system if system is not None else run_system)
+        text = data.prompt_ids(rows[0], fmt, tok)
     out.print(greedy(model, tok, [text], max_new_tokens, use_cache=not no_cache)[0], highlight=False, markup=False)
 
 

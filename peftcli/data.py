@@ -4,6 +4,7 @@ The flow, top to bottom:
 
     load_rows(source)        JSON / JSONL / CSV / Parquet -> list of row dicts, fields checked
     render_prompt, reference the text shown before the answer, and the answer itself
+    prompt_ids               the prompt's token ids, as generation gets them
     tokenize_row(s)          -> {"input_ids", "labels"}; labels are -100 where nothing is learned
     build(cfg, tokenizer)    train + eval examples for a recipe
     batches, collate         seeded micro-batch order; right-padded tensors
@@ -11,6 +12,11 @@ The flow, top to bottom:
 Labels follow the Hugging Face convention: ``labels[i]`` is the target for token ``i`` (not
 shifted here; the loss shifts). A row that leaves no supervised token (an empty answer, or a
 prompt that fills ``max_seq_len``) is dropped and counted in :class:`DataStats`.
+
+Special tokens come from :func:`peftcli.tokens.special_tokens`: a sequence holds the tokenizer's
+BOS once (for chat rows: exactly what the template renders, as ``apply_chat_template(tokenize=True)``),
+a supervised answer ends with EOS (chat: with the template's end-of-turn token), and no EOS sits
+between prompt and answer even when the tokenizer appends one to every text (CASES C17, C18).
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ from pathlib import Path
 
 import torch
 
+from peftcli import tokens
 from peftcli.errors import UserError
 from peftcli.recipe import DataConfig, DataSource
+from peftcli.tokens import SpecialTokens
 
 IGNORE_INDEX = -100
 
@@ -235,10 +243,60 @@ def render_prompt(row: dict, fmt: str, tokenizer) -> str:
         return row["prompt"]
     if fmt == "chat":
         last = _assistant_turns(row["messages"])[-1:] or [len(row["messages"])]
-        return tokenizer.apply_chat_template(row["messages"][: last[0]], add_generation_prompt=True, tokenize=False)
+        return render_chat(tokenizer, row["messages"][: last[0]], add_generation_prompt=True)
     if fmt == "text":
         return ""
     raise ValueError(f"unknown data format {fmt!r}")
+
+
+def prompt_ids(row: dict, fmt: str, tokenizer, special: SpecialTokens | None = None) -> list[int]:
+    """Token ids generation starts from, exactly the prompt part of the training ids.
+
+    chat: the rendered template tokenized without additions (= ``apply_chat_template(...,
+    add_generation_prompt=True, tokenize=True)``; the template places any BOS); other formats:
+    :func:`render_prompt` with the tokenizer's BOS once and never its appended EOS.
+    """
+    text = render_prompt(row, fmt, tokenizer)
+    if fmt == "chat":
+        return _ids(tokenizer, text)
+    return tokens.encode_start(tokenizer, text, special or tokens.special_tokens(tokenizer))
+
+
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The tokenizer's chat template over ``messages`` (as text).
+
+    Raises:
+        UserError: the tokenizer has no chat template, or the template cannot render the
+            conversation (e.g. it raises on a system message); both name data.chat_template.
+    """
+    import jinja2
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"format chat: the tokenizer has no chat template; {tokens.TEMPLATE_HINT}")
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError) as e:
+        why = " ".join(str(e).split()) or type(e).__name__
+        raise UserError(f"format chat: the chat template cannot render this conversation ({why}); "
+                        f"{tokens.TEMPLATE_HINT} that renders it, or change the messages") from None
+
+
+def add_system_prompt(rows: list[dict], fmt: str, system_prompt: str | None) -> list[dict]:
+    """``rows`` with ``system_prompt`` as the first message of every chat conversation that has no
+    system message (rows that have one keep theirs); other formats and None: unchanged."""
+    if system_prompt is None or fmt != "chat":
+        return rows
+    system = {"role": "system", "content": system_prompt}
+    return [r if any(m["role"] == "system" for m in r["messages"]) else {**r, "messages": [system, *r["messages"]]}
+            for r in rows]
+
+
+def use_recipe_chat(tokenizer, recipe: dict | None) -> str | None:
+    """Give ``tokenizer`` the chat template a run trained with (its recipe's data.chat_template;
+    none recorded keeps the tokenizer's) and return the run's data.system_prompt."""
+    cfg = (recipe or {}).get("data") or {}
+    tokens.use_chat_template(tokenizer, cfg.get("chat_template"))
+    return cfg.get("system_prompt")
 
 
 def reference(row: dict, fmt: str) -> str | None:
@@ -297,16 +355,22 @@ def _answer_is_empty(row: dict, fmt: str) -> bool:
 # tokenisation and label masks
 
 
-def tokenize_row(row: dict, fmt: str, tokenizer, max_seq_len: int, train_on_prompt: bool) -> dict | None:
+def tokenize_row(row: dict, fmt: str, tokenizer, max_seq_len: int, train_on_prompt: bool,
+                 special: SpecialTokens | None = None) -> dict | None:
     """Token ids and labels of one row.
 
-    alpaca / completion: ``ids(prompt, with special tokens) + ids(answer) + [EOS]``; prompt and
-    answer are tokenised apart so the boundary is exact (the same split generation sees), and
-    the EOS is supervised so the model learns to stop. text: every token + EOS supervised.
-    chat: the chat template over the whole conversation, cut at the assistant replies; only
-    assistant content and the end-of-turn marker right after it (``<|im_end|>`` in ChatML, the
-    EOS of SmolLM2) are supervised; system/user turns and the ``<|im_start|>assistant\\n``
-    header are not. With ``train_on_prompt`` everything is supervised.
+    alpaca / completion: :func:`prompt_ids` (BOS once, no EOS) ``+ ids(answer) + [EOS]``; prompt
+    and answer are tokenised apart so the boundary is exact (the same split generation sees),
+    and the EOS is supervised so the model learns to stop. text: BOS once, every token + EOS
+    supervised. chat: the chat template over the whole conversation, tokenised once as
+    ``apply_chat_template(tokenize=True)`` does, labels cut at the assistant replies; only
+    assistant content and the end-of-turn token right after it (``<|im_end|>``,
+    ``<end_of_turn>``, ``<|eot_id|>``, ...) are supervised; system/user turns and the
+    ``<|im_start|>assistant\\n`` header are not. A template whose turns end in no special token
+    gets an EOS after each reply, so the model still learns to stop. With ``train_on_prompt``
+    everything is supervised.
+
+    ``special``: :func:`peftcli.tokens.special_tokens` of ``tokenizer`` (computed when None).
 
     Truncated to ``max_seq_len`` tokens from the right.
 
@@ -315,45 +379,77 @@ def tokenize_row(row: dict, fmt: str, tokenizer, max_seq_len: int, train_on_prom
         ``-100`` where not supervised), or ``None`` when the answer is blank or no supervised
         token survives truncation.
     """
-    return _tokenize(row, fmt, tokenizer, max_seq_len, train_on_prompt)[0]
+    return _tokenize(row, fmt, tokenizer, max_seq_len, train_on_prompt, special or tokens.special_tokens(tokenizer))[0]
 
 
-def _tokenize(row: dict, fmt: str, tokenizer, max_seq_len: int, train_on_prompt: bool) -> tuple[dict | None, str]:
+def _tokenize(row: dict, fmt: str, tokenizer, max_seq_len: int, train_on_prompt: bool,
+              special: SpecialTokens) -> tuple[dict | None, str]:
     """(example or None, what happened): "ok", "truncated" (kept, cut to ``max_seq_len``),
     "empty" (blank answer) or "too_long" (no supervised token within ``max_seq_len``)."""
     if _answer_is_empty(row, fmt):
         return None, "empty"
-    input_ids, labels = _encode(row, fmt, tokenizer, train_on_prompt)
+    input_ids, labels = _encode(row, fmt, tokenizer, train_on_prompt, special)
     if all(label == IGNORE_INDEX for label in labels[:max_seq_len]):
         return None, "too_long"
     example = {"input_ids": input_ids[:max_seq_len], "labels": labels[:max_seq_len]}
     return example, "truncated" if len(input_ids) > max_seq_len else "ok"
 
 
-def _encode(row: dict, fmt: str, tokenizer, train_on_prompt: bool) -> tuple[list[int], list[int]]:
+def _encode(row: dict, fmt: str, tokenizer, train_on_prompt: bool, special: SpecialTokens) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of the whole row, before truncation."""
     input_ids, labels = [], []
-    for ids, supervised in _segments(row, fmt, tokenizer):
+    for ids, supervised in _segments(row, fmt, tokenizer, special):
         input_ids += ids
         labels += ids if (supervised or train_on_prompt) else [IGNORE_INDEX] * len(ids)
     return input_ids, labels
 
 
-def _segments(row: dict, fmt: str, tokenizer) -> list[tuple[list[int], bool]]:
+def _segments(row: dict, fmt: str, tokenizer, special: SpecialTokens) -> list[tuple[list[int], bool]]:
     """The row as consecutive token pieces, each marked supervised or not."""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    eos = [special.eos_id] if special.eos_id is not None else []
     if fmt == "text":
-        return [(_ids(tokenizer, row["text"], special=True) + eos, True)]
+        return [(tokens.encode_start(tokenizer, row["text"], special) + eos, True)]
     if fmt == "chat":
-        return [(_ids(tokenizer, text, special=False), supervised) for text, supervised in _chat_pieces(row, tokenizer)]
-    prompt = render_prompt(row, fmt, tokenizer)
-    return [(_ids(tokenizer, prompt, special=True), False),
-            (_ids(tokenizer, reference(row, fmt), special=False) + eos, True)]
+        return _chat_segments(row, tokenizer, special)
+    return [(prompt_ids(row, fmt, tokenizer, special), False), (_ids(tokenizer, reference(row, fmt)) + eos, True)]
 
 
-def _ids(tokenizer, text: str, special: bool) -> list[int]:
-    """Token ids of ``text``; ``special`` adds the tokenizer's own BOS etc. (for a sequence start)."""
-    return tokenizer(text, add_special_tokens=special)["input_ids"]
+def _ids(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` alone, without the tokenizer's additions (BOS, EOS)."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _chat_segments(row: dict, tokenizer, special: SpecialTokens) -> list[tuple[list[int], bool]]:
+    """The conversation's token pieces, each marked assistant reply or not.
+
+    A fast tokenizer tokenises the rendered text once (so the ids are those of
+    ``apply_chat_template(tokenize=True)``, whatever the merges across piece boundaries) and a
+    token belongs to the piece its first character is in; a slow one tokenises piece by piece.
+    Without an end-of-turn token in the template, an EOS follows each reply.
+    """
+    pieces = _chat_pieces(row, tokenizer)
+    if getattr(tokenizer, "is_fast", False):
+        text, owner = "", []  # owner[c]: index of the piece character c is in
+        for k, (piece, _) in enumerate(pieces):
+            text += piece
+            owner += [k] * len(piece)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        groups: list[tuple[int, list[int]]] = []
+        for tok_id, (begin, _) in zip(enc["input_ids"], enc["offset_mapping"]):
+            k = owner[min(begin, len(owner) - 1)]
+            if groups and groups[-1][0] == k:
+                groups[-1][1].append(tok_id)
+            else:
+                groups.append((k, [tok_id]))
+        segments = [(ids, pieces[k][1]) for k, ids in groups]
+    else:
+        segments = [(_ids(tokenizer, piece), supervised) for piece, supervised in pieces]
+    if special.end_of_turn_id is not None or special.eos_id is None:
+        return segments
+    with_eos = []
+    for ids, supervised in segments:
+        with_eos += [(ids, supervised)] + ([([special.eos_id], True)] if supervised else [])
+    return with_eos
 
 
 def _chat_pieces(row: dict, tokenizer) -> list[tuple[str, bool]]:
@@ -366,18 +462,19 @@ def _chat_pieces(row: dict, tokenizer) -> list[tuple[str, bool]]:
 
     Raises:
         UserError: the chat template does not render a conversation as the extension of its
-            prefixes (so reply spans cannot be found).
+            prefixes (so reply spans cannot be found), or from :func:`render_chat`.
     """
     messages = row["messages"]
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    full = render_chat(tokenizer, messages)
     pieces, pos = [], 0
     for i in _assistant_turns(messages):
-        start = len(tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False))
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        start = len(render_chat(tokenizer, messages[:i], add_generation_prompt=True))
+        upto = render_chat(tokenizer, messages[: i + 1])
         end = len(upto.rstrip())
         if not full.startswith(upto) or start < pos or start > end:
             raise UserError("chat template: a conversation does not render as the extension of its "
-                            "first turns, so assistant replies cannot be located for label masking")
+                            "first turns, so assistant replies cannot be located for label masking; "
+                            f"{tokens.TEMPLATE_HINT} that does")
         pieces += [(full[pos:start], False), (full[start:end], True)]
         pos = end
     pieces.append((full[pos:], False))
@@ -412,11 +509,16 @@ def tokenize_rows(rows: list[dict], fmt: str, tokenizer, max_seq_len: int, train
 
     Raises:
         UserError: "NAME: no row has anything to learn (N rows: X empty answers (rows ...),
-            Y prompts longer than max_seq_len M (rows ...))" when no row is kept.
+            Y prompts longer than max_seq_len M (rows ...))" when no row is kept; "NAME (row N):
+            ..." when the chat template cannot render a row.
     """
     examples, status = [], {"ok": [], "truncated": [], "empty": [], "too_long": []}
+    special = tokens.special_tokens(tokenizer)
     for n, row in enumerate(rows, start=1):
-        example, what = _tokenize(row, fmt, tokenizer, max_seq_len, train_on_prompt)
+        try:
+            example, what = _tokenize(row, fmt, tokenizer, max_seq_len, train_on_prompt, special)
+        except UserError as e:
+            raise UserError(f"{name} (row {n}): {e}") from None
         status[what].append(n)
         if example is not None:
             examples.append(example)
@@ -539,15 +641,20 @@ def build(cfg: DataConfig, tokenizer, seed: int) -> Datasets:
     Train rows are the first ``cfg.max_samples`` rows of ``cfg.train`` (all when unset). Eval
     rows come from ``cfg.eval``, or from a seeded random ``cfg.eval_split`` fraction of those
     train rows (at least one row each side; both keep file order), or there are none.
+    ``tokenizer`` gets ``cfg.chat_template`` (:func:`peftcli.tokens.use_chat_template`); chat
+    rows get ``cfg.system_prompt`` (:func:`add_system_prompt`).
 
     Raises:
-        UserError: from :func:`load_rows` / :func:`tokenize_rows`; an ``eval_split`` of fewer
-            than two rows. (``packing: true`` is refused by the recipe schema.)
+        UserError: from :func:`load_rows` / :func:`tokenize_rows` /
+            :func:`peftcli.tokens.use_chat_template`; an ``eval_split`` of fewer than two rows.
+            (``packing: true`` is refused by the recipe schema.)
     """
-    rows = load_rows(cfg.train)[: cfg.max_samples]
+    tokens.use_chat_template(tokenizer, cfg.chat_template)
+    rows = add_system_prompt(load_rows(cfg.train)[: cfg.max_samples], cfg.train.format, cfg.system_prompt)
     eval_rows, eval_format, eval_name = [], cfg.train.format, None
     if cfg.eval is not None:
         eval_rows, eval_format, eval_name = load_rows(cfg.eval), cfg.eval.format, cfg.eval.path
+        eval_rows = add_system_prompt(eval_rows, eval_format, cfg.system_prompt)
     elif cfg.eval_split is not None:
         rows, eval_rows = _split(rows, cfg.eval_split, seed, cfg.train.path)
         eval_name = f"{cfg.train.path} (eval_split)"

@@ -11,27 +11,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftcli import artifacts, data, models
+from peftcli import artifacts, data, models, tokens
 from peftcli.errors import UserError
 from peftcli.recipe import DataSource, load_recipe, validate
 
 
 @torch.no_grad()
-def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, use_cache: bool = True) -> list[str]:
-    """Greedy continuations of ``prompts`` (a left-padded batch), decoded without special tokens.
+def generate(model: nn.Module, tokenizer, prompts: list[str | list[int]], max_new_tokens: int,
+             use_cache: bool = True) -> list[str]:
+    """Greedy continuations of ``prompts`` (a left-padded batch), each cut at its first stop id
+    and decoded without special tokens.
 
-    Each prompt is tokenized as in training (``add_special_tokens=True``); generation stops at EOS.
+    A prompt is token ids (e.g. :func:`peftcli.data.prompt_ids`) or text, which gets the
+    tokenizer's BOS once and no EOS (:func:`peftcli.tokens.encode_start`). Generation stops at
+    every stop id of :func:`peftcli.tokens.special_tokens` — EOS, the chat template's end-of-turn
+    token and the model's generation-config EOS ids (CASES C17).
     """
-    ids = [tokenizer(p, add_special_tokens=True).input_ids for p in prompts]
+    special = tokens.special_tokens(tokenizer, getattr(model, "generation_config", None))
+    ids = [p if isinstance(p, list) else tokens.encode_start(tokenizer, p, special) for p in prompts]
     width = max(len(x) for x in ids)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])  # (B, T) left-padded
     attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
     device = next(model.parameters()).device
     out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=False,
-                         max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                         max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=list(special.stop_ids) or None,
                          use_cache=use_cache, temperature=None, top_p=None, top_k=None)
-    return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+    return [tokenizer.decode(_until_stop(row[width:].tolist(), special.stop_ids), skip_special_tokens=True) for row in out]
+
+
+def _until_stop(ids: list[int], stop_ids: tuple[int, ...]) -> list[int]:
+    """``ids`` up to (without) the first stop id."""
+    return next((ids[:i] for i, t in enumerate(ids) if t in stop_ids), ids)
 
 
 def exact_match(model: nn.Module, tokenizer, rows: list[dict], fmt: str, batch_size: int = 16) -> dict:
@@ -40,8 +51,9 @@ def exact_match(model: nn.Module, tokenizer, rows: list[dict], fmt: str, batch_s
     Returns {"exact_match": fraction in [0, 1] or None, "n_references": count, "samples": first 3
     (prompt, reference, answer)}.
     """
-    pairs = [(data.render_prompt(r, fmt, tokenizer), data.reference(r, fmt)) for r in rows]
-    pairs = [(p, ref) for p, ref in pairs if ref is not None]
+    special = tokens.special_tokens(tokenizer)
+    pairs = [(data.prompt_ids(r, fmt, tokenizer, special), data.reference(r, fmt)) for r in rows
+             if data.reference(r, fmt) is not None]
     if not pairs:
         return {"exact_match": None, "n_references": 0, "samples": []}
     hits, samples = 0, []
@@ -113,14 +125,15 @@ def classify(model: nn.Module, tokenizer, rows: list[dict], fmt: str, labels: li
         if ref not in wanted:
             raise UserError(f"eval row {n}: answer {data.reference(row, fmt)!r} is not one of the labels {labels}")
         refs.append(wanted[ref])
-    examples = [data.tokenize_row(data.with_answer(row, fmt, label), fmt, tokenizer, max_seq_len, False)
+    special = tokens.special_tokens(tokenizer)
+    examples = [data.tokenize_row(data.with_answer(row, fmt, label), fmt, tokenizer, max_seq_len, False, special)
                 for row in rows for label in labels]
     if any(e is None for e in examples):
         raise UserError(f"eval rows: a prompt is longer than max_seq_len {max_seq_len}")
     scores = torch.tensor(answer_logprobs(model, examples, tokenizer.pad_token_id, batch_size)).view(len(rows), len(labels))
     by_likelihood = [labels[i] for i in scores.argmax(1).tolist()]
     longest = max(len(tokenizer(label, add_special_tokens=False).input_ids) for label in labels)
-    prompts = [data.render_prompt(row, fmt, tokenizer) for row in rows]
+    prompts = [data.prompt_ids(row, fmt, tokenizer, special) for row in rows]
     answers = []
     for i in range(0, len(prompts), batch_size):
         answers += generate(model, tokenizer, prompts[i:i + batch_size], max_new_tokens=longest + 4)
@@ -159,7 +172,8 @@ def _eval_data(recipe_dict: dict | None, data_path: str | None, fmt: str | None,
     """(examples, rows, format) from --data, else from the recipe's eval file / eval split."""
     if data_path:
         source = DataSource(path=data_path, format=fmt or "alpaca")
-        rows = data.load_rows(source)[:max_samples]
+        system_prompt = ((recipe_dict or {}).get("data") or {}).get("system_prompt")
+        rows = data.add_system_prompt(data.load_rows(source)[:max_samples], source.format, system_prompt)
         max_len = (recipe_dict or {}).get("data", {}).get("max_seq_len", 512)
         examples, _ = data.tokenize_rows(rows, source.format, tokenizer, max_len, False, data_path)
         return examples, rows, source.format
@@ -213,6 +227,7 @@ def evaluate(target: str, data_path: str | None = None, fmt: str | None = None, 
     if score_base:
         base, tok, _ = models.load_base(**model_cfg)
         tokenizer = tok if adapted is None else tokenizer
+    data.use_recipe_chat(tokenizer, recipe_dict)  # the template the run trained with
     examples, rows, eval_fmt = _eval_data(recipe_dict, data_path, fmt, tokenizer, max_samples)
     if not rows:
         raise UserError("eval data is empty")

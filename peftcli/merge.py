@@ -7,7 +7,10 @@ adapter was trained against (Dettmers et al. 2023, §3) — and the output is ne
 Layers keep the base's layout: a GPT-2 ``Conv1D`` (quantised by transformers into a (out, in)
 bitsandbytes Linear) is written back as a Conv1D holding (in, out).
 A tied output head that received an update gets its own storage and the config is untied, so
-the input embedding stays bit-identical.
+the input embedding stays bit-identical. The merged dir's tokenizer carries the chat template the
+run trained with, and its ``generation_config`` stops at every stop id (EOS and the template's
+end-of-turn token, :func:`peftcli.tokens.special_tokens`), so a plain ``generate`` stops where
+``peft generate`` does (CASES C17).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from peftcli import methods, models
+from peftcli import data, methods, models, tokens
 from peftcli.artifacts import atomic_dir, find_adapter_dir, load_adapted, method_name, read_adapter_config
 from peftcli.errors import UserError
 
@@ -74,17 +77,32 @@ def merge_adapter(path: str | Path, out_dir: str | Path, dtype: str | None = Non
     method.merge(model)
     dequantize_linears(model, torch.float32)
     clean = plain_model(model, out_dtype)
+    data.use_recipe_chat(tok, info.get("recipe"))
+    clean.generation_config = stopping_generation_config(clean, tok)
 
     with atomic_dir(out_dir) as tmp:
         clean.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if clean.generation_config is not None:
-            clean.generation_config.save_pretrained(tmp)
+        clean.generation_config.save_pretrained(tmp)
 
     chosen = f"dtype {out_name}" + (" (the base's recorded dtype)" if dtype is None else "")
     note = f"; the {info['model']['quantization']} base was dequantised, not re-quantised" if quantized else ""
     log(f"merged {info['adapter_dir']} into {out_dir}: {chosen}{note}")
     return out_dir
+
+
+def stopping_generation_config(model: nn.Module, tokenizer):
+    """A copy of ``model``'s generation config (or one made from its config) whose
+    ``eos_token_id`` lists every stop id of :func:`peftcli.tokens.special_tokens` and whose
+    ``pad_token_id`` is the tokenizer's when it had none."""
+    from transformers import GenerationConfig
+
+    base = model.generation_config
+    config = copy.deepcopy(base) if base is not None else GenerationConfig.from_model_config(model.config)
+    config.eos_token_id = list(tokens.special_tokens(tokenizer, base).stop_ids) or None
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    return config
 
 
 def _check_out_dir(out_dir: Path, adapter_dir: Path, base_path: str) -> None:

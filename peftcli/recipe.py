@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from peftcli.errors import UserError
 from peftcli.methods import METHOD_CONFIGS
+from peftcli.tokens import CHAT_TEMPLATES
 
 
 class _Strict(BaseModel):
@@ -53,6 +54,18 @@ class DataConfig(_Strict):
                                     "1 turns it off")
     packing: bool = Field(False, description="pack several examples per row (not available yet: must be false)")
     max_samples: int | None = Field(None, gt=0, description="use only the first N train rows")
+    chat_template: str | None = Field(
+        None, description=f"chat rows' template: null = the tokenizer's own, a name ({', '.join(CHAT_TEMPLATES)}) or a "
+                          "Jinja string; recorded in the run, so eval, generate and merge use the same one")
+    system_prompt: str | None = Field(
+        None, description="chat only: a system message put first in every conversation that has none (and in peft generate)")
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, v):
+        if v is not None and v not in CHAT_TEMPLATES and "{{" not in v and "{%" not in v:
+            raise ValueError(f"unknown template name {v!r}: choose from {', '.join(CHAT_TEMPLATES)} or give a Jinja string")
+        return v
 
     @model_validator(mode="after")
     def _one_eval(self):
@@ -60,6 +73,8 @@ class DataConfig(_Strict):
             raise ValueError("give data.eval or data.eval_split, not both")
         if self.packing:
             raise ValueError("packing is not available yet; set it to false")
+        if self.system_prompt is not None and "chat" not in {s.format for s in (self.train, self.eval) if s is not None}:
+            raise ValueError("system_prompt needs chat rows: set data.train.format to chat, or remove data.system_prompt")
         return self
 
 

@@ -20,12 +20,14 @@ CORPUS = [
 ]
 
 
-def tiny_tokenizer(pad: str | None = "eos", vocab_size: int = 320) -> PreTrainedTokenizerFast:
-    """Byte-level BPE with <s>, </s>, <unk> (+ ChatML markers), trained on a fixed corpus.
+def tiny_tokenizer(pad: str | None = "eos", vocab_size: int = 320, extra_specials: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with <s>, </s>, <unk> (+ ChatML markers, + ``extra_specials``), trained on a
+    fixed corpus; the ChatML template.
 
     pad: "eos" (pad token = EOS, like SmolLM2), "own" (a separate <pad>), or None (no pad token).
     """
     specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"] + (["<pad>"] if pad == "own" else [])
+    specials += list(extra_specials)
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
