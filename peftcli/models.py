@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import inspect
 import os
 import shutil
 import tempfile
@@ -273,30 +272,30 @@ def dequantized_weight(linear: nn.Module) -> torch.Tensor:
 BODY_ATTR = "peftcli_body_path"  # where decoder_body caches the body's dotted name on the model
 
 
-class _Found(Exception):
-    """Stops the probe forward of :func:`decoder_body` once the body has returned."""
+class _Found(BaseException):  # not an Exception: no handler in a model forward catches it
+    """Stops the probe forward of :func:`decoder_body` at the body's first call."""
 
     def __init__(self, module: nn.Module):
         self.module = module
 
 
 def decoder_body(model: nn.Module) -> nn.Module:
-    """The module a causal LM's own ``forward`` runs the tokens through: the innermost module
-    that holds the input embedding, takes ``inputs_embeds`` and is called by ``model(input_ids)``.
-    E.g. ``model.model`` of a Llama, ``model.model.decoder`` of an OPT (whose forward bypasses
-    ``model.model``, the ``base_model_prefix`` module), the language model of a vision-language
-    model. ``body(input_ids= | inputs_embeds=, attention_mask=, ...)`` maps (B, T) ids or
-    (B, T, embed) embeddings to hidden states (B, T, hidden) before the output head
+    """The module a causal LM's own ``forward`` runs the tokens through: the outermost module
+    holding the input embedding that ``model(input_ids)`` calls. E.g. ``model.model`` of a
+    Llama, ``model.model.decoder`` of an OPT (whose forward bypasses ``model.model``, the
+    ``base_model_prefix`` module), ``model.transformer`` of a GPT-2, the multimodal model
+    ``model.model`` of a Gemma3ForConditionalGeneration. ``body(input_ids=, attention_mask=, ...)``
+    maps (B, T) ids to hidden states (B, T, hidden) before the output head
     (``last_hidden_state``); hooks on it change the model's own forward and ``generate``.
 
-    Found by construction, not by name: the candidates are the ancestors of
-    ``model.get_input_embeddings()`` whose ``forward`` has an ``inputs_embeds`` parameter; a
-    one-token forward of ``model`` (no grad, eval mode) stops when the first candidate returns,
-    which is the innermost one called. The dotted name is cached on the model (``peftcli_body_path``).
+    Found by construction, not by name: the candidates are the modules above
+    ``model.get_input_embeddings()``; a one-token forward of ``model`` (no grad, eval mode) is
+    stopped at the first candidate it calls, before any computation. The dotted name is cached
+    on the model (``peftcli_body_path``).
 
     Raises:
-        UserError: the model has no input embedding, or its forward calls no such module (it
-        embeds and runs the layers itself).
+        UserError: the model has no input embedding, or its forward calls no module holding it
+        (it embeds and runs the layers itself).
     """
     path = getattr(model, BODY_ATTR, None)
     if path is None:
@@ -312,7 +311,7 @@ def decoder_body_name(model: nn.Module) -> str:
 
 
 def _body_candidates(model: nn.Module) -> dict[str, nn.Module]:
-    """The modules above the input embedding (model excluded) whose forward takes ``inputs_embeds``, by dotted name."""
+    """The modules above the input embedding, model excluded, by dotted name."""
     try:
         embed = model.get_input_embeddings()
     except (AttributeError, NotImplementedError):
@@ -321,9 +320,7 @@ def _body_candidates(model: nn.Module) -> dict[str, nn.Module]:
     if not embed_path:
         raise UserError(f"{type(model).__name__} has no input embedding, so it has no decoder body for this method")
     parts = embed_path.split(".")
-    ancestors = {".".join(parts[:i]): model.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))}
-    return {name: m for name, m in ancestors.items()
-            if "inputs_embeds" in inspect.signature(m.forward).parameters}
+    return {".".join(parts[:i]): model.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))}
 
 
 @torch.no_grad()
@@ -331,10 +328,10 @@ def _probe_body(model: nn.Module) -> str:
     candidates = _body_candidates(model)
     names = {id(m): name for name, m in candidates.items()}
 
-    def found(module, args, output):
+    def found(module, args):
         raise _Found(module)
 
-    handles = [m.register_forward_hook(found) for m in candidates.values()]
+    handles = [m.register_forward_pre_hook(found, prepend=True) for m in candidates.values()]
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     ids = torch.zeros((1, 1), dtype=torch.long, device=model.get_input_embeddings().weight.device)
@@ -347,5 +344,5 @@ def _probe_body(model: nn.Module) -> str:
             h.remove()
         for m, training in modes:
             m.training = training
-    raise UserError(f"{type(model).__name__}.forward calls no decoder body (a module holding the input embedding "
-                    "that takes inputs_embeds), which this method needs")
+    raise UserError(f"{type(model).__name__}.forward calls no decoder body (a module holding the input embedding), "
+                    "which this method needs")

@@ -8,7 +8,7 @@ import torch
 from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 from tiny import tiny_llama
 from torch import nn
-from transformers import OPTConfig, OPTForCausalLM
+from transformers import BartConfig, BartForCausalLM, GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
 
 from peftcli import methods
 from peftcli.errors import UserError
@@ -75,17 +75,32 @@ def greedy(model, use_cache: bool) -> list[list[int]]:
     return out[:, IDS.shape[1]:].tolist()
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+def tiny_other(family: str):
+    """Families whose body is not at ``base_model_prefix`` either, or is named otherwise."""
+    torch.manual_seed(0)
+    if family == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=64, n_layer=2, n_head=4, n_positions=64)).eval()
+    config = BartConfig(vocab_size=320, d_model=64, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=128,
+                        encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128, max_position_embeddings=64)
+    return BartForCausalLM(config).eval()
+
+
+OTHER_BODIES = {"gpt2": "transformer", "bart": "model.decoder"}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES) + list(OTHER_BODIES))
 def test_C13_decoder_body_is_the_module_the_forward_runs(family):
-    model = FAMILIES[family]()
+    model = FAMILIES[family]() if family in FAMILIES else tiny_other(family)
     calls = []
     body = decoder_body(model)
     body.register_forward_hook(lambda *_: calls.append(1))
     with torch.no_grad():
-        model(input_ids=IDS)
+        logits = model(input_ids=IDS).logits
+        from_body = model.get_output_embeddings()(body(input_ids=IDS, use_cache=False).last_hidden_state)
 
-    assert decoder_body_name(model) == BODIES[family]
-    assert calls == [1]  # the model's own forward ran through it, once
+    assert decoder_body_name(model) == {**BODIES, **OTHER_BODIES}[family]
+    assert calls == [1, 1]  # the model's own forward ran through it, once
+    torch.testing.assert_close(from_body, logits, atol=1e-5, rtol=0)  # body + head: the model's own logits
 
 
 @pytest.mark.parametrize("key", list(METHOD_KEYS))
@@ -134,4 +149,11 @@ class FlatLM(nn.Module):
 def test_C13_no_decoder_body_is_a_one_line_user_error():
     with pytest.raises(UserError, match="calls no decoder body") as e:
         decoder_body(FlatLM())
+    assert "\n" not in str(e.value)
+    # a body that takes no inputs_embeds cannot take virtual tokens
+    model = tiny_opt()
+    model.model.decoder.forward = lambda input_ids=None, attention_mask=None, **kw: None
+    with pytest.raises(UserError, match="takes inputs_embeds") as e:
+        method = methods.get("prompt_tuning")
+        method.apply(model, method.Config(num_virtual_tokens=N))
     assert "\n" not in str(e.value)

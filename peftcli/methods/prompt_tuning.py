@@ -164,11 +164,13 @@ def attach(model: nn.Module, encoder: nn.Module, n: int) -> list[str]:
     Returns the hooked module's name.
 
     Raises:
-        UserError: the model already has a prompt encoder, or no decoder body.
+        UserError: the model already has a prompt encoder, or no decoder body taking ``inputs_embeds``.
     """
     if hasattr(model, "prompt_encoder"):
         raise UserError("this model already has a prompt method applied")
     body = decoder_body(model)
+    if "inputs_embeds" not in inspect.signature(body.forward).parameters:
+        raise UserError(f"prompt methods need a decoder body that takes inputs_embeds; {type(body).__name__} does not")
     model.prompt_encoder = encoder
     hooks = VirtualTokens(encoder, n, model.get_input_embeddings())
     body.register_forward_pre_hook(hooks.before, with_kwargs=True)
