@@ -325,3 +325,85 @@ def dequantized_weight(linear: nn.Module) -> torch.Tensor:
             scb = linear.state.SCB
         return w.data.float() * scb.float().unsqueeze(1) / 127.0
     return w.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# the decoder body
+
+BODY_ATTR = "peftcli_body_path"  # where decoder_body caches the body's dotted name on the model
+
+
+class _Found(BaseException):  # not an Exception: no handler in a model forward catches it
+    """Stops the probe forward of :func:`decoder_body` at the body's first call."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+
+def decoder_body(model: nn.Module) -> nn.Module:
+    """The module a causal LM's own ``forward`` runs the tokens through: the outermost module
+    holding the input embedding that ``model(input_ids)`` calls. E.g. ``model.model`` of a
+    Llama, ``model.model.decoder`` of an OPT (whose forward bypasses ``model.model``, the
+    ``base_model_prefix`` module), ``model.transformer`` of a GPT-2, the multimodal model
+    ``model.model`` of a Gemma3ForConditionalGeneration. ``body(input_ids=, attention_mask=, ...)``
+    maps (B, T) ids to hidden states (B, T, hidden) before the output head
+    (``last_hidden_state``); hooks on it change the model's own forward and ``generate``.
+
+    Found by construction, not by name: the candidates are the modules above
+    ``model.get_input_embeddings()``; a one-token forward of ``model`` (no grad, eval mode) is
+    stopped at the first candidate it calls, before any computation. The dotted name is cached
+    on the model (``peftcli_body_path``).
+
+    Raises:
+        UserError: the model has no input embedding, or its forward calls no module holding it
+        (it embeds and runs the layers itself).
+    """
+    path = getattr(model, BODY_ATTR, None)
+    if path is None:
+        path = _probe_body(model)
+        setattr(model, BODY_ATTR, path)
+    return model.get_submodule(path)
+
+
+def decoder_body_name(model: nn.Module) -> str:
+    """The dotted name of :func:`decoder_body` in ``model`` (e.g. ``"model.decoder"``)."""
+    decoder_body(model)
+    return getattr(model, BODY_ATTR)
+
+
+def _body_candidates(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules above the input embedding, model excluded, by dotted name."""
+    try:
+        embed = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        embed = None
+    embed_path = next((name for name, m in model.named_modules() if m is embed), None) if embed is not None else None
+    if not embed_path:
+        raise UserError(f"{type(model).__name__} has no input embedding, so it has no decoder body for this method")
+    parts = embed_path.split(".")
+    return {".".join(parts[:i]): model.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))}
+
+
+@torch.no_grad()
+def _probe_body(model: nn.Module) -> str:
+    candidates = _body_candidates(model)
+    names = {id(m): name for name, m in candidates.items()}
+
+    def found(module, args):
+        raise _Found(module)
+
+    handles = [m.register_forward_pre_hook(found, prepend=True) for m in candidates.values()]
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    ids = torch.zeros((1, 1), dtype=torch.long, device=model.get_input_embeddings().weight.device)
+    try:
+        model(input_ids=ids)
+    except _Found as hit:
+        return names[id(hit.module)]
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes:
+            m.training = training
+    raise UserError(f"{type(model).__name__}.forward calls no decoder body (a module holding the input embedding), "
+                    "which this method needs")

@@ -10,7 +10,11 @@ kernels do on GPUs (Dao 2023, FlashAttention-2, §3.3), with PyTorch's own kerne
 It is registered with transformers' attention interface as :data:`NAME` and used only when the
 training forward passes the example bounds (``example_bounds``, a list of start offsets plus N);
 every other call (padded batches, generation with a KV cache) goes to transformers' ``sdpa``
-attention and mask unchanged.
+attention and mask unchanged. What each example may attend to is read from the mask
+transformers built for the row, so a layer's sliding window (Mistral, Qwen2, Gemma2/3 local
+layers) or chunking is kept; a row whose mask does not split into its examples, and a call with
+an attention option not computed here (a logit softcap, attention sinks), get transformers'
+``sdpa`` on the whole row instead.
 """
 
 from __future__ import annotations
@@ -41,22 +45,89 @@ def example_bounds(position_ids: torch.Tensor) -> list[int] | None:
     return starts + [position_ids.shape[1]]
 
 
+# Keyword arguments transformers passes to an attention function that are not attention options:
+# positions and cache bookkeeping, and the variable-length bounds flash-attention kernels read
+# (the mask already says what they say).
+NOT_OPTIONS = frozenset({"position_ids", "use_cache", "cache_position", "past_key_values", "cache", "layer_idx",
+                         "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "is_causal"})
+# Options transformers builds into the mask (for sdpa it reads them from there, and so do we).
+IN_THE_MASK = frozenset({"sliding_window"})
+
+
+def options_not_computed(module: nn.Module, kwargs: dict) -> list[str]:
+    """The attention options of a call that per-example attention does not compute: every keyword
+    argument in use (not None or False) other than :data:`NOT_OPTIONS` and :data:`IN_THE_MASK`
+    (e.g. Gemma2's ``softcap``, gpt-oss's ``s_aux`` sinks, ``output_attentions``, a
+    ``position_bias``), and ``is_causal`` when the call or the module says False."""
+    used = [k for k, v in kwargs.items() if k not in NOT_OPTIONS | IN_THE_MASK and v is not None and v is not False]
+    causal = kwargs.get("is_causal")
+    if not (getattr(module, "is_causal", True) if causal is None else causal):
+        used.append("is_causal")
+    return used
+
+
+def example_masks(attention_mask: torch.Tensor | None, bounds: list[int]) -> list[torch.Tensor | None] | None:
+    """What each example's attention call needs, read from the mask transformers built for the row.
+
+    Args:
+        attention_mask: None (plain causal attention) or the boolean (1, 1, N, N) mask (True: attend)
+            of transformers' ``sdpa`` mask function: causal, block-diagonal over the examples, and
+            banded where the layer has a sliding window (or chunked, or whatever the model asks).
+        bounds: the examples' bounds, see :func:`example_bounds`.
+    Returns:
+        per example [s, e), None where its (e-s, e-s) block of the mask is plain causal attention,
+        else that block; or None when the row cannot be split: the mask lets a query attend to
+        another example, leaves a query nothing to attend to, or is not one boolean (N, N) mask.
+        Cached on the mask tensor: every layer of a forward gets the same one.
+    """
+    if attention_mask is None:
+        return [None] * (len(bounds) - 1)
+    cached = getattr(attention_mask, "_peftcli_examples", None)
+    if cached is not None and cached[0] == bounds:
+        return cached[1]
+    plan = None
+    if attention_mask.dtype == torch.bool and attention_mask.dim() == 4 and attention_mask.shape[:2] == (1, 1):
+        plan = _split(attention_mask[0, 0], bounds)
+    attention_mask._peftcli_examples = (list(bounds), plan)
+    return plan
+
+
+def _split(mask: torch.Tensor, bounds: list[int]) -> list[torch.Tensor | None] | None:
+    plan = []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        block = mask[s:e, s:e]  # (n, n)
+        if mask[s:e, :s].any() or mask[s:e, e:].any() or not block.any(-1).all():
+            return None
+        causal = torch.ones(e - s, e - s, dtype=torch.bool, device=mask.device).tril_()
+        plan.append(None if torch.equal(block, causal) else block)
+    return plan
+
+
 def varlen_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      example_bounds: list[int] | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers attention-interface function: per-example causal attention when
-    ``example_bounds`` is given, else transformers' ``sdpa_attention_forward``.
+    """transformers attention-interface function: per-example attention when ``example_bounds``
+    is given and the row splits (see :func:`example_masks`), else transformers'
+    ``sdpa_attention_forward`` on the whole row with its mask — exactly what the model computed
+    before :func:`use_varlen_attention`. Each example's call is causal (``is_causal``), or takes
+    its block of the mask where that is not plain causal (a sliding window shorter than the
+    example). A call with an option this does not compute (:func:`options_not_computed`) also
+    goes to ``sdpa_attention_forward``, which computes it or refuses it as transformers does:
+    nothing is dropped silently.
 
     Args:
         query: (1, num_heads, N, head_dim); key, value: (1, num_key_value_heads, N, head_dim).
-        attention_mask: the block-diagonal mask transformers built (ignored when bounds are given).
+        attention_mask: the mask transformers built (boolean (1, 1, N, N), or None).
         example_bounds: see :func:`example_bounds`.
     Returns:
         (attn_output (1, N, num_heads, head_dim), None) — the layout ``sdpa_attention_forward`` returns.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if example_bounds is None or query.shape[2] != key.shape[2]:
+    plan = None
+    if example_bounds is not None and query.shape[2] == key.shape[2] and not options_not_computed(module, kwargs):
+        plan = example_masks(attention_mask, example_bounds)
+    if plan is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     dtype, upcast = query.dtype, query.device.type == "cpu" and query.dtype == torch.bfloat16
     if upcast:
@@ -65,10 +136,11 @@ def varlen_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         # Autocast would cast back to bfloat16, so it is off for these calls.
         query, key, value = query.float(), key.float(), value.float()
     gqa = query.shape[1] != key.shape[1]
+    p = dropout if module.training else 0.0
     with torch.autocast("cpu", enabled=False) if upcast else nullcontext():
-        outs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
-                                               dropout_p=dropout if module.training else 0.0, scale=scaling, enable_gqa=gqa)
-                for s, e in zip(example_bounds[:-1], example_bounds[1:])]
+        outs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], attn_mask=block,
+                                               is_causal=block is None, dropout_p=p, scale=scaling, enable_gqa=gqa)
+                for (s, e), block in zip(zip(example_bounds[:-1], example_bounds[1:]), plan)]
     return torch.cat(outs, dim=2).to(dtype).transpose(1, 2).contiguous(), None
 
 

@@ -14,7 +14,8 @@ as HF peft's ``prefix_projection``; it is used in training only and *folded away
 adapter holds the computed P, and a loaded adapter is the plain P again.
 
 Mechanism (composition, no subclassing): a forward pre-hook on the decoder body
-(``getattr(model, model.base_model_prefix)``). When a call has no KV cache, or an empty one,
+(:func:`peftcli.models.decoder_body`: the module the model's own forward runs the tokens
+through, e.g. ``model.model.decoder`` of an OPT). When a call has no KV cache, or an empty one,
 the hook fills a ``DynamicCache`` (the caller's empty one, in place, or a new one) with the
 per-layer prefixes expanded to the batch (gradients flow into P), and prepends ``n`` ones to a
 2-D attention mask. The model then counts the cached prefix as past tokens, so without explicit
@@ -45,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from peftcli.errors import UserError
+from peftcli.models import decoder_body, decoder_body_name
 
 PEFT_TYPE = "PREFIX_TUNING"
 PAPER = "Li & Liang 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation"
@@ -192,8 +194,9 @@ class PrefixHooks:
     """The decoder body's forward pre-hook (inject the prefix) and forward hook (drop a cache
     the caller did not ask for). See the module docstring for the conventions."""
 
-    def __init__(self, body: nn.Module, encoder: PrefixEncoder):
+    def __init__(self, body: nn.Module, encoder: PrefixEncoder, model: nn.Module):
         self.body, self.encoder = body, encoder
+        self.config, self.embed = getattr(body, "config", model.config), model.get_input_embeddings()
         self.params = list(inspect.signature(body.forward).parameters)
         # transformers >= 5 names the cache ``cache`` (``past_key_values`` is a deprecated alias)
         self.cache_kw = "cache" if "cache" in self.params else "past_key_values"
@@ -221,7 +224,7 @@ class PrefixHooks:
             inputs = kwargs.get("inputs_embeds") if inputs is None else inputs
             cache = self._prefilled(cache, inputs.shape[0], inputs.device)
             use_cache = kwargs.get("use_cache")
-            self.drop_cache = not (getattr(module.config, "use_cache", True) if use_cache is None else use_cache)
+            self.drop_cache = not (getattr(self.config, "use_cache", True) if use_cache is None else use_cache)
         kwargs[self.cache_kw] = cache
         return (), kwargs
 
@@ -235,7 +238,7 @@ class PrefixHooks:
         """``cache`` (or a new DynamicCache) holding the prefix of every layer, expanded to the batch."""
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.body.config) if cache is None else cache
+        cache = DynamicCache(config=self.config) if cache is None else cache
         kv = self.encoder.key_values(batch_size, self._dtype(device))  # L × ((B, kv, n, d), (B, kv, n, d))
         for layer, (keys, values) in enumerate(kv):
             cache.update(keys, values, layer)
@@ -245,7 +248,7 @@ class PrefixHooks:
         """The compute dtype: autocast's where it is on, else the base's (its input embedding's)."""
         if torch.is_autocast_enabled(device.type):
             return torch.get_autocast_dtype(device.type)
-        return self.body.get_input_embeddings().weight.dtype
+        return self.embed.weight.dtype
 
     def _check_trainable(self) -> None:
         """Refuse, in one line, a training forward whose prefix would silently not train."""
@@ -264,9 +267,12 @@ class PrefixHooks:
 
 
 def _body(model: nn.Module) -> nn.Module:
-    body = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    if body is None or not isinstance(body, nn.Module) or body is model:
-        raise UserError("prefix_tuning: cannot find the decoder body (model.base_model_prefix) of this model")
+    """The decoder body (:func:`peftcli.models.decoder_body`), which must take a key/value cache.
+
+    Raises:
+        UserError: no decoder body, or one without a cache argument.
+    """
+    body = decoder_body(model)
     params = inspect.signature(body.forward).parameters
     if "cache" not in params and "past_key_values" not in params:
         raise UserError(f"prefix_tuning: {type(body).__name__} takes no key/value cache, so it cannot take a prefix")
@@ -290,10 +296,10 @@ def apply(model: nn.Module, cfg: Config) -> list[str]:
     encoder = PrefixEncoder(cfg.num_virtual_tokens, layers, kv_heads, head_dim, cfg.projection,
                             cfg.encoder_hidden_size).to(device).train(model.training)
     setattr(model, ENCODER, encoder)
-    hooks = PrefixHooks(body, encoder)
+    hooks = PrefixHooks(body, encoder, model)
     encoder._handles = (body.register_forward_pre_hook(hooks.pre, with_kwargs=True),
                         body.register_forward_hook(hooks.post, with_kwargs=True))
-    return [model.base_model_prefix]
+    return [decoder_body_name(model)]
 
 
 def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -11,7 +11,8 @@ embeddings of ``init_text``, tokenised with the base's tokenizer as HF peft's TE
 torch's global generator, which ``peft train`` seeds with ``train.seed``.
 
 The mechanism (shared with ``p_tuning``, see :class:`VirtualTokens`) hooks the decoder body
-``getattr(model, model.base_model_prefix)``, so the trainer, ``eval`` and ``generate`` run the
+(:func:`peftcli.models.decoder_body`: the module the model's own forward runs the tokens
+through, e.g. ``model.model.decoder`` of an OPT), so the trainer, ``eval`` and ``generate`` run the
 model unchanged: the body sees [virtual][padding][tokens] (virtual tokens first, before any left
 padding, as in HF peft) and returns hidden states for the real positions only. Labels therefore
 need no -100 extension; HF peft's convention (labels extended by n ignored positions) gives the
@@ -30,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from peftcli.errors import UserError
+from peftcli.models import decoder_body, decoder_body_name, load_tokenizer
 
 PEFT_TYPE = "PROMPT_TUNING"
 PAPER = "Lester et al. 2021, The Power of Scale for Parameter-Efficient Prompt Tuning"
@@ -67,19 +69,6 @@ class Config(BaseModel):
 # the hooks shared by the prompt-learning methods
 
 
-def decoder_body(model: nn.Module) -> nn.Module:
-    """The transformer body ``getattr(model, model.base_model_prefix)`` (e.g. ``model.model`` of a
-    Llama), which maps input ids or embeddings to hidden states.
-
-    Raises:
-        UserError: the model has no such body, or it has no input embedding.
-    """
-    body = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    if not isinstance(body, nn.Module) or body is model or not hasattr(body, "get_input_embeddings"):
-        raise UserError(f"prompt methods need a decoder body at model.base_model_prefix; {type(model).__name__} has none")
-    return body
-
-
 class VirtualTokens:
     """Forward hooks that put ``n`` virtual token embeddings in front of every sequence the
     decoder body processes, and take their positions out of what it returns.
@@ -108,8 +97,8 @@ class VirtualTokens:
     as a tuple has only its first element (the hidden states) cut.
     """
 
-    def __init__(self, prompt: Callable[[], torch.Tensor], n: int):
-        self.prompt, self.n = prompt, n
+    def __init__(self, prompt: Callable[[], torch.Tensor], n: int, embed: nn.Module):
+        self.prompt, self.n, self.embed = prompt, n, embed  # embed: the model's input embedding
         self._strip = False  # set by the pre-hook for the post-hook of the same call
 
     def before(self, body: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -124,7 +113,7 @@ class VirtualTokens:
         batch = x.shape[0]
         if self._strip:
             if embeds is None:
-                embeds = body.get_input_embeddings()(ids)  # (B, T, H)
+                embeds = self.embed(ids)  # (B, T, H)
             prompt = self.prompt().to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)  # (B, n, H)
             kwargs["input_ids"], kwargs["inputs_embeds"] = None, torch.cat([prompt, embeds], dim=1)  # (B, n+T, H)
             x = kwargs["inputs_embeds"]
@@ -175,16 +164,18 @@ def attach(model: nn.Module, encoder: nn.Module, n: int) -> list[str]:
     Returns the hooked module's name.
 
     Raises:
-        UserError: the model already has a prompt encoder, or no decoder body.
+        UserError: the model already has a prompt encoder, or no decoder body taking ``inputs_embeds``.
     """
     if hasattr(model, "prompt_encoder"):
         raise UserError("this model already has a prompt method applied")
     body = decoder_body(model)
+    if "inputs_embeds" not in inspect.signature(body.forward).parameters:
+        raise UserError(f"prompt methods need a decoder body that takes inputs_embeds; {type(body).__name__} does not")
     model.prompt_encoder = encoder
-    hooks = VirtualTokens(encoder, n)
+    hooks = VirtualTokens(encoder, n, model.get_input_embeddings())
     body.register_forward_pre_hook(hooks.before, with_kwargs=True)
     body.register_forward_hook(hooks.after, with_kwargs=True)
-    return [model.base_model_prefix]
+    return [decoder_body_name(model)]
 
 
 def freeze_base(model: nn.Module) -> None:
@@ -234,8 +225,6 @@ def init_prompt(weight: torch.Tensor, model: nn.Module, cfg: Config) -> None:
 
 def text_token_ids(model: nn.Module, text: str, n: int) -> list[int]:
     """The ids of ``text`` (special tokens included, as HF peft's TEXT init), repeated or cut to n."""
-    from peftcli.models import load_tokenizer
-
     if not getattr(model, "name_or_path", ""):
         raise UserError("method.init: text needs the base model's tokenizer (the model has no name_or_path)")
     ids = load_tokenizer(model.name_or_path)(text)["input_ids"]
