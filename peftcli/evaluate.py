@@ -77,7 +77,7 @@ def answer_logprobs(model: nn.Module, examples: list[dict], pad_id: int, micro_b
     Returns:
         one float per example, in order.
     """
-    body, head = getattr(model, model.base_model_prefix), model.get_output_embeddings()
+    body, head = models.decoder_body(model), model.get_output_embeddings()
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(examples), micro_batch_size):

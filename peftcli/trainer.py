@@ -50,7 +50,7 @@ def supervised_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tup
     Returns:
         (loss_sum, n) — a scalar float32 tensor (nats) and the number of supervised tokens.
     """
-    body = getattr(model, model.base_model_prefix)
+    body = models.decoder_body(model)
     # use_cache=False: no KV cache to build, and transformers detects padding-free rows (restarting
     # position_ids, no attention_mask) only when there is no cache
     hidden = body(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
@@ -199,7 +199,7 @@ def keeps_examples_apart(model: nn.Module) -> bool:
     mask code; a model class that does not use it would attend across examples. Checked on
     two 3-token sequences: the second one's hidden states, packed after the first, must equal
     those of the sequence alone (to 1e-3, which any cross-example attention far exceeds)."""
-    body = getattr(model, model.base_model_prefix)
+    body = models.decoder_body(model)
     was_training = model.training
     model.eval()
     device = _device(model)
