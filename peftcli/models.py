@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -407,3 +408,75 @@ def _probe_body(model: nn.Module) -> str:
             m.training = training
     raise UserError(f"{type(model).__name__}.forward calls no decoder body (a module holding the input embedding), "
                     "which this method needs")
+
+
+# ---------------------------------------------------------------------------------------------
+# what each Linear of a decoder does (for the methods' default targets)
+
+# name tokens (lower case, split on non-letters) -> the projections a Linear computes
+_PROJECTION_TOKENS = {
+    "q": {"query"}, "query": {"query"}, "wq": {"query"},
+    "k": {"key"}, "key": {"key"}, "wk": {"key"},
+    "v": {"value"}, "value": {"value"}, "wv": {"value"},
+    "kv": {"key", "value"}, "qkv": {"query", "key", "value"}, "wqkv": {"query", "key", "value"},
+}
+# whole names of fused query/key/value Linears that carry no such token
+_FUSED_NAMES = {"c_attn", "in_proj", "w_pack"}  # GPT-2 and its kin, torch-style MHA, Baichuan
+_ATTENTION = re.compile(r"attn|attention")  # the last name part of an attention block
+_FFN = re.compile(r"mlp|ffn|feed_?forward|^ff$|moe|experts")  # ... and of a feed-forward block
+
+
+def _projections(name: str) -> set[str]:
+    """The attention projections (query, key, value) a Linear named ``name`` computes, from its
+    name alone: ``q_proj`` -> {query}, ``query_key_value``, ``qkv_proj``, ``c_attn`` -> all three."""
+    name = name.lower()
+    if name in _FUSED_NAMES:
+        return {"query", "key", "value"}
+    return set().union(*(_PROJECTION_TOKENS.get(t, set()) for t in re.split(r"[^a-z]+", name)))
+
+
+def linear_roles(model: nn.Module) -> dict[str, set[str]]:
+    """module path -> what the Linear (:func:`is_linear`) computes, for the Linears of the
+    decoder's attention and feed-forward blocks (the decoder is ``model.get_decoder()`` where the
+    model has one, so a vision tower or an output head is never listed).
+
+    Roles:
+
+    - ``query``, ``key``, ``value``: a Linear child of an attention block (a module whose name
+      contains ``attn`` or ``attention``) whose name says so: ``q_proj``, ``key``, ``wv``, and
+      all three for a fused projection (``qkv_proj``, ``query_key_value``, GPT-2's ``c_attn``);
+      an attention Linear with none (the output projection) is not listed.
+    - ``ffn_out``: in the feed-forward block beside it (a sibling named ``mlp``, ``ffn``,
+      ``feed_forward``, ``moe``, ... — or, where none holds a Linear, as in OPT, the block's
+      own Linear children), a Linear from another width back to the hidden size: ``down_proj``,
+      ``fc2``, ``dense_4h_to_h``, ``c_proj``, each expert's ``w2``, a shared expert's.
+    - ``ffn_in``: the other feed-forward Linears (``gate_proj``, ``up_proj``, ``fc1``, a router).
+    - ``ffn``: a feed-forward Linear from the hidden size to itself, which the shapes cannot
+      place (an FFN whose intermediate size equals the hidden size).
+
+    Fused MoE experts (``nn.Parameter`` weights, not Linears) have no role. The hidden size is
+    the text config's ``hidden_size`` (else the input embedding's width).
+    """
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(text, "hidden_size", None) or model.get_input_embeddings().embedding_dim
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    prefix = next((n for n, m in model.named_modules() if m is decoder), "")
+    attention = {f"{prefix}.{n}".strip("."): m for n, m in decoder.named_modules()
+                 if n and _ATTENTION.search(n.rsplit(".", 1)[-1].lower()) and not is_linear(m)
+                 and any(is_linear(c) for c in m.children())}
+    roles: dict[str, set[str]] = {}
+    for path, attn in attention.items():
+        for name, child in attn.named_children():
+            if is_linear(child) and _projections(name):
+                roles[f"{path}.{name}"] = _projections(name)
+        block_path, _, _ = path.rpartition(".")
+        block = model.get_submodule(block_path)
+        ffns = [(f"{block_path}.{n}", c) for n, c in block.named_children() if _FFN.search(n.lower())]
+        linears = [(f"{p}.{n}".rstrip("."), m) for p, ffn in ffns for n, m in ffn.named_modules() if is_linear(m)]
+        if not linears:  # the block holds its feed-forward Linears itself (OPT: fc1, fc2)
+            linears = [(f"{block_path}.{n}", c) for n, c in block.named_children() if is_linear(c)]
+        for name, layer in linears:
+            n_in, n_out = linear_features(layer)
+            roles[name] = {"ffn_in" if n_out != hidden else "ffn" if n_in == hidden else "ffn_out"}
+    return roles

@@ -632,6 +632,8 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
                             f"(fingerprint {recorded}, this base has {fp})")
     method = methods.get(recipe.method.name)
     targets = method.apply(model, recipe.method)
+    if main:  # apply wrote the model's default target_modules into recipe.method: record the explicit list
+        (run_dir / "recipe.yaml").write_text(dump(recipe), encoding="utf-8")
     trainable, total = parameter_counts(model)
     base_params = total - trainable  # the frozen base; the method's parameters are the trainable ones
     console.print(f"[bold]{recipe.method.name}[/] on {', '.join(targets[:2])}{', ...' if len(targets) > 2 else ''} "

@@ -8,9 +8,13 @@ The paper rescales the keys, the values and the feed-forward intermediate activa
 input of the FFN's output projection). Each target ``nn.Linear`` (or transformers ``Conv1D``)
 is wrapped in place by an :class:`IA3Linear` holding it as ``base_layer``; a module listed in
 ``feedforward_modules`` scales its input, every other target its output. The vectors start at
-ones, so the adapted model starts equal to the base (§3.3). On GPT-2, HF peft's defaults are
-``target_modules: [c_attn, mlp.c_proj]``, ``feedforward_modules: [mlp.c_proj]``: the fused
-query/key/value output (so the queries are rescaled too) and the FFN output projection's input.
+ones, so the adapted model starts equal to the base (§3.3).
+
+When the recipe leaves ``target_modules`` / ``feedforward_modules`` null (the default),
+:func:`default_targets` finds the keys, values and FFN output projection of this model from its
+structure: on GPT-2 ``target_modules: [c_attn, mlp.c_proj]``, ``feedforward_modules:
+[mlp.c_proj]`` — the fused query/key/value output (so the queries are rescaled too) and the FFN
+output projection's input, as HF peft's defaults there.
 
 Files are Hugging Face peft's IA3 format: one key per target,
 ``base_model.model.<module>.ia3_l``, shaped (out_features, 1) for an output vector and
@@ -28,7 +32,7 @@ from torch import nn
 
 from peftcli import models
 from peftcli.errors import UserError
-from peftcli.methods.lora import find_targets
+from peftcli.methods.lora import find_targets, linear_names, module_names
 
 PEFT_TYPE = "IA3"
 PAPER = "Liu et al. 2022, Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning"
@@ -38,21 +42,35 @@ PADDING_FREE = True  # the token sequence is unchanged: padding-free rows work
 KEY_PREFIX = "base_model.model."
 
 
+DEFAULT_ROLES = {"key", "value", "ffn_out"}  # Liu et al. 2022, §3.3: keys, values, the FFN activation
+# model types whose default in HF peft (peft.utils.constants, 0.21.2) rescales other attention
+# projections; followed, so that a default means the same layers in both
+HF_DEFAULT_ROLES = {
+    **dict.fromkeys(("gemma", "gemma2", "gemma3_text", "gpt_neo", "gptj", "phi", "qwen2", "qwen3"),
+                    {"query", "value", "ffn_out"}),
+    "opt": {"query", "key", "ffn_out"},
+}
+
+
 class Config(BaseModel):
-    """Recipe keys of ``method: {name: ia3}``. The defaults are HF peft's for Llama-style models."""
+    """Recipe keys of ``method: {name: ia3}``. Null (the default) means the paper's layers of
+    this model (:func:`default_targets`)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     name: Literal["ia3"] = "ia3"
-    target_modules: str | list[str] = Field(
-        default_factory=lambda: ["k_proj", "v_proj", "down_proj"],
+    target_modules: str | list[str] | None = Field(
+        None,
         description="Linear modules to rescale: names (suffix match), a regex (full match of the "
-        "module path), or all-linear",
+        "module path), or all-linear; null: this model's attention keys and values (a fused query/key/value "
+        "Linear where the family fuses them) and feed-forward output projections, as in the IA3 paper, "
+        "written out as names in the run's recipe.yaml and adapter files",
     )
-    feedforward_modules: str | list[str] = Field(
-        default_factory=lambda: ["down_proj"],
+    feedforward_modules: str | list[str] | None = Field(
+        None,
         description="targets whose input (not output) is rescaled: names (the module path ends "
-        "with the name) or a regex (full match); a list must be a subset of target_modules",
+        "with the name) or a regex (full match); a list must be a subset of target_modules; "
+        "null: the feed-forward output projections among the targets",
     )
 
     @model_validator(mode="after")
@@ -119,13 +137,94 @@ def is_feedforward(name: str, feedforward_modules: str | list[str]) -> bool:
     return any(name.endswith(entry) for entry in feedforward_modules)
 
 
+def default_targets(model: nn.Module) -> tuple[list[str], list[str]]:
+    """(target_modules, feedforward_modules) for a recipe that sets neither: the attention keys
+    and values and the feed-forward output projection of every decoder block, whose input is
+    rescaled (Liu et al. 2022, §3.3), found from the model's structure
+    (:func:`peftcli.models.linear_roles`): a fused query/key/value Linear is a target where the
+    family fuses them. Where HF peft's own default for the model type rescales other attention
+    projections (:data:`HF_DEFAULT_ROLES`, e.g. queries and values on Qwen2, Gemma, Phi), HF
+    peft's is used. Fused MoE experts are no Linear: there the feed-forward part is left out,
+    as HF peft's Mixtral default does. Short names, as :func:`~peftcli.methods.lora.module_names`.
+
+    Raises:
+        UserError: no key/value projection is found, or a feed-forward block whose Linears all
+        map the hidden size to itself (its output projection cannot be told from its shapes).
+    """
+    roles = models.linear_roles(model)
+    want = HF_DEFAULT_ROLES.get(getattr(getattr(model, "config", None), "model_type", None), DEFAULT_ROLES)
+    targets = [path for path, r in roles.items() if r & want]
+    if not any(roles[path] & {"query", "key", "value"} for path in targets):
+        raise UserError("method.target_modules: no attention key/value projection found in this model; set it "
+                        f"(Linear names here: {', '.join(linear_names(model)) or 'none'})")
+    feedforward = [path for path in targets if "ffn_out" in roles[path]]
+    square = [path for path, r in roles.items() if r == {"ffn"}]
+    if square and not feedforward:
+        raise UserError(f"method.feedforward_modules: cannot tell the feed-forward output projection from its shapes "
+                        f"({square[0]} maps the hidden size to itself); set method.target_modules and feedforward_modules")
+    attention = [path for path in targets if path not in feedforward]
+    return module_names(model, attention, within=targets) + module_names(model, feedforward), module_names(model, feedforward)
+
+
+def feedforward_among(model: nn.Module, target_modules: str | list[str]) -> list[str]:
+    """``feedforward_modules`` for a recipe that sets ``target_modules`` only: the feed-forward
+    output projections (:func:`peftcli.models.linear_roles`) among the targets (HF peft would
+    take its per-model list, the same layers where it has one). For a list, the entries of the
+    list that select only such projections.
+
+    Raises:
+        UserError: a list entry selects a feed-forward output projection and another module too.
+    """
+    roles = models.linear_roles(model)
+    selected = find_targets(model, target_modules)
+    feedforward = [path for path in selected if "ffn_out" in roles.get(path, ())]
+    if isinstance(target_modules, str):
+        return module_names(model, feedforward)
+    names = []
+    for entry in target_modules:
+        hits = [path for path in selected if path == entry or path.endswith("." + entry)]
+        if hits and all(path in feedforward for path in hits):
+            names.append(entry)
+        elif any(path in feedforward for path in hits):
+            raise UserError(f"method.feedforward_modules: target {entry!r} selects feed-forward output projections and "
+                            "other modules; set method.feedforward_modules (e.g. mlp.NAME)")
+    return names
+
+
+def resolve_defaults(model: nn.Module, cfg: Config) -> None:
+    """Fill a null ``target_modules`` / ``feedforward_modules`` of ``cfg`` for ``model``
+    (:func:`default_targets`, :func:`feedforward_among`), in place.
+
+    Raises:
+        UserError: as :func:`default_targets`; or the user's ``feedforward_modules`` list is not
+        within the default targets.
+    """
+    if cfg.target_modules is not None and cfg.feedforward_modules is not None:
+        return
+    if cfg.target_modules is None:
+        targets, feedforward = default_targets(model)
+    else:
+        targets, feedforward = cfg.target_modules, feedforward_among(model, cfg.target_modules)
+    try:
+        if cfg.feedforward_modules is None:
+            cfg.feedforward_modules = feedforward
+        cfg.target_modules = targets
+    except ValueError as e:  # pydantic's ValidationError: the subset rule
+        raise UserError(f"method.feedforward_modules: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+
+
 def apply(model: nn.Module, cfg: Config) -> list[str]:
     """Freeze every base parameter and wrap each target Linear in an :class:`IA3Linear`
     (input scaling where the path is a feed-forward module).
 
+    Null ``target_modules`` / ``feedforward_modules`` (the defaults) are resolved here
+    (:func:`resolve_defaults`) and written into ``cfg``, so the run's ``recipe.yaml`` and adapter
+    files record the explicit lists.
+
     Returns the wrapped module names. Raises UserError when ``target_modules`` matches nothing
-    or matches a module that is not a Linear.
+    or matches a module that is not a Linear, or the defaults cannot be resolved.
     """
+    resolve_defaults(model, cfg)
     targets = find_targets(model, cfg.target_modules)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -198,12 +297,12 @@ def config_from_adapter(d: dict) -> Config:
     """
     if d.get("exclude_modules") or d.get("modules_to_save"):
         raise UserError("adapter_config.json: exclude_modules / modules_to_save are not supported for IA3")
-    defaults = Config()
-    targets = d.get("target_modules") or defaults.target_modules
-    feedforward = d.get("feedforward_modules") or defaults.feedforward_modules
+    def listed(value):  # none: the default for the model, resolved by apply
+        return list(value) if isinstance(value, (list, tuple, set)) else value
+
     try:
-        return Config(target_modules=targets if isinstance(targets, str) else list(targets),
-                      feedforward_modules=feedforward if isinstance(feedforward, str) else list(feedforward))
+        return Config(target_modules=listed(d.get("target_modules") or None),
+                      feedforward_modules=listed(d.get("feedforward_modules")))
     except ValueError as e:  # pydantic's ValidationError is a ValueError
         raise UserError(f"adapter_config.json: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
 

@@ -60,10 +60,12 @@ class Config(BaseModel):
     r: int = Field(16, gt=0, description="rank of the update")
     alpha: float = Field(32.0, gt=0, description="scale numerator: the update is scaled by alpha/r (alpha/√r with rslora)")
     dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the input of the LoRA branch")
-    target_modules: str | list[str] = Field(
-        default_factory=lambda: ["q_proj", "v_proj"],
+    target_modules: str | list[str] | None = Field(
+        None,
         description="module names (suffix match), a regex (full match of the module path), "
-        "or all-linear (every Linear but the output head, and the fused expert weights of MoE blocks)",
+        "or all-linear (every Linear but the output head, and the fused expert weights of MoE blocks); null: "
+        "this model's attention query and value projections (a fused query/key/value Linear where the family "
+        "fuses them), as in the LoRA paper, written out as names in the run's recipe.yaml and adapter files",
     )
     target_parameters: list[str] = Field(
         default_factory=list,
@@ -391,6 +393,11 @@ def init_pissa(layer: LoRALinear) -> None:
 # ---------------------------------------------------------------------------------------------
 # finding targets
 
+DEFAULT_ROLES = {"query", "value"}  # W_q and W_v (Hu et al. 2021, §7.1, Table 5)
+# model types whose default in HF peft (peft.utils.constants, 0.21.2) is another set of roles;
+# followed, so that a default means the same layers in both
+HF_DEFAULT_ROLES = {"phi": {"query", "value", "ffn_in", "ffn_out"}}
+
 _LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
@@ -427,12 +434,60 @@ def find_targets(model: nn.Module, target_modules: str | list[str], layers: list
     unmatched = [] if isinstance(target_modules, str) else [
         t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
     if not names or unmatched:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear(m)})
+        linear = linear_names(model)
         what = target_modules if not names else unmatched[0]
         near = difflib.get_close_matches(str(what).rsplit(".", 1)[-1], linear, n=1, cutoff=0.6)
         hint = f"did you mean {near[0]!r}? " if near else ""
         raise UserError(f"method.target_modules: {what!r} matched no module ({hint}Linear names here: {', '.join(linear)})")
     return names
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """The sorted last name parts of every Linear in ``model`` (for error messages)."""
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear(m)})
+
+
+def module_names(model: nn.Module, paths: list[str], within: list[str] | None = None) -> list[str]:
+    """The shortest ``target_modules`` entries that select ``paths`` under :func:`find_targets`'
+    rule (equal, or ending with ``"." + entry``) and no module outside ``within`` (default:
+    ``paths``): each path's last name part, or more parts where that would select another module
+    too (GPT-2's ``mlp.c_proj``, not its ``attn.c_proj``). In order of first appearance."""
+    inside = set(paths if within is None else within)
+    names = [n for n, _ in model.named_modules() if n]
+    fits: dict[str, bool] = {}
+    out: list[str] = []
+    for path in paths:
+        parts = path.split(".")
+        for k in range(1, len(parts) + 1):
+            entry = ".".join(parts[-k:])
+            if entry not in fits:
+                fits[entry] = all(n in inside for n in names if n == entry or n.endswith("." + entry))
+            if fits[entry]:
+                break
+        if entry not in out:
+            out.append(entry)
+    return out
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """``target_modules`` for a recipe that sets none: the attention query and value projections
+    of every decoder block (Hu et al. 2021, §7.1: adapting W_q and W_v together is best for a
+    given number of parameters), found from the model's structure
+    (:func:`peftcli.models.linear_roles`), so a fused query/key/value Linear (GPT-2's ``c_attn``,
+    ``query_key_value``, ``qkv_proj``) is the target where the family fuses them. Where HF peft's
+    own default for the model type differs (:data:`HF_DEFAULT_ROLES`: Phi adds ``fc1``, ``fc2``),
+    HF peft's is used. Returned as the short names of :func:`module_names`.
+
+    Raises:
+        UserError: no such projection can be found (listing the Linear names there are).
+    """
+    roles = models.linear_roles(model)
+    want = HF_DEFAULT_ROLES.get(getattr(getattr(model, "config", None), "model_type", None), DEFAULT_ROLES)
+    paths = [path for path, r in roles.items() if r & want]
+    if not paths:
+        raise UserError("method.target_modules: no attention query/value projection found in this model; set it "
+                        f"(Linear names here: {', '.join(linear_names(model)) or 'none'})")
+    return module_names(model, paths)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,10 +505,16 @@ def apply(model: nn.Module, cfg: Config) -> list[str]:
     ``target_parameters`` match (and, for ``all-linear``, every fused 3-D expert weight) in a
     :class:`~peftcli.methods.lora_params.LoRAParameter`.
 
+    ``target_modules: null`` (the default) is resolved here by :func:`default_targets` and
+    written into ``cfg``, so the run's ``recipe.yaml`` and adapter files record the explicit list;
+    ``target_modules: []`` with ``target_parameters`` adapts the parameters only.
+
     Returns the wrapped module names, then the adapted parameter paths. Raises UserError when
-    ``target_modules`` or ``target_parameters`` matches nothing, or for ``init: pissa`` on a
-    quantised base.
+    ``target_modules`` or ``target_parameters`` matches nothing (or, as null, no query/value
+    projection is found), or for ``init: pissa`` on a quantised base.
     """
+    if cfg.target_modules is None:
+        cfg.target_modules = default_targets(model)
     only_params = cfg.target_modules == [] and cfg.target_parameters
     targets = [] if only_params else find_targets(model, cfg.target_modules, cfg.layers)
     params = lora_params.find_parameters(model, cfg.target_parameters, cfg.layers, cfg.target_modules == "all-linear")
@@ -620,10 +681,10 @@ def config_from_adapter(d: dict) -> Config:
     if not isinstance(init, (bool, str)) or init not in _HF_INITS:
         raise UserError(f"adapter_config.json: init_lora_weights {init!r} is not supported (true, false, gaussian, pissa)")
     parameters = list(d.get("target_parameters") or [])
-    targets = d.get("target_modules") or ([] if parameters else ["q_proj", "v_proj"])
+    targets = d.get("target_modules") or ([] if parameters else None)  # none: the model's default, resolved by apply
     return Config(
         r=d["r"], alpha=d.get("lora_alpha", 8), dropout=d.get("lora_dropout", 0.0),
-        target_modules=targets if isinstance(targets, str) else list(targets), target_parameters=parameters,
+        target_modules=list(targets) if isinstance(targets, (list, tuple, set)) else targets, target_parameters=parameters,
         layers=d.get("layers_to_transform"), rslora=bool(d.get("use_rslora", False)),
         dora=bool(d.get("use_dora", False)), init=_HF_INITS[init],
     )
