@@ -323,7 +323,7 @@ def test_zoo(family, variant, family_dir, tmp_path, record, monkeypatch):
     try:
         model_dir = family_dir(family)
     except Exception as e:
-        record(Cell(family, variant, notes={"base": f"transformers cannot build this tiny config: {one_line(e)}"}))
+        record(Cell(family, variant, notes={"base": f"the tiny config does not build in transformers: {one_line(e)}"}))
         raise
     cell = run_cell(family, variant, model_dir, tmp_path)
     cell.seconds = time.perf_counter() - t0
@@ -370,7 +370,7 @@ def test_zoo_family(family, family_dir, record):
                   for c in (True, False)]
         assert torch.equal(*greedy), "transformers' own greedy output differs with the cache on and off"
     if "base" in cell.failed:
-        cell.notes["base"] = "transformers cannot run this tiny config on CPU: " + cell.failed.pop("base")
+        cell.notes["base"] = "the tiny config does not run in transformers on CPU: " + cell.failed.pop("base")
     else:
         with check("all_linear"):
             base = base_model(model_dir)
