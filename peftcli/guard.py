@@ -154,6 +154,18 @@ def _grad_diff(fast: list | None, ref: list | None) -> float | None:
     return diff / norm if norm > 0 else (0.0 if diff == 0 else math.inf)
 
 
+def _unreachable(model: nn.Module, length: int) -> str:
+    """The one-line refusal for a method whose parameters get no gradient through the forward."""
+    what = (f"method: no trainable parameter gets a gradient through {type(model).__name__}'s own forward on the "
+            "first micro-batch, so training would change nothing")
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    window = getattr(config, "sliding_window", None)
+    if isinstance(window, int) and window < length and getattr(config, "use_sliding_window", True) is not False:
+        return (f"{what}: its sliding window ({window} tokens) is shorter than these rows ({length}), so what the "
+                "method puts before the text is out of every supervised token's reach (lower data.max_seq_len, or use lora)")
+    return f"{what}: the method's parts are not on the forward's way, it cannot apply to this model"
+
+
 def choose_loss_path(model: nn.Module, examples: list[dict], pad_id: int, padding_free: bool, autocast=nullcontext,
                      autocast_dtype: torch.dtype | None = None, gradients: bool = True) -> LossPath:
     """Check the fast loss path on ``examples`` (a real micro-batch, tokenized) against the model's
@@ -187,8 +199,7 @@ def choose_loss_path(model: nn.Module, examples: list[dict], pad_id: int, paddin
             set_fused_backward(model, False)
             ref_loss, ref_n, ref_grads = _loss_and_grads(LossPath("reference", False).loss_sum, model, padded, params, autocast)
             if ref_grads is not None and all(not bool(g.any()) for g in ref_grads):
-                raise UserError(f"method: its trainable parameters do not reach {type(model).__name__}'s own forward "
-                                "(every gradient is zero there); this method cannot apply to this model")
+                raise UserError(_unreachable(model, padded["input_ids"].shape[1]))
             set_fused_backward(model, True)
             tried = []
             candidates = ([("fast", True)] if padding_free else []) + [("fast-padded", False)]

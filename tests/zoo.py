@@ -40,6 +40,7 @@ NO_DROPOUT = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), "op
 FAMILIES: dict[str, tuple[str, dict]] = {
     "llama":     ("llama", GQA),
     "mistral":   ("mistral", {**GQA, "sliding_window": WINDOW}),
+    "mistral_wide": ("mistral", {**GQA, "sliding_window": 4 * WINDOW}),  # a window longer than the rows
     "qwen2":     ("qwen2", GQA),
     "qwen3":     ("qwen3", {**GQA, "head_dim": 16}),
     "qwen3_moe": ("qwen3_moe", {**GQA, **MOE, "head_dim": 16, "num_experts": 4, "moe_intermediate_size": 32}),
@@ -64,6 +65,12 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "gptj":      ("gptj", {"n_inner": 128, "rotary_dim": 8}),
     "bloom":     ("bloom", {}),
 }
+
+# cells where the method truly cannot apply: the run must stop with this one-line reason (a
+# UserError), not train. Mistral's window (every layer) is shorter than the rows, so tokens put
+# before the text are out of every supervised token's reach ("mistral_wide" runs them).
+REFUSED: dict[tuple[str, str], str] = {
+    ("mistral", v): "sliding window (16 tokens) is shorter than these rows" for v in ("prefix", "prompt", "p_tuning")}
 
 MAX_PARAMS = 5_000_000
 GENERIC = {**GQA, "head_dim": 16}  # ZOO_FAMILIES=all: every other causal LM type, untuned
@@ -191,11 +198,14 @@ def render_matrix(cells: list[dict], note: str = "") -> str:
     lines += [f"- {c['family']} / {c['variant']} / {k}: {why}" for c in cells for k, why in c["failed"].items()]
     lines += ["", "## Checks that could not run (not peftcli's code)", ""]
     lines += [f"- {c['family']} / {c['variant']} / {k}: {why}" for c in cells for k, why in c["notes"].items()]
-    paths = sorted({str(c.get("loss_path")) for c in cells if c.get("loss_path")})
+    def path_of(c: dict) -> str | None:
+        p = c.get("loss_path")
+        return p.get("name") if isinstance(p, dict) else p
+
+    paths = sorted({path_of(c) for c in cells if path_of(c)})
     if paths:
-        lines += ["", "Loss paths the trainer chose: " + "; ".join(
-            f"{p}: " + ", ".join(f"{c['family']}/{c['variant']}" for c in cells if str(c.get("loss_path")) == p)[:400]
-            for p in paths)]
+        lines += ["", "Loss paths the trainer chose (`peftcli.guard`):", ""]
+        lines += [f"- {p}: " + ", ".join(f"{c['family']}/{c['variant']}" for c in cells if path_of(c) == p) for p in paths]
     seconds = {v: sum(c.get("seconds", 0.0) for c in cells if c["variant"] == v) for v in VARIANTS}
     lines += ["", "Seconds per variant (all families): " + ", ".join(f"{v} {t:.0f}" for v, t in seconds.items())]
     return "\n".join(lines) + "\n"

@@ -77,25 +77,52 @@ class Config(BaseModel):
 
 
 def attention_shape(model: nn.Module) -> tuple[int, int, int]:
-    """(num_layers, kv_heads, head_dim) of a decoder, from its config.
+    """(num_layers, kv_heads, head_dim) of a decoder's key/value cache.
 
-    ``head_dim`` is ``config.head_dim`` when set (it need not be hidden / heads), else
-    hidden_size / num_attention_heads; ``kv_heads`` is ``num_key_value_heads`` (grouped-query
-    attention), else the number of attention heads.
+    Measured: the key cache a one-token forward (no grad, eval mode) builds, (1, kv_heads, 1,
+    head_dim) per layer — what attention really concatenates the prefix with, whatever the config
+    says (Falcon's ``multi_query`` keeps one key/value head while ``num_kv_heads`` says 4). A
+    model whose cache has no per-layer keys falls back to the config: ``head_dim`` (it need not be
+    hidden / heads, else hidden_size / num_attention_heads) and ``num_key_value_heads`` (else the
+    attention heads).
 
     Raises:
-        UserError: the config lacks these fields, or its layers have different key/value shapes.
+        UserError: neither gives the shape, or the layers' key/value shapes differ.
     """
-    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    try:
-        layers = config.num_hidden_layers
-        shapes = {_kv_shape(c) for c in _layer_configs(config, layers)}
-    except AttributeError as e:
-        raise UserError(f"prefix_tuning: the model config has no {e.name} (a decoder with standard attention is needed)") from None
+    measured = _cache_shapes(model)
+    if measured:
+        shapes = set(measured)
+        layers = len(measured)
+    else:
+        config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+        try:
+            layers = config.num_hidden_layers
+            shapes = {_kv_shape(c) for c in _layer_configs(config, layers)}
+        except AttributeError as e:
+            raise UserError(f"prefix_tuning: the model config has no {e.name} (a decoder with standard attention is needed)") from None
     if len(shapes) != 1:
         raise UserError(f"prefix_tuning: the layers' key/value shapes differ ({sorted(shapes)}), which is not supported")
     kv_heads, head_dim = shapes.pop()
     return layers, kv_heads, head_dim
+
+
+@torch.no_grad()
+def _cache_shapes(model: nn.Module) -> list[tuple[int, int]] | None:
+    """(kv_heads, head_dim) of each layer's key cache after a one-token forward, or None where the
+    model builds no such cache (or the forward cannot run on one token)."""
+    was_training = model.training
+    model.eval()
+    ids = torch.zeros((1, 1), dtype=torch.long, device=model.get_input_embeddings().weight.device)
+    try:
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+        keys = [layer.keys for layer in getattr(cache, "layers", None) or []]
+    except Exception:  # noqa: BLE001 - any failure here means: read the config instead
+        return None
+    finally:
+        model.train(was_training)
+    if not keys or any(not isinstance(k, torch.Tensor) or k.dim() != 4 or k.shape[2] != 1 for k in keys):
+        return None
+    return [(int(k.shape[1]), int(k.shape[3])) for k in keys]
 
 
 def _layer_configs(config, layers: int) -> list:
