@@ -279,3 +279,17 @@ def test_tiny_training_run_reload_and_merge_refused(tmp_path, gqa_dir):
     torch.testing.assert_close(logits(reloaded), logits(result.model), atol=1e-6, rtol=0)
     with pytest.raises(UserError, match="method prefix_tuning cannot be merged: a prefix adds virtual key/value"):
         merge.merge_adapter(result.run_dir, tmp_path / "merged")
+
+
+def test_C5_prefix_shape_is_the_cache_the_model_builds_not_its_config():
+    # Falcon with multi_query keeps 1 key/value head although its config says num_kv_heads 4
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    config = FalconConfig(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_hidden_size=128)
+    assert config.multi_query and config.num_kv_heads == 4
+    model = FalconForCausalLM(config).eval()
+    assert pt.attention_shape(model) == (2, 1, 16)
+    pt.apply(model, pt.Config(num_virtual_tokens=N))
+    out = logits(model)
+    assert out.shape == (2, 7, 320) and torch.isfinite(out).all()
