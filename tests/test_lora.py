@@ -10,6 +10,7 @@ import pytest
 import safetensors.torch
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from tiny import tiny_llama
 from transformers import AutoModelForCausalLM
 
@@ -364,6 +365,88 @@ def test_a_misspelt_target_name_is_an_error_not_ignored():
     near_miss = r"method.target_modules: 'v_porj' matched no module \(did you mean 'v_proj'\? Linear names here: .*v_proj"
     with pytest.raises(UserError, match=near_miss):
         lora.apply(tiny_llama(), lora.Config(target_modules=["q_proj", "v_porj"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# rank_pattern / alpha_pattern (HF peft's LoraConfig fields of the same names)
+
+RANK_PATTERN = {r"model\.layers\.1\.self_attn\.q_proj": 2, "q_proj": 8, r"mlp\..*": 6}  # first match wins
+ALPHA_PATTERN = {"v_proj": 2.0}
+# hand computation, r 4 and alpha 8 elsewhere: path -> (r, in, out, scale = alpha / r)
+PATTERN_LAYERS = {
+    "model.layers.0.self_attn.q_proj": (8, 64, 64, 8 / 8),
+    "model.layers.1.self_attn.q_proj": (2, 64, 64, 8 / 2),  # the first key, not q_proj's 8
+    "model.layers.0.self_attn.v_proj": (4, 64, 32, 2 / 4),
+    "model.layers.1.self_attn.v_proj": (4, 64, 32, 2 / 4),
+    "model.layers.0.mlp.down_proj": (6, 128, 64, 8 / 6),
+    "model.layers.1.mlp.down_proj": (6, 128, 64, 8 / 6),
+}
+
+
+@pytest.mark.filterwarnings(r"ignore:Unexpected keyword arguments \['peftcli'\]")
+def test_rank_and_alpha_patterns_size_each_layer_and_load_in_hf_peft(tiny_dir, tmp_path):
+    recipe = validate({"model": {"name_or_path": str(tiny_dir)},
+                       "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0,
+                                  "target_modules": ["q_proj", "v_proj", "down_proj"],
+                                  "rank_pattern": RANK_PATTERN, "alpha_pattern": ALPHA_PATTERN},
+                       "data": {"train": {"path": "unused.jsonl"}}})
+    model, _, base_path = models.load_base(str(tiny_dir))
+    fp = models.fingerprint(model)
+    lora.apply(model, recipe.method)
+    layers = lora.lora_layers(model)
+    got = {n: (m.r, m.in_features, m.out_features, m.scaling) for n, m in layers.items()}
+    assert got == PATTERN_LAYERS
+    assert {n: (tuple(m.lora_A.weight.shape), tuple(m.lora_B.weight.shape)) for n, m in layers.items()} == {
+        n: ((r, i), (o, r)) for n, (r, i, o, _) in PATTERN_LAYERS.items()}
+    # HF peft's own get_peft_model sizes the same layers the same way
+    hf_own = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                     rank_pattern=RANK_PATTERN, alpha_pattern=ALPHA_PATTERN))
+    hf_sizes = {n.removeprefix("base_model.model."): (m.r["default"], m.in_features, m.out_features, m.scaling["default"])
+                for n, m in hf_own.named_modules() if isinstance(m, LoraLayer)}
+    assert hf_sizes == PATTERN_LAYERS
+
+    randomize_B(model)
+    with torch.no_grad():
+        ours = model(IDS).logits
+    out = artifacts.save_adapter(tmp_path / "adapter", model, recipe, base_path, fp)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert (cfg["rank_pattern"], cfg["alpha_pattern"]) == (RANK_PATTERN, ALPHA_PATTERN)
+    hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(IDS).logits, ours, atol=1e-4, rtol=0)
+    # ours, from the HF fields alone and from the file
+    hf_only = lora.config_from_adapter({k: v for k, v in cfg.items() if k != "peftcli"})
+    assert (hf_only.rank_pattern, hf_only.alpha_pattern) == (RANK_PATTERN, ALPHA_PATTERN)
+    reloaded, _, _ = artifacts.load_adapted(out)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, ours, atol=1e-6, rtol=0)
+
+
+@pytest.mark.filterwarnings(r"ignore:Unexpected keyword arguments \['peftcli'\]")
+def test_pissa_with_patterns_saves_doubled_pattern_values_that_hf_peft_loads(tiny_dir, tmp_path):
+    model = pissa_trained(tiny_dir, tmp_path / "adapter", rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 4.0})
+    assert {n: m.r for n, m in lora.lora_layers(model).items() if "v_proj" in n} == {
+        "model.layers.0.self_attn.v_proj": 2, "model.layers.1.self_attn.v_proj": 2}
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    # the rank-2r file: r and alpha doubled, pattern values too (scale 4/2 = 8/4 kept)
+    assert (cfg["r"], cfg["lora_alpha"], cfg["rank_pattern"], cfg["alpha_pattern"]) == (8, 16.0, {"v_proj": 4}, {"v_proj": 8.0})
+    with torch.no_grad():
+        ours = model(IDS).logits
+        hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "adapter").eval()
+        torch.testing.assert_close(hf(IDS).logits, ours, atol=1e-5, rtol=0)
+
+
+def test_patterns_that_match_nothing_or_are_not_regexes_are_one_line_errors():
+    # HF peft's rule: a key matches from a dot, so "proj" selects no ...q_proj (HF peft would only warn)
+    with pytest.raises(UserError, match=r"method.rank_pattern: 'proj' matches none of the adapted .*q_proj, v_proj"):
+        lora.apply(tiny_llama(), lora_cfg(target_modules=QV, rank_pattern={"proj": 8}))
+    with pytest.raises(UserError, match="method.alpha_pattern: 'o_proj' matches none"):
+        lora.apply(tiny_llama(), lora_cfg(target_modules=QV, alpha_pattern={"o_proj": 8}))
+    for bad, match in [({"rank_pattern": {"(q": 8}}, "not a regex"), ({"rank_pattern": {"q_proj": 0}}, "must be > 0"),
+                       ({"alpha_pattern": {"q_proj": float("nan")}}, "must be > 0")]:
+        with pytest.raises(UserError, match=match) as e:
+            lora_cfg(**bad)
+        assert "\n" not in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------------

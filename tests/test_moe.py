@@ -141,6 +141,28 @@ def test_C15_we_load_hf_peft_moe_adapter(moe_dir, tmp_path):
     torch.testing.assert_close(logits(model), expected, atol=1e-4, rtol=0)
 
 
+def test_C15_we_load_hf_peft_all_linear_adapter_with_its_rank_pattern(moe_dir, tmp_path):
+    """HF peft's all-linear on a transformers-5 MoE model gives the fused gate_up_proj 2r and
+    2·alpha (its v4 -> v5 conversion: gate and up were two rank-r Linears), written as
+    rank_pattern / alpha_pattern; ours reads them and sizes each layer the same."""
+    arch = "mixtral" if "mixtral" in str(moe_dir) else "qwen3_moe"
+    hf = get_peft_model(AutoModelForCausalLM.from_pretrained(moe_dir), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    randomize(hf)
+    hf.eval()
+    expected = logits(hf)
+    hf.save_pretrained(tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "adapter_config.json").read_text())
+    assert (cfg["rank_pattern"], cfg["alpha_pattern"]) == ({r".*\.gate_up_proj": 8}, {r".*\.gate_up_proj": 16})
+
+    model, _, _ = artifacts.load_adapted(tmp_path / "hf")
+    sizes = {n: (m.r, m.scaling, tuple(m.lora_A.weight.shape), tuple(m.lora_B.weight.shape))
+             for n, m in lora_params.param_layers(model).items() if n.startswith("model.layers.0.mlp.experts")}
+    inter = INTERMEDIATE[arch]  # hand computation: gate_up (E, 2I, H) at r 8, down (E, H, I) at r 4, both scale 2
+    assert sizes == {"model.layers.0.mlp.experts.base_layer": (8, 2.0, (8 * E, H), (2 * inter, 8 * E)),
+                     "model.layers.0.mlp.experts": (4, 2.0, (4 * E, inter), (H, 4 * E))}
+    torch.testing.assert_close(logits(model), expected, atol=1e-4, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # training: expert gradients, the count by kind, the router left alone
 

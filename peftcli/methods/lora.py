@@ -34,7 +34,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from peftcli import models
@@ -59,6 +59,15 @@ class Config(BaseModel):
     name: Literal["lora"] = "lora"
     r: int = Field(16, gt=0, description="rank of the update")
     alpha: float = Field(32.0, gt=0, description="scale numerator: the update is scaled by alpha/r (alpha/√r with rslora)")
+    rank_pattern: dict[str, int] = Field(
+        default_factory=dict,
+        description="another r for some targets, e.g. {q_proj: 8}: a key is a regex that selects the modules and "
+        "target parameters whose path ends with a match of it (from the path's start or after a dot); the first "
+        "matching key wins, the others get r (HF peft's rank_pattern)",
+    )
+    alpha_pattern: dict[str, float] = Field(
+        default_factory=dict, description="another alpha for some targets, e.g. {q_proj: 16}, keys as in rank_pattern",
+    )
     dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the input of the LoRA branch")
     target_modules: str | list[str] | None = Field(
         None,
@@ -79,6 +88,18 @@ class Config(BaseModel):
         "zeros", description="zeros: Kaiming-uniform A, zero B; gaussian: A ~ N(0, 1/r²), zero B; "
         "pissa: A, B from the top-r singular vectors of W, the base keeps the residual (full-precision base only)",
     )
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _patterns(cls, patterns: dict) -> dict:
+        for key, value in patterns.items():
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise ValueError(f"{key!r} is not a regex ({e})") from None
+            if not value > 0:  # NaN too
+                raise ValueError(f"{key!r}: {value} must be > 0")
+        return patterns
 
     @model_validator(mode="after")
     def _parameter_options(self):
@@ -469,6 +490,36 @@ def module_names(model: nn.Module, paths: list[str], within: list[str] | None = 
     return out
 
 
+def pattern_matches(key: str, path: str) -> bool:
+    """Whether a ``rank_pattern`` / ``alpha_pattern`` key selects ``path`` (a module path, or a
+    ``target_parameters`` path such as ``model.layers.0.mlp.experts.gate_up_proj``): HF peft's
+    rule (``peft.utils.other.get_pattern_key``): the key, a regex, matches the end of the path,
+    starting at its beginning or just after a dot — ``q_proj`` selects ``...self_attn.q_proj``,
+    not ``...self_attn.xq_proj``."""
+    return re.fullmatch(rf"(?:.*\.)?(?:{key})", path) is not None
+
+
+def ranks(cfg: Config, paths: list[str]) -> dict[str, tuple[int, float]]:
+    """path -> (r, alpha) for each path :func:`apply` adapts: the value of the first key of
+    ``cfg.rank_pattern`` (``cfg.alpha_pattern``), in their order, that :func:`pattern_matches` the
+    path, else ``cfg.r`` (``cfg.alpha``) — as HF peft sizes each layer.
+
+    Raises:
+        UserError: a pattern key selects none of ``paths`` (a typo; HF peft only warns).
+    """
+    for field in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(cfg, field):
+            if not any(pattern_matches(key, p) for p in paths):
+                near = sorted({p.rsplit(".", 1)[-1] for p in paths})
+                raise UserError(f"method.{field}: {key!r} matches none of the adapted modules or parameters "
+                                f"(their last names: {', '.join(near)})")
+
+    def first(patterns: dict, path: str, default):
+        return next((v for k, v in patterns.items() if pattern_matches(k, path)), default)
+
+    return {p: (first(cfg.rank_pattern, p, cfg.r), first(cfg.alpha_pattern, p, cfg.alpha)) for p in paths}
+
+
 def default_targets(model: nn.Module) -> list[str]:
     """``target_modules`` for a recipe that sets none: the attention query and value projections
     of every decoder block (Hu et al. 2021, §7.1: adapting W_q and W_v together is best for a
@@ -509,25 +560,29 @@ def apply(model: nn.Module, cfg: Config) -> list[str]:
     written into ``cfg``, so the run's ``recipe.yaml`` and adapter files record the explicit list;
     ``target_modules: []`` with ``target_parameters`` adapts the parameters only.
 
+    Each layer's r and alpha are ``cfg.r`` and ``cfg.alpha`` but where ``rank_pattern`` /
+    ``alpha_pattern`` say otherwise (:func:`ranks`).
+
     Returns the wrapped module names, then the adapted parameter paths. Raises UserError when
-    ``target_modules`` or ``target_parameters`` matches nothing (or, as null, no query/value
-    projection is found), or for ``init: pissa`` on a quantised base.
+    ``target_modules``, ``target_parameters`` or a pattern key matches nothing (or, as null, no
+    query/value projection is found), or for ``init: pissa`` on a quantised base.
     """
     if cfg.target_modules is None:
         cfg.target_modules = default_targets(model)
     only_params = cfg.target_modules == [] and cfg.target_parameters
     targets = [] if only_params else find_targets(model, cfg.target_modules, cfg.layers)
     params = lora_params.find_parameters(model, cfg.target_parameters, cfg.layers, cfg.target_modules == "all-linear")
+    sizes = ranks(cfg, targets + params)
     for p in model.parameters():
         p.requires_grad_(False)
     for name in targets:
         base = model.get_submodule(name)
-        layer = LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, cfg.init)
+        layer = LoRALinear(base, *sizes[name], cfg.dropout, cfg.rslora, cfg.init)
         if cfg.dora:
             layer = DoRALinear(layer)
         # keep the mode the base layer was in: LoRA dropout is off on a model in eval mode
         model.set_submodule(name, layer.train(base.training))
-    lora_params.wrap(model, params, cfg.r, cfg.alpha, cfg.rslora, cfg.init)
+    lora_params.wrap(model, {p: sizes[p] for p in params}, cfg.rslora, cfg.init)
     return targets + params
 
 
@@ -616,18 +671,24 @@ def adapter_config(cfg: Config) -> dict:
     """The HF peft ``LoraConfig`` fields for ``adapter_config.json`` (without the base model).
 
     ``init: pissa`` is written as the plain LoRA it is saved as (:func:`state_dict`): r doubled,
-    alpha doubled (×√2 with rslora) so the scale is unchanged, ``init_lora_weights: true`` — as
-    HF peft writes a converted PiSSA adapter. (``"pissa"`` there would make HF peft turn the base
-    into a residual again on load.) The ``peftcli`` block keeps the recipe's own r and init.
+    alpha doubled (×√2 with rslora) so the scale is unchanged, the ``rank_pattern`` and
+    ``alpha_pattern`` values too, ``init_lora_weights: true`` — as HF peft writes a converted PiSSA
+    adapter. (``"pissa"`` there would make HF peft turn the base into a residual again on load.)
+    The ``peftcli`` block keeps the recipe's own r, patterns and init.
     """
-    r, alpha = cfg.r, cfg.alpha
+    r, alpha, rank_pattern, alpha_pattern = cfg.r, cfg.alpha, cfg.rank_pattern, cfg.alpha_pattern
     if cfg.init == "pissa":
-        r, alpha = 2 * cfg.r, cfg.alpha * (math.sqrt(2) if cfg.rslora else 2)
+        factor = math.sqrt(2) if cfg.rslora else 2
+        r, alpha = 2 * r, alpha * factor
+        rank_pattern = {k: 2 * v for k, v in rank_pattern.items()}
+        alpha_pattern = {k: v * factor for k, v in alpha_pattern.items()}
     return {
         "peft_type": PEFT_TYPE,
         "task_type": "CAUSAL_LM",
         "r": r,
         "lora_alpha": alpha,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
         "lora_dropout": cfg.dropout,
         "target_modules": cfg.target_modules,
         "layers_to_transform": cfg.layers,
@@ -670,6 +731,8 @@ def config_from_adapter(d: dict) -> Config:
 
     ``init_lora_weights: "pissa"`` (HF peft's unconverted PiSSA, relative to the residual base)
     gives ``init: pissa``, so loading recomputes the residual from the base, as HF peft does.
+    ``rank_pattern`` / ``alpha_pattern`` are read as they are (HF peft writes them for its
+    transformers-5 MoE conversion: the fused ``gate_up_proj`` gets 2r and 2·alpha).
 
     Raises:
         UserError: options we do not implement (bias training, modules_to_save, other inits such
@@ -684,6 +747,7 @@ def config_from_adapter(d: dict) -> Config:
     targets = d.get("target_modules") or ([] if parameters else None)  # none: the model's default, resolved by apply
     return Config(
         r=d["r"], alpha=d.get("lora_alpha", 8), dropout=d.get("lora_dropout", 0.0),
+        rank_pattern=d.get("rank_pattern") or {}, alpha_pattern=d.get("alpha_pattern") or {},
         target_modules=list(targets) if isinstance(targets, (list, tuple, set)) else targets, target_parameters=parameters,
         layers=d.get("layers_to_transform"), rslora=bool(d.get("use_rslora", False)),
         dora=bool(d.get("use_dora", False)), init=_HF_INITS[init],

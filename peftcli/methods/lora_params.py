@@ -158,10 +158,11 @@ def find_parameters(model: nn.Module, targets: list[str], layers: list[int] | No
     return found
 
 
-def wrap(model: nn.Module, paths: list[str], r: int, alpha: float, rslora: bool, init: str) -> None:
-    """Replace each owner module of ``paths`` by :class:`LoRAParameter` wrappers, nested when one
-    module has several targets (the first in the module's registration order innermost)."""
-    for path in paths:
+def wrap(model: nn.Module, sizes: dict[str, tuple[int, float]], rslora: bool, init: str) -> None:
+    """Replace each owner module of the parameter paths in ``sizes`` (path -> (r, alpha), in model
+    order) by :class:`LoRAParameter` wrappers, nested when one module has several targets (the
+    first in the module's registration order innermost)."""
+    for path, (r, alpha) in sizes.items():
         module_name, _, param_name = path.rpartition(".")
         current = model.get_submodule(module_name)
         model.set_submodule(module_name, LoRAParameter(current, param_name, r, alpha, rslora, init).train(current.training))
