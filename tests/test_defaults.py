@@ -165,8 +165,9 @@ def test_a_run_records_the_explicit_list_in_recipe_yaml(tmp_path, method):
     run = tmp_path / "run"
     recorded = yaml.safe_load((run / "recipe.yaml").read_text())["method"]
     files = json.loads((run / "adapter" / "adapter_config.json").read_text())
-    if method["name"] == "lora":
-        assert recorded["target_modules"] == files["target_modules"] == ["c_attn"]
+    if method["name"] == "lora":  # the recipe records the names; the file every wrapped module's path
+        assert recorded["target_modules"] == files["peftcli"]["method"]["target_modules"] == ["c_attn"]
+        assert files["target_modules"] == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
     else:
         assert recorded["target_modules"] == files["target_modules"] == ["c_attn", "mlp.c_proj"]
         assert recorded["feedforward_modules"] == files["feedforward_modules"] == ["mlp.c_proj"]
