@@ -213,6 +213,9 @@ def eval_(
             extra = [_fmt(c.get("label_accuracy"), pct=True), _fmt(c.get("generation_accuracy"), pct=True)] if label_list else []
             table.add_row(name, _fmt(m["loss"]), _fmt(m["perplexity"]), _fmt(m["exact_match"], pct=True), *extra)
     out.print(table)
+    for name in ("base", "adapted"):
+        if (result.get(name) or {}).get("loss_path_line"):
+            out.print(f"{name}: {result[name]['loss_path_line']}", highlight=False, markup=False)
 
 
 @app.command()

@@ -158,7 +158,8 @@ def score(model: nn.Module, tokenizer, examples: list[dict], rows: list[dict], f
         # the fast loss only where it equals the model's own on these rows (peftcli.guard)
         path = choose_loss_path(model, examples, tokenizer.pad_token_id, padding_free=False, gradients=False)
         out = eval_loss(model, examples, make_collate(False, tokenizer.pad_token_id), micro_batch_size, nullcontext, path.loss_sum)
-        result.update(loss=out["eval_loss"], perplexity=out["eval_ppl"], supervised_tokens=out["eval_tokens"], loss_path=path.name)
+        result.update(loss=out["eval_loss"], perplexity=out["eval_ppl"], supervised_tokens=out["eval_tokens"],
+                      loss_path=path.as_json(), loss_path_line=path.describe())
     if generate_answers:
         result.update(exact_match(model, tokenizer, rows, fmt))
     else:

@@ -43,10 +43,11 @@ TOLERANCES = {torch.float32: (2e-5, 1e-3), torch.float64: (1e-9, 1e-7),
 GUARD_EXAMPLES = 2  # examples of the first micro-batch the check runs on (its cost: two small steps)
 
 PATHS = {
-    "fast": "own head cross-entropy on padding-free rows, hand-written LoRA backward",
-    "fast-padded": "own head cross-entropy on right-padded rows, hand-written LoRA backward",
+    "fast": "own head cross-entropy on padding-free rows",
+    "fast-padded": "own head cross-entropy on right-padded rows",
     "reference": "the model's own forward and logits on right-padded rows, autograd",
 }
+FUSED = ", hand-written LoRA backward"  # added to a fast path's description where the method has that kernel
 
 
 def reference_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -82,7 +83,8 @@ class LossPath:
     ``loss_diff`` (nats per supervised token) and ``grad_diff`` (relative L2 norm) are the
     chosen path's measured difference from the reference (0 for the reference itself);
     ``tolerance``: (loss, grad) for the compute dtype; ``tried``: every candidate checked, with
-    its differences; ``seconds``: what the check cost.
+    its differences; ``seconds``: what the check cost; ``fused``: the fast path includes a
+    hand-written backward (:func:`set_fused_backward`).
     """
 
     name: str
@@ -92,6 +94,7 @@ class LossPath:
     tolerance: tuple[float, float] = (0.0, 0.0)
     tried: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    fused: bool = False
 
     def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """(summed loss, supervised tokens) of a micro-batch on this path."""
@@ -106,7 +109,8 @@ class LossPath:
         if self.name == "reference":
             failed = "; ".join(f"{t['path']} differed by {_fmt_diff(t)}" for t in self.tried if not t["agrees"])
             return f"loss path: reference ({PATHS['reference']}): {failed or 'chosen'}"
-        return (f"loss path: {self.name} ({PATHS[self.name]}); the model's own forward agrees: {_fmt_diff(asdict(self))} "
+        what = PATHS[self.name] + FUSED * self.fused
+        return (f"loss path: {self.name} ({what}); the model's own forward agrees: {_fmt_diff(asdict(self))} "
                 f"(tolerance {self.tolerance[0]:.0e}·max(1, loss) nats, {self.tolerance[1]:.0e} relative; checked in {self.seconds:.1f}s)")
 
     def as_json(self) -> dict:
@@ -116,6 +120,8 @@ class LossPath:
 
 
 def _fmt_diff(t: dict) -> str:
+    if t["loss_diff"] == 0 and not t.get("grad_diff"):
+        return "bit for bit (loss and gradients)" if t.get("grad_diff") == 0 else "bit for bit (loss)"
     grad = "" if t.get("grad_diff") is None else f", gradients {t['grad_diff']:.1e} relative"
     return f"loss {t['loss_diff']:.1e} nats{grad}"
 
@@ -162,7 +168,8 @@ def _unreachable(model: nn.Module, length: int) -> str:
     window = getattr(config, "sliding_window", None)
     if isinstance(window, int) and window < length and getattr(config, "use_sliding_window", True) is not False:
         return (f"{what}: its sliding window ({window} tokens) is shorter than these rows ({length}), so what the "
-                "method puts before the text is out of every supervised token's reach (lower data.max_seq_len, or use lora)")
+                f"method puts before the text is out of every supervised token's reach (use rows of at most {window} tokens, "
+                "or a method that changes the weights: lora, ia3, adapter)")
     return f"{what}: the method's parts are not on the forward's way, it cannot apply to this model"
 
 
@@ -211,7 +218,8 @@ def choose_loss_path(model: nn.Module, examples: list[dict], pad_id: int, paddin
                 agrees = loss_diff <= tolerance[0] * max(1.0, abs(ref_loss)) and (grad_diff is None or grad_diff <= tolerance[1])
                 tried.append({"path": name, "loss_diff": loss_diff, "grad_diff": grad_diff, "agrees": agrees})
                 if agrees:
-                    return LossPath(name, free, loss_diff, grad_diff, tolerance, tried, time.perf_counter() - t0)
+                    fused = any(hasattr(m, "fused_backward") for m in model.modules())
+                    return LossPath(name, free, loss_diff, grad_diff, tolerance, tried, time.perf_counter() - t0, fused)
             set_fused_backward(model, False)
             return LossPath("reference", False, 0.0, 0.0 if gradients else None, tolerance, tried, time.perf_counter() - t0)
     finally:

@@ -142,3 +142,17 @@ def test_C12_a_method_the_forward_never_reaches_is_refused(tmp_path):
     model.forward_bypass.weight.requires_grad_(True)
     with pytest.raises(UserError, match="gradient through LlamaForCausalLM's own forward.*not on the forward's way"):
         trainer.choose_loss_path(model, recipe, module, examples, tok.pad_token_id, "no")
+
+
+def test_C12_the_path_line_names_only_kernels_the_method_has(tmp_path):
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok)
+    recipe = tiny_run_recipe(tmp_path, "unused", {"name": "ia3"})
+    module = methods.get("ia3")
+    module.apply(model, recipe.method)
+    examples, _ = data.tokenize_rows(SORT_ROWS, "alpaca", tok, 128, False, "rows")
+    path = trainer.choose_loss_path(model, recipe, module, examples, tok.pad_token_id, "no")
+    assert path.name == "fast" and not path.fused and "LoRA" not in path.describe()
+    lora_model = tiny_llama(tok)
+    recipe, module, examples = adapted(lora_model, tok, tmp_path)
+    assert "hand-written LoRA backward" in trainer.choose_loss_path(lora_model, recipe, module, examples, tok.pad_token_id, "no").describe()

@@ -159,8 +159,9 @@ def test_non_linear_target_is_refused():
 
 
 def test_layers_filter_that_matches_nothing():
-    with pytest.raises(UserError, match="matched no module"):
-        lora.apply(tiny_llama(), lora_cfg(target_modules=["q_proj"], layers=[5]))
+    # the tiny Llama has blocks 0 and 1: the message names the layers key, not the targets
+    with pytest.raises(UserError, match=r"^method.layers: \[5\] not in this model \(blocks 0-1\)$"):
+        lora.apply(tiny_llama(), lora_cfg(target_modules=["q_proj"], layers=[1, 5]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -274,7 +274,6 @@ def test_C15_bottleneck_adapters_attach_after_the_moe_block_and_train(moe_dir, v
 @pytest.mark.parametrize("method, match", [
     ({"name": "lora", "dora": True, "target_parameters": EXPERTS}, "target_parameters cannot be combined with dora"),
     ({"name": "lora", "init": "pissa", "target_parameters": EXPERTS}, "init pissa"),
-    ({"name": "qlora", "target_parameters": EXPERTS}, "not supported on a 4-bit base"),
 ])
 def test_C15_unsupported_combinations_are_one_line_errors(method, match):
     with pytest.raises(UserError, match=match) as e:
@@ -290,3 +289,16 @@ def test_C15_bad_targets_name_the_fix(moe_dir):
         lora.apply(model, lora.Config(target_modules=["gate"]))
     with pytest.raises(UserError, match="name Linear layers in method.target_modules"):
         lora.apply(model, lora.Config(target_modules=[], target_parameters=["q_proj.weight"]))
+
+
+def test_C15_qlora_adapts_the_experts_that_stay_full_precision(moe_dir):
+    # bitsandbytes quantises Linear layers only: the fused 3-D expert weights stay float, so
+    # qlora on them is LoRA on a float weight; a 4-bit weight named as a parameter is refused
+    model = models.load_model(str(moe_dir), "nf4")
+    assert model.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.float32
+    names = lora.apply(model, methods.get("qlora").Config(target_modules=["q_proj"], target_parameters=EXPERTS))
+    assert "model.layers.0.mlp.experts.gate_up_proj" in names
+    assert methods.trainable_by_kind(model)["experts"] > 0
+    with pytest.raises(UserError, match="q_proj.weight belongs to a Linear4bit; name Linear layers in method.target_modules") as e:
+        lora.apply(models.load_model(str(moe_dir), "nf4"), lora.Config(target_modules=[], target_parameters=["q_proj.weight"]))
+    assert "\n" not in str(e.value)

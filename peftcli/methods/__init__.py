@@ -38,7 +38,7 @@ def get(name: str) -> ModuleType:
     return METHODS[name]
 
 
-KINDS = ("attention", "mlp", "experts", "router", "other")
+KINDS = ("attention", "mlp", "experts", "router", "prompt", "other")
 _ATTENTION = ("attn", "attention")
 _MLP = ("mlp", "feed_forward", "ffn", "fc1", "fc2", "gate_proj", "up_proj", "down_proj")
 _MOE_BLOCK = ("mlp", "block_sparse_moe", "moe", "feed_forward")
@@ -47,9 +47,11 @@ _MOE_BLOCK = ("mlp", "block_sparse_moe", "moe", "feed_forward")
 def parameter_kind(path: str) -> str:
     """Which part of a decoder block a parameter path belongs to, by its module names:
     ``experts`` (inside a fused or listed ``experts`` module, e.g. ``mlp.experts.lora_A.weight``),
-    ``router`` (an MoE block's ``gate``/``router``), ``attention``, ``mlp``, or ``other``
-    (embeddings, norms, prompts, the head)."""
+    ``router`` (an MoE block's ``gate``/``router``), ``attention``, ``mlp``, ``prompt`` (a prompt
+    method's encoder or virtual tokens), or ``other`` (embeddings, norms, the head)."""
     parts = path.lower().split(".")
+    if parts[0] in ("prompt_encoder", "prefix_encoder"):  # the prompt methods' own modules
+        return "prompt"
     if "experts" in parts:
         return "experts"
     if "router" in parts or ("gate" in parts and any(p in _MOE_BLOCK for p in parts)):

@@ -431,7 +431,8 @@ def find_targets(model: nn.Module, target_modules: str | list[str], layers: list
 
     Raises:
         UserError: nothing matched, or an entry of a list matched nothing (a typo; the message
-            lists the Linear names that exist), or a match is not a Linear.
+            lists the Linear names that exist), a match is not a Linear, or ``layers`` names a
+            block the model does not have.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = []
@@ -452,6 +453,11 @@ def find_targets(model: nn.Module, target_modules: str | list[str], layers: list
                 raise UserError(f"method.target_modules: {name} is a {type(module).__name__}, LoRA wraps Linear (or Conv1D) layers "
                                 f"only (name its weights in method.target_parameters, e.g. {_param_hint(module, name)})")
             names.append(name)
+    blocks = sorted({int(m.group(1)) for n, _ in model.named_modules() if (m := _LAYER_INDEX.search("." + n + "."))})
+    missing = sorted(set(layers or []) - set(blocks))
+    if missing:
+        span = f"blocks {blocks[0]}-{blocks[-1]}" if blocks else "no numbered blocks"
+        raise UserError(f"method.layers: {missing} not in this model ({span})")
     unmatched = [] if isinstance(target_modules, str) else [
         t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
     if not names or unmatched:

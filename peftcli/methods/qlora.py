@@ -39,14 +39,6 @@ class Config(lora.Config):
                              "use method lora with init pissa, or init zeros/gaussian with qlora")
         return init
 
-    @field_validator("target_parameters")
-    @classmethod
-    def _no_parameters(cls, target_parameters: list[str]) -> list[str]:
-        if target_parameters:
-            raise ValueError("LoRA on nn.Parameter weights is not supported on a 4-bit base; "
-                             "use method lora (full-precision base) for target_parameters")
-        return target_parameters
-
 
 def config_from_adapter(d: dict) -> Config:
     """Our config from an HF peft LoRA ``adapter_config.json`` dict."""
