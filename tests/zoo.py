@@ -179,6 +179,8 @@ def _status(c: dict) -> str:
         return "tiny config does not run in transformers"
     if c["failed"]:
         return ", ".join(c["failed"])
+    if "refused" in c["ran"]:
+        return "refused, as it must (one line)"
     return "pass" + (f" (n/a: {', '.join(c['notes'])})" if c["notes"] else "")
 
 
