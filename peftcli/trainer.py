@@ -609,8 +609,7 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
         with contextlib.suppress(OSError):
             (run_dir / "checkpoints").rmdir()  # only when nothing else is in it
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(dump(recipe), encoding="utf-8")
+        run_dir.mkdir(parents=True, exist_ok=True)  # recipe.yaml is written once data, model and method are known good
     seed_everything(t.seed)
 
     # 1. data first (the tokenizer is enough), so a bad file is reported before the model loads
@@ -632,7 +631,7 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
                             f"(fingerprint {recorded}, this base has {fp})")
     method = methods.get(recipe.method.name)
     targets = method.apply(model, recipe.method)
-    if main:  # apply wrote the model's default target_modules into recipe.method: record the explicit list
+    if main:  # after apply, which wrote the model's default target_modules into recipe.method: the explicit list
         (run_dir / "recipe.yaml").write_text(dump(recipe), encoding="utf-8")
     trainable, total = parameter_counts(model)
     base_params = total - trainable  # the frozen base; the method's parameters are the trainable ones

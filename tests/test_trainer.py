@@ -9,6 +9,7 @@ from tiny import tiny_llama, tiny_run_recipe, tiny_tokenizer
 
 from peftcli import data, recipe, varlen
 from peftcli.data import IGNORE_INDEX
+from peftcli.errors import UserError
 from peftcli.methods import lora
 from peftcli.trainer import accumulate_gradients, prepare_padding_free, read_events, supervised_loss_sum, train
 
@@ -446,3 +447,14 @@ def test_chunked_head_cross_entropy_equals_the_full_logits_formula(n):
     torch.testing.assert_close(h.grad, ref_h.grad, atol=1e-6, rtol=1e-5)  # the softmax is float32 in both tools
     with torch.no_grad():  # evaluation: chunked, no gradient pass
         assert head_cross_entropy(head, h, targets).item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_a_failed_run_leaves_the_run_dirs_recipe_untouched(tmp_path, tiny_dir):
+    recipe = tiny_run_recipe(tmp_path, tiny_dir, {"name": "lora"}, max_steps=1)
+    train(recipe)
+    before = (tmp_path / "run" / "recipe.yaml").read_bytes()
+    bad = recipe.model_copy(deep=True)
+    bad.data.train.path = str(tmp_path / "missing.jsonl")
+    with pytest.raises(UserError, match="missing.jsonl: data file not found"):
+        train(bad)
+    assert (tmp_path / "run" / "recipe.yaml").read_bytes() == before
