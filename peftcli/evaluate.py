@@ -52,8 +52,7 @@ def exact_match(model: nn.Module, tokenizer, rows: list[dict], fmt: str, batch_s
     (prompt, reference, answer)}.
     """
     special = tokens.special_tokens(tokenizer)
-    pairs = [(data.prompt_ids(r, fmt, tokenizer, special), data.reference(r, fmt)) for r in rows
-             if data.reference(r, fmt) is not None]
+    pairs = [(data.prompt_ids(r, fmt, tokenizer, special), ref) for r in rows if (ref := data.reference(r, fmt)) is not None]
     if not pairs:
         return {"exact_match": None, "n_references": 0, "samples": []}
     hits, samples = 0, []

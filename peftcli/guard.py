@@ -204,7 +204,7 @@ def choose_loss_path(model: nn.Module, examples: list[dict], pad_id: int, paddin
     try:
         with torch.enable_grad() if gradients else torch.no_grad():
             set_fused_backward(model, False)
-            ref_loss, ref_n, ref_grads = _loss_and_grads(LossPath("reference", False).loss_sum, model, padded, params, autocast)
+            ref_loss, ref_n, ref_grads = _loss_and_grads(reference_loss_sum, model, padded, params, autocast)
             if ref_grads is not None and all(not bool(g.any()) for g in ref_grads):
                 raise UserError(_unreachable(model, padded["input_ids"].shape[1]))
             set_fused_backward(model, True)

@@ -45,11 +45,11 @@ def dry_step_peak(model: nn.Module, batch: dict[str, torch.Tensor], mixed_precis
     Returns:
         the process's peak memory afterwards, bytes (:func:`peak_bytes`).
     """
-    from peftcli.trainer import supervised_loss_sum
+    from peftcli.trainer import AUTOCAST_DTYPES, supervised_loss_sum
 
     loss_sum = loss_sum or supervised_loss_sum
     device = next(p.device for p in model.parameters())
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    dtype = AUTOCAST_DTYPES.get(mixed_precision)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     params = [p for p in model.parameters() if p.requires_grad]
     was_training = model.training

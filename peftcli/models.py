@@ -328,6 +328,16 @@ def dequantized_weight(linear: nn.Module) -> torch.Tensor:
     return w.float()
 
 
+_BLOCK_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def block_index(path: str) -> int | None:
+    """The decoder block index in a module or parameter path (``model.layers.3.mlp`` -> 3,
+    ``transformer.h.0.attn`` -> 0), or None outside the numbered blocks (``method.layers``)."""
+    m = _BLOCK_INDEX.search("." + path + ".")
+    return int(m.group(1)) if m else None
+
+
 # ---------------------------------------------------------------------------------------------
 # the decoder body
 
@@ -386,6 +396,19 @@ def _body_candidates(model: nn.Module) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
+def one_token_forward(model: nn.Module, **kwargs):
+    """``model(input_ids=[[0]], **kwargs)`` without gradients in eval mode, every module's training
+    flag restored afterwards: a probe of what the model's own forward does (its output)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    ids = torch.zeros((1, 1), dtype=torch.long, device=model.get_input_embeddings().weight.device)
+    try:
+        return model(input_ids=ids, **kwargs)
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def _probe_body(model: nn.Module) -> str:
     candidates = _body_candidates(model)
     names = {id(m): name for name, m in candidates.items()}
@@ -394,18 +417,13 @@ def _probe_body(model: nn.Module) -> str:
         raise _Found(module)
 
     handles = [m.register_forward_pre_hook(found, prepend=True) for m in candidates.values()]
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    ids = torch.zeros((1, 1), dtype=torch.long, device=model.get_input_embeddings().weight.device)
     try:
-        model(input_ids=ids)
+        one_token_forward(model)
     except _Found as hit:
         return names[id(hit.module)]
     finally:
         for h in handles:
             h.remove()
-        for m, training in modes:
-            m.training = training
     raise UserError(f"{type(model).__name__}.forward calls no decoder body (a module holding the input embedding), "
                     "which this method needs")
 

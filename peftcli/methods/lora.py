@@ -419,9 +419,6 @@ DEFAULT_ROLES = {"query", "value"}  # W_q and W_v (Hu et al. 2021, §7.1, Table 
 # followed, so that a default means the same layers in both
 HF_DEFAULT_ROLES = {"phi": {"query", "value", "ffn_in", "ffn_out"}}
 
-_LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
-
-
 def find_targets(model: nn.Module, target_modules: str | list[str], layers: list[int] | None = None) -> list[str]:
     """Names of the modules ``target_modules`` selects, with Hugging Face peft's matching rules:
     a list matches a module whose name equals an entry or ends with ``"." + entry``; a string is
@@ -446,18 +443,18 @@ def find_targets(model: nn.Module, target_modules: str | list[str], layers: list
         else:
             hit = any(name == t or name.endswith("." + t) for t in target_modules)
         if hit and layers is not None:
-            m = _LAYER_INDEX.search("." + name + ".")
-            hit = m is not None and int(m.group(1)) in layers
+            hit = models.block_index(name) in layers
         if hit:
             if not is_linear(module):
                 raise UserError(f"method.target_modules: {name} is a {type(module).__name__}, LoRA wraps Linear (or Conv1D) layers "
                                 f"only (name its weights in method.target_parameters, e.g. {_param_hint(module, name)})")
             names.append(name)
-    blocks = sorted({int(m.group(1)) for n, _ in model.named_modules() if (m := _LAYER_INDEX.search("." + n + "."))})
-    missing = sorted(set(layers or []) - set(blocks))
-    if missing:
-        span = f"blocks {blocks[0]}-{blocks[-1]}" if blocks else "no numbered blocks"
-        raise UserError(f"method.layers: {missing} not in this model ({span})")
+    if layers is not None:
+        blocks = sorted({i for n, _ in model.named_modules() if (i := models.block_index(n)) is not None})
+        missing = sorted(set(layers) - set(blocks))
+        if missing:
+            span = f"blocks {blocks[0]}-{blocks[-1]}" if blocks else "no numbered blocks"
+            raise UserError(f"method.layers: {missing} not in this model ({span})")
     unmatched = [] if isinstance(target_modules, str) else [
         t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
     if not names or unmatched:

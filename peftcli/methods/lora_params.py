@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import difflib
 import math
-import re
 
 import torch
 from torch import nn
 
 from peftcli.errors import UserError
+from peftcli.models import block_index
 
 
 class LoRAParameter(nn.Module):
@@ -115,9 +115,6 @@ class LoRAParameter(nn.Module):
 # finding and wrapping
 
 
-_LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
-
-
 def _matches(key: str, targets: list[str]) -> bool:
     return any(key == t or key.endswith("." + t) for t in targets)
 
@@ -139,15 +136,14 @@ def find_parameters(model: nn.Module, targets: list[str], layers: list[int] | No
             key = f"{module_name}.{param_name}" if module_name else param_name
             hit = _matches(key, targets) or (all_experts and param.ndim == 3)
             if hit and layers is not None:
-                m = _LAYER_INDEX.search("." + key + ".")
-                hit = m is not None and int(m.group(1)) in layers
+                hit = block_index(key) in layers
             if not hit:
                 continue
             if isinstance(module, nn.Linear) or not module_name:
                 raise UserError(f"method.target_parameters: {key} belongs to a {type(module).__name__}; "
                                 "name Linear layers in method.target_modules")
             found.append(key)
-    unmatched = [t for t in targets if not any(k == t or k.endswith("." + t) for k in found)]
+    unmatched = [t for t in targets if not any(_matches(k, [t]) for k in found)]
     if unmatched:
         names = sorted({p for _, m in model.named_modules() if not isinstance(m, (nn.Linear, nn.Embedding))
                         for p, w in m.named_parameters(recurse=False) if w.ndim >= 2})

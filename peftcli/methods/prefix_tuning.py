@@ -46,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from peftcli.errors import UserError
-from peftcli.models import decoder_body, decoder_body_name
+from peftcli.models import decoder_body, decoder_body_name, one_token_forward
 
 PEFT_TYPE = "PREFIX_TUNING"
 PAPER = "Li & Liang 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation"
@@ -106,20 +106,14 @@ def attention_shape(model: nn.Module) -> tuple[int, int, int]:
     return layers, kv_heads, head_dim
 
 
-@torch.no_grad()
 def _cache_shapes(model: nn.Module) -> list[tuple[int, int]] | None:
     """(kv_heads, head_dim) of each layer's key cache after a one-token forward, or None where the
     model builds no such cache (or the forward cannot run on one token)."""
-    was_training = model.training
-    model.eval()
-    ids = torch.zeros((1, 1), dtype=torch.long, device=model.get_input_embeddings().weight.device)
     try:
-        cache = model(input_ids=ids, use_cache=True).past_key_values
+        cache = one_token_forward(model, use_cache=True).past_key_values
         keys = [layer.keys for layer in getattr(cache, "layers", None) or []]
     except Exception:  # noqa: BLE001 - any failure here means: read the config instead
         return None
-    finally:
-        model.train(was_training)
     if not keys or any(not isinstance(k, torch.Tensor) or k.dim() != 4 or k.shape[2] != 1 for k in keys):
         return None
     return [(int(k.shape[1]), int(k.shape[3])) for k in keys]
