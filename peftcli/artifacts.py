@@ -128,16 +128,6 @@ def adapter_config(recipe: Recipe, base_path: str, base_fingerprint: str) -> dic
     return cfg
 
 
-def _hf_fan_in_fan_out(cfg: dict, model: nn.Module) -> dict:
-    """HF peft's LoRA and IA3 record ``fan_in_fan_out: true`` once they wrap a transformers
-    ``Conv1D`` (GPT-2: the base weight is stored (in, out)); write the same for the layers the
-    method wrapped. A Conv1D that transformers quantised is a bitsandbytes Linear of (out, in),
-    for which HF peft keeps ``false``, and so do we. The saved weights' shapes do not change."""
-    if "fan_in_fan_out" in cfg:
-        cfg["fan_in_fan_out"] = any(models.is_conv1d(getattr(m, "base_layer", None)) for m in model.modules())
-    return cfg
-
-
 def save_adapter(out_dir: str | Path, model: nn.Module, recipe: Recipe, base_path: str, base_fingerprint: str) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` to ``out_dir``, atomically
     (temporary sibling dir, fsync, rename; an existing ``out_dir`` is replaced only once the new
@@ -158,9 +148,7 @@ def save_adapter(out_dir: str | Path, model: nn.Module, recipe: Recipe, base_pat
     method = methods.get(recipe.method.name)
     weights = method.state_dict(model)
     cfg = adapter_config(recipe, base_path, base_fingerprint)
-    if hasattr(method, "file_fields"):  # what was wrapped, named explicitly (the peftcli block keeps the recipe's form)
-        cfg.update(method.file_fields(model))
-    cfg = _hf_fan_in_fan_out(cfg, model)
+    cfg.update(method.file_fields(model))  # what was wrapped, named explicitly (the peftcli block keeps the recipe's form)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -231,8 +219,9 @@ def read_adapter_weights(adapter_dir: str | Path) -> dict:
 
 
 def method_name(cfg: dict) -> str:
-    """Our method name for an adapter config: the recorded ``peftcli.method.name``, else from the
-    HF ``peft_type`` (``LORA`` -> ``lora``, or ``qlora`` when the recorded base is 4-bit).
+    """Our method name for an adapter config: the recorded ``peftcli.method.name``, else the
+    registered method whose ``reads_adapter`` claims it (by the HF ``peft_type``; for ``LORA``
+    the recorded base decides between ``lora`` and ``qlora``).
 
     Raises:
         UserError: a ``peft_type`` no registered method reads.
@@ -240,14 +229,11 @@ def method_name(cfg: dict) -> str:
     recorded = (cfg.get("peftcli") or {}).get("method") or {}
     if recorded.get("name") in methods.METHODS:
         return recorded["name"]
-    peft_type = str(cfg.get("peft_type", "")).upper()
-    names = [name for name, m in methods.METHODS.items() if m.PEFT_TYPE == peft_type]
+    names = [name for name, m in methods.METHODS.items() if m.reads_adapter(cfg)]
     if not names:
+        peft_type = str(cfg.get("peft_type", "")).upper()
         known = sorted({m.PEFT_TYPE for m in methods.METHODS.values()})
         raise UserError(f"{CONFIG_NAME}: peft_type {peft_type or None!r} is not supported (supported: {', '.join(known)})")
-    quantization = ((cfg.get("peftcli") or {}).get("model") or {}).get("quantization", "none")
-    if "qlora" in names and quantization in ("nf4", "fp4"):
-        return "qlora"
     return names[0]
 
 
@@ -343,7 +329,7 @@ def load_adapted(path: str | Path, model_overrides: dict | None = None, check_fi
         if actual != recorded:
             raise UserError(f"adapter {adapter_dir} was trained on a different base model "
                             f"(fingerprint {recorded}, this base has {actual})")
-    method.apply(model, method_cfg)
+    method.apply(model, method_cfg, tokenizer=tok)
     method.load_state_dict(model, weights)
     model.eval()
     info = {

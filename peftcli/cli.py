@@ -325,7 +325,7 @@ def methods_():
     for col in ("name", "trains", "merges", "paper"):
         table.add_column(col)
     for name, m in METHODS.items():
-        table.add_row(name, m.SUMMARY, "yes" if m.CAN_MERGE else "no", m.PAPER)
+        table.add_row(name, m.SUMMARY, "yes" if m.CANNOT_MERGE is None else "no", m.PAPER)
     out.print(table)
 
 

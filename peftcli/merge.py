@@ -29,8 +29,6 @@ from peftcli.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-WHY_NOT = "its trainable parts are not a weight update that can be folded into the base weights"
-
 
 def merge_adapter(path: str | Path, out_dir: str | Path, dtype: str | None = None,
                   log: Callable[[str], None] | None = None) -> Path:
@@ -49,7 +47,7 @@ def merge_adapter(path: str | Path, out_dir: str | Path, dtype: str | None = Non
     Returns ``out_dir``, which ``AutoModelForCausalLM.from_pretrained`` loads.
 
     Raises:
-        UserError: the method cannot merge (its module's ``CANNOT_MERGE_BECAUSE`` says why,
+        UserError: the method cannot merge (its module's ``CANNOT_MERGE`` says why,
         checked before the base is loaded), an unknown dtype, ``out_dir`` is the
         base or adapter dir or a non-empty dir that is not a model dir, or any error of
         :func:`peftcli.artifacts.load_adapted`.
@@ -62,9 +60,9 @@ def merge_adapter(path: str | Path, out_dir: str | Path, dtype: str | None = Non
     cfg = read_adapter_config(adapter_dir)
     name = method_name(cfg)
     method = methods.get(name)
-    if not method.CAN_MERGE:  # before loading the base
-        why = getattr(method, "CANNOT_MERGE_BECAUSE", WHY_NOT)
-        raise UserError(f"method {name} cannot be merged: {why}; use the adapter as is (peft eval / peft generate)")
+    if method.CANNOT_MERGE is not None:  # before loading the base
+        raise UserError(f"method {name} cannot be merged: {method.CANNOT_MERGE}; use the adapter as is "
+                        "(peft eval / peft generate)")
     _check_out_dir(out_dir, adapter_dir, cfg.get("base_model_name_or_path") or "")  # before the slow load
     model, tok, info = load_adapted(path)
 

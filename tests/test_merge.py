@@ -255,7 +255,7 @@ def test_merge_refuses_unmergeable_method_and_bad_targets(tiny_dir, tmp_path, mo
         merge.merge_adapter(tmp_path, tiny_dir)
     with pytest.raises(UserError, match="--dtype"):
         merge.merge_adapter(tmp_path, tmp_path / "m", dtype="int4")
-    monkeypatch.setattr(lora, "CAN_MERGE", False)
+    monkeypatch.setattr(lora, "CANNOT_MERGE", "a test says so")
     with pytest.raises(UserError, match="method lora cannot be merged: "):
         merge.merge_adapter(tmp_path, tmp_path / "m")
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine" and not (tmp_path / "m").exists()

@@ -177,8 +177,10 @@ def test_encoder_parameters_are_named_and_shaped_as_hf_peft(encoder):
 def test_text_init_equals_hf_peft_and_vocab_init_samples_embedding_rows(tiny_dir):
     text = "hello world"
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    prompt_tuning.apply(model, make_recipe({"name": "prompt_tuning", "num_virtual_tokens": N, "init": "text",
-                                            "init_text": text}).method)
+    text_init = make_recipe({"name": "prompt_tuning", "num_virtual_tokens": N, "init": "text", "init_text": text}).method
+    with pytest.raises(UserError, match=r"^method.init: text needs the base model's tokenizer.*tokenizer=\)$"):
+        prompt_tuning.apply(AutoModelForCausalLM.from_pretrained(tiny_dir), text_init)  # no tokenizer given: no reload
+    prompt_tuning.apply(model, text_init, tokenizer=AutoTokenizer.from_pretrained(tiny_dir))
     # HF peft's TEXT init on the same base and tokenizer
     hf = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir), PromptTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=N, prompt_tuning_init="TEXT", prompt_tuning_init_text=text,
@@ -346,7 +348,7 @@ def test_tiny_training_run_reload_and_merge_refused(tmp_path, tiny_dir, key):
     assert resumed.summary["steps"] == 3
 
     name = recipe.method.name
-    why = methods.get(name).CANNOT_MERGE_BECAUSE
+    why = methods.get(name).CANNOT_MERGE
     with pytest.raises(UserError, match=f"method {name} cannot be merged: {why}"):
         merge.merge_adapter(result.run_dir, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()

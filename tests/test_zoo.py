@@ -300,7 +300,7 @@ def trained_checks(check: Checks, variant, result, model_dir: Path, logit_batch:
         uncached = evaluate.generate(adapted, tok, prompts, NEW_TOKENS, use_cache=False)
         assert cached == uncached, f"cache on {cached} != off {uncached}"
 
-    if methods.get(variant.method["name"]).CAN_MERGE:
+    if methods.get(variant.method["name"]).CANNOT_MERGE is None:
         with check("merge"):
             out = run.parent / "merged"
             merge.merge_adapter(run, out, log=lambda _: None)

@@ -1,23 +1,159 @@
 """The method library: one module per method, registered by its recipe name.
 
-Every method module exposes the same small surface:
-
-- ``Config``: pydantic schema of its recipe keys (``name`` is the discriminator);
-- ``PEFT_TYPE``, ``PAPER``, ``SUMMARY``, ``CAN_MERGE``, ``PADDING_FREE`` (works on padding-free rows);
-- ``apply(model, cfg) -> list[str]``: freeze the base, inject trainable parts, return what it wrapped;
-- ``state_dict(model)`` / ``load_state_dict(model, sd)``: trainable weights in HF peft key naming;
-- ``adapter_config(cfg) -> dict`` and ``config_from_adapter(dict) -> Config``: adapter_config.json;
-- ``merge(model) -> model`` where ``CAN_MERGE``; else ``CANNOT_MERGE_BECAUSE`` says why;
-- optional ``file_fields(model) -> dict``: adapter_config.json fields that depend on what ``apply``
-  wrapped (LoRA: the explicit ``target_modules`` / ``target_parameters``), written over the
-  ``adapter_config`` ones when saving.
+Every method module provides the surface :class:`Method` lists (checked by :func:`check` for
+each module registered in :data:`METHODS`, when this package is imported). What every method
+repeats is in the toolkit :mod:`peftcli.methods.common`.
 """
 
-from types import ModuleType
+from __future__ import annotations
+
+import inspect
+import types
+from typing import Protocol, Union, get_args, get_origin, get_type_hints
+
+import torch
+from pydantic import BaseModel
+from torch import nn
 
 from peftcli.methods import adapter, ia3, lora, p_tuning, prefix_tuning, prompt_tuning, qlora
 
-METHODS: dict[str, ModuleType] = {
+
+class Method(Protocol):
+    """What a method module provides (a module satisfies this Protocol; its functions take no
+    ``self``). Every member is required; :mod:`peftcli.methods.common` has defaults a module can
+    re-export (``file_fields = common.no_file_fields``, ``reads_adapter =
+    common.reads_peft_type(PEFT_TYPE)``)."""
+
+    Config: type[BaseModel]
+    """The pydantic schema of its recipe keys; its ``name`` field (a ``Literal`` of the name the
+    method is registered under) is the discriminator of the recipe's ``method`` union."""
+
+    PEFT_TYPE: str
+    """The HF peft ``peft_type`` its ``adapter_config.json`` carries (``"LORA"``); ours where HF
+    peft has no such method (``"BOTTLENECK"``)."""
+
+    PAPER: str
+    """The source: authors, year, title (``peft methods`` prints it)."""
+
+    SUMMARY: str
+    """What trains, in one line (``peft methods`` prints it)."""
+
+    PADDING_FREE: bool
+    """True when the method keeps each row's token sequence unchanged, so padding-free
+    (packed) rows work; False for methods that add virtual tokens per row."""
+
+    CANNOT_MERGE: str | None
+    """None when :meth:`merge` folds the method into the base weights; else the one reason it
+    cannot, which ``peft merge`` and :meth:`merge` say."""
+
+    def apply(self, model: nn.Module, cfg: BaseModel, tokenizer=None) -> list[str]:
+        """Freeze every base parameter of ``model`` and add the method's trainable parts, in
+        place, as ``cfg`` says. Options the recipe left null (e.g. default targets) are resolved
+        and written into ``cfg``. ``tokenizer``: the base's tokenizer, for methods that need one
+        (prompt tuning's text init). Returns the names of the modules it wrapped or hooked.
+
+        Raises:
+            UserError: the method cannot apply to this model as configured (one line).
+        """
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The trainable weights of an applied ``model`` (CPU, contiguous), in the key naming of
+        its file format (HF peft's where there is one)."""
+
+    def load_state_dict(self, model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+        """Copy ``sd`` (as :meth:`state_dict` writes it, or HF peft's file) into an applied
+        ``model``.
+
+        Raises:
+            UserError: a key too many or missing, or a shape that differs
+            (``adapter weights do not fit ...``, :func:`peftcli.methods.common.check_keys`).
+        """
+
+    def adapter_config(self, cfg: BaseModel) -> dict:
+        """The ``adapter_config.json`` fields of ``cfg`` (``peft_type`` included, no base
+        model), in HF peft's naming where it has the method."""
+
+    def config_from_adapter(self, d: dict) -> BaseModel:
+        """The method's ``Config`` from an ``adapter_config.json`` dict (one without our
+        ``peftcli`` block, e.g. written by HF peft).
+
+        Raises:
+            UserError: a field missing, or an option the method does not implement.
+        """
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Fold the method into the base weights of an applied ``model`` (plain layers put
+        back); returns ``model``.
+
+        Raises:
+            UserError: always where :attr:`CANNOT_MERGE` is set, with it in the message.
+        """
+
+    def file_fields(self, model: nn.Module) -> dict:
+        """``adapter_config.json`` fields that depend on what :meth:`apply` wrapped on
+        ``model`` (LoRA: the explicit target list, ``fan_in_fan_out``), written over the
+        :meth:`adapter_config` ones when saving; ``{}`` for most methods."""
+
+    def reads_adapter(self, cfg: dict) -> bool:
+        """Whether this method loads the ``adapter_config.json`` dict ``cfg`` (one whose
+        ``peftcli`` block names no method): by its ``peft_type``, and for ``LORA`` files the
+        recorded base (4-bit: ``qlora``, else ``lora``). Exactly one registered method reads a
+        file of a supported type."""
+
+
+def _fits(value, hint) -> bool:
+    """Whether ``value`` is of the annotated type ``hint`` (plain classes, ``X | None``,
+    ``type[X]``)."""
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return any(_fits(value, h) for h in get_args(hint))
+    if origin is type:
+        return isinstance(value, type) and issubclass(value, get_args(hint)[0])
+    if hint is type(None):
+        return value is None
+    return isinstance(value, hint)
+
+
+_SKIP = {"self", "return"}
+
+
+def check(name: str, module) -> None:
+    """Check that ``module`` provides the :class:`Method` surface, registered as ``name``:
+    every data member present and of its annotated type (``Config`` a pydantic model whose
+    ``name`` defaults to ``name``), every function present, callable, and taking the
+    Protocol's parameters by those names.
+
+    Raises:
+        TypeError: naming the module and the first member missing or of the wrong kind.
+    """
+    where = getattr(module, "__name__", name)
+    hints = get_type_hints(Method, globalns=globals())
+    for member, hint in hints.items():
+        if not hasattr(module, member):
+            raise TypeError(f"method module {where} has no {member} (the Method surface needs it)")
+        if not _fits(getattr(module, member), hint):
+            raise TypeError(f"method module {where}: {member} is {getattr(module, member)!r}, not {hint}")
+    field = module.Config.model_fields.get("name")
+    if field is None or field.default != name:
+        raise TypeError(f"method module {where}: Config.name must default to {name!r} (its registered name)")
+    for member, proto in inspect.getmembers(Method, inspect.isfunction):
+        if member.startswith("_"):
+            continue
+        fn = getattr(module, member, None)
+        if fn is None:
+            raise TypeError(f"method module {where} has no {member}() (the Method surface needs it)")
+        if not callable(fn):
+            raise TypeError(f"method module {where}: {member} is not a function")
+        want = [p for p in inspect.signature(proto).parameters if p not in _SKIP]
+        params = inspect.signature(fn).parameters
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            lacking = [p for p in want if p not in params]
+            if lacking:
+                raise TypeError(f"method module {where}: {member}() takes no {lacking[0]!r} "
+                                f"(the Method surface calls {member}({', '.join(want)}))")
+
+
+METHODS: dict[str, Method] = {
     "lora": lora,
     "qlora": qlora,
     "adapter": adapter,
@@ -26,10 +162,12 @@ METHODS: dict[str, ModuleType] = {
     "prompt_tuning": prompt_tuning,
     "p_tuning": p_tuning,
 }
+for _name, _module in METHODS.items():
+    check(_name, _module)
 METHOD_CONFIGS = {name: module.Config for name, module in METHODS.items()}
 
 
-def get(name: str) -> ModuleType:
+def get(name: str) -> Method:
     """The method module registered as ``name``.
 
     Raises:

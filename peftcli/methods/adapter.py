@@ -38,15 +38,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from peftcli.errors import UserError
+from peftcli.methods import common
+from peftcli.methods.common import KEY_PREFIX
 from peftcli.models import is_linear, linear_features
 
 PEFT_TYPE = "BOTTLENECK"
 PAPER = "Houlsby et al. 2019, Parameter-Efficient Transfer Learning for NLP; pfeiffer: Pfeiffer et al. 2020"
 SUMMARY = "residual bottleneck MLPs after attention and/or FFN outputs"
-CAN_MERGE = False
 PADDING_FREE = True  # the token sequence is unchanged: padding-free rows work
-CANNOT_MERGE_BECAUSE = "a bottleneck adapter adds a non-linear block; it cannot be folded into a Linear weight"
-KEY_PREFIX = "base_model.model."
+CANNOT_MERGE = "a bottleneck adapter adds a non-linear block; it cannot be folded into a Linear weight"
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 ATTENTION_NAMES = ("attn", "attention")
@@ -228,27 +228,25 @@ def find_targets(model: nn.Module, cfg: Config) -> list[str]:
 # the method surface
 
 
-def apply(model: nn.Module, cfg: Config) -> list[str]:
+def apply(model: nn.Module, cfg: Config, tokenizer=None) -> list[str]:
     """Freeze every base parameter and wrap each selected output Linear in a
-    :class:`BottleneckAdapter`: 2 per block for houlsby, 1 for pfeiffer.
+    :class:`BottleneckAdapter`: 2 per block for houlsby, 1 for pfeiffer. ``tokenizer`` is not used.
 
     Returns the wrapped module names. Raises UserError for an architecture without recognisable
     blocks, a ``layers`` index out of range, or a reduction factor above the hidden size.
     """
     targets = find_targets(model, cfg)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    common.freeze_base(model)
     for name in targets:
         base = model.get_submodule(name)
         hidden = None if isinstance(base, nn.Linear) else model.get_input_embeddings().embedding_dim  # an MoE block
-        wrapped = BottleneckAdapter(base, cfg.reduction_factor, cfg.non_linearity, hidden).train(base.training)
-        model.set_submodule(name, wrapped)
+        common.replace(model, name, BottleneckAdapter(base, cfg.reduction_factor, cfg.non_linearity, hidden))
     return targets
 
 
 def adapter_layers(model: nn.Module) -> dict[str, BottleneckAdapter]:
     """name -> BottleneckAdapter for every wrapped layer of ``model``."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, BottleneckAdapter)}
+    return common.layers_of(model, BottleneckAdapter)
 
 
 def _params(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -273,14 +271,8 @@ def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
     """
     want = _params(model)
     got = {k.removeprefix(KEY_PREFIX): v for k, v in sd.items()}
-    unknown, missing = sorted(set(got) - set(want)), sorted(set(want) - set(got))
-    if unknown or missing:
-        raise UserError(f"adapter weights do not fit this model: {'unexpected ' + unknown[0] if unknown else 'missing ' + missing[0]}")
-    with torch.no_grad():
-        for k, param in want.items():
-            if got[k].shape != param.shape:
-                raise UserError(f"adapter weight {k} has shape {tuple(got[k].shape)}, the model needs {tuple(param.shape)}")
-            param.copy_(got[k].to(param.dtype))
+    common.check_keys(got, want)
+    common.copy_weights(want, got)
 
 
 def adapter_config(cfg: Config) -> dict:
@@ -315,10 +307,14 @@ def config_from_adapter(d: dict) -> Config:
         raise UserError(f"adapter_config.json: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
 
+file_fields = common.no_file_fields
+reads_adapter = common.reads_peft_type(PEFT_TYPE)
+
+
 def merge(model: nn.Module) -> nn.Module:
-    """Not possible (``CAN_MERGE`` is False).
+    """Not possible (:data:`CANNOT_MERGE`).
 
     Raises:
-        UserError: always, with :data:`CANNOT_MERGE_BECAUSE`.
+        UserError: always, with :data:`CANNOT_MERGE`.
     """
-    raise UserError(f"method adapter cannot be merged: {CANNOT_MERGE_BECAUSE}")
+    raise common.refuse_merge("adapter", CANNOT_MERGE)

@@ -32,14 +32,15 @@ from torch import nn
 
 from peftcli import models
 from peftcli.errors import UserError
+from peftcli.methods import common
+from peftcli.methods.common import KEY_PREFIX
 from peftcli.methods.lora import find_targets, linear_names, module_names
 
 PEFT_TYPE = "IA3"
 PAPER = "Liu et al. 2022, Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning"
 SUMMARY = "learned rescaling vectors on keys, values and the FFN activation"
-CAN_MERGE = True
+CANNOT_MERGE = None  # merges: each vector scales its W
 PADDING_FREE = True  # the token sequence is unchanged: padding-free rows work
-KEY_PREFIX = "base_model.model."
 
 
 DEFAULT_ROLES = {"key", "value", "ffn_out"}  # Liu et al. 2022, §3.3: keys, values, the FFN activation
@@ -213,30 +214,28 @@ def resolve_defaults(model: nn.Module, cfg: Config) -> None:
         raise UserError(f"method.feedforward_modules: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
 
 
-def apply(model: nn.Module, cfg: Config) -> list[str]:
+def apply(model: nn.Module, cfg: Config, tokenizer=None) -> list[str]:
     """Freeze every base parameter and wrap each target Linear in an :class:`IA3Linear`
     (input scaling where the path is a feed-forward module).
 
     Null ``target_modules`` / ``feedforward_modules`` (the defaults) are resolved here
     (:func:`resolve_defaults`) and written into ``cfg``, so the run's ``recipe.yaml`` and adapter
-    files record the explicit lists.
+    files record the explicit lists. ``tokenizer`` is not used.
 
     Returns the wrapped module names. Raises UserError when ``target_modules`` matches nothing
     or matches a module that is not a Linear, or the defaults cannot be resolved.
     """
     resolve_defaults(model, cfg)
     targets = find_targets(model, cfg.target_modules)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    common.freeze_base(model)
     for name in targets:
-        base = model.get_submodule(name)
-        model.set_submodule(name, IA3Linear(base, is_feedforward(name, cfg.feedforward_modules)).train(base.training))
+        common.replace(model, name, IA3Linear(model.get_submodule(name), is_feedforward(name, cfg.feedforward_modules)))
     return targets
 
 
 def ia3_layers(model: nn.Module) -> dict[str, IA3Linear]:
     """name -> IA3Linear for every wrapped layer of ``model``."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, IA3Linear)}
+    return common.layers_of(model, IA3Linear)
 
 
 def _file_shape(layer: IA3Linear) -> tuple[int, int]:
@@ -263,13 +262,10 @@ def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
     layers = ia3_layers(model)
     got = {k.removeprefix(KEY_PREFIX).removesuffix(".default"): v for k, v in sd.items()}
     want = {f"{name}.ia3_l": layer for name, layer in layers.items()}
-    unknown, missing = sorted(set(got) - set(want)), sorted(set(want) - set(got))
-    if unknown or missing:
-        raise UserError(f"adapter weights do not fit this model: {'unexpected ' + unknown[0] if unknown else 'missing ' + missing[0]}")
+    common.check_keys(got, want)
     with torch.no_grad():
         for k, layer in want.items():
-            if tuple(got[k].shape) != _file_shape(layer):
-                raise UserError(f"adapter weight {k} has shape {tuple(got[k].shape)}, the model needs {_file_shape(layer)}")
+            common.check_shape(k, got[k], _file_shape(layer))
             layer.ia3_l.copy_(got[k].flatten().to(layer.ia3_l.dtype))
 
 
@@ -282,7 +278,7 @@ def adapter_config(cfg: Config) -> dict:
         "feedforward_modules": cfg.feedforward_modules,
         "exclude_modules": None,
         "init_ia3_weights": True,
-        "fan_in_fan_out": False,  # true for Conv1D targets: set by artifacts.save_adapter, as HF peft does
+        "fan_in_fan_out": False,  # true for Conv1D targets: set by file_fields, as HF peft does
         "modules_to_save": None,
         "inference_mode": True,
     }
@@ -305,6 +301,16 @@ def config_from_adapter(d: dict) -> Config:
                       feedforward_modules=listed(d.get("feedforward_modules")))
     except ValueError as e:  # pydantic's ValidationError is a ValueError
         raise UserError(f"adapter_config.json: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+
+
+def file_fields(model: nn.Module) -> dict:
+    """The ``adapter_config.json`` field that depends on what :func:`apply` wrapped:
+    ``fan_in_fan_out``, true once a wrapped layer is a transformers ``Conv1D`` (GPT-2), as HF
+    peft records it (:func:`~peftcli.methods.common.wraps_conv1d`)."""
+    return {"fan_in_fan_out": common.wraps_conv1d(model)}
+
+
+reads_adapter = common.reads_peft_type(PEFT_TYPE)
 
 
 def merge(model: nn.Module) -> nn.Module:

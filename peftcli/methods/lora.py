@@ -39,15 +39,16 @@ from torch import nn
 
 from peftcli import models
 from peftcli.errors import UserError
-from peftcli.methods import lora_params
+from peftcli.methods import common, lora_params
+from peftcli.methods.common import KEY_PREFIX
 from peftcli.models import dequantized_weight, is_linear
 
 PEFT_TYPE = "LORA"
 PAPER = "Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models"
 SUMMARY = "low-rank update B·A beside frozen Linear weights (options: DoRA, gaussian or PiSSA init)"
-CAN_MERGE = True
+CANNOT_MERGE = None  # merges: W + scale·B·A
 PADDING_FREE = True  # the token sequence is unchanged: padding-free rows work
-KEY_PREFIX = "base_model.model."
+FOUR_BIT = ("nf4", "fp4")  # recorded quantisations of a qlora base
 INITS = ("zeros", "gaussian", "pissa")
 
 
@@ -553,7 +554,7 @@ def _param_hint(module: nn.Module, name: str) -> str:
     return f"{name.rsplit('.', 1)[-1]}.{params[0]}" if params else "experts.gate_up_proj"
 
 
-def apply(model: nn.Module, cfg: Config) -> list[str]:
+def apply(model: nn.Module, cfg: Config, tokenizer=None) -> list[str]:
     """Freeze every base parameter and wrap each target Linear in a :class:`LoRALinear` (a
     :class:`DoRALinear` with ``cfg.dora``), initialised as ``cfg.init`` says; then each
     ``target_parameters`` match (and, for ``all-linear``, every fused 3-D expert weight) in a
@@ -561,7 +562,8 @@ def apply(model: nn.Module, cfg: Config) -> list[str]:
 
     ``target_modules: null`` (the default) is resolved here by :func:`default_targets` and
     written into ``cfg``, so the run's ``recipe.yaml`` and adapter files record the explicit list;
-    ``target_modules: []`` with ``target_parameters`` adapts the parameters only.
+    ``target_modules: []`` with ``target_parameters`` adapts the parameters only. ``tokenizer``
+    is not used.
 
     Each layer's r and alpha are ``cfg.r`` and ``cfg.alpha`` but where ``rank_pattern`` /
     ``alpha_pattern`` say otherwise (:func:`ranks`).
@@ -576,22 +578,17 @@ def apply(model: nn.Module, cfg: Config) -> list[str]:
     targets = [] if only_params else find_targets(model, cfg.target_modules, cfg.layers)
     params = lora_params.find_parameters(model, cfg.target_parameters, cfg.layers, cfg.target_modules == "all-linear")
     sizes = ranks(cfg, targets + params)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    common.freeze_base(model)
     for name in targets:
-        base = model.get_submodule(name)
-        layer = LoRALinear(base, *sizes[name], cfg.dropout, cfg.rslora, cfg.init)
-        if cfg.dora:
-            layer = DoRALinear(layer)
-        # keep the mode the base layer was in: LoRA dropout is off on a model in eval mode
-        model.set_submodule(name, layer.train(base.training))
+        layer = LoRALinear(model.get_submodule(name), *sizes[name], cfg.dropout, cfg.rslora, cfg.init)
+        common.replace(model, name, DoRALinear(layer) if cfg.dora else layer)
     lora_params.wrap(model, {p: sizes[p] for p in params}, cfg.rslora, cfg.init)
     return targets + params
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear | DoRALinear]:
     """name -> LoRALinear or DoRALinear for every wrapped layer of ``model``."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, (LoRALinear, DoRALinear))}
+    return common.layers_of(model, LoRALinear, DoRALinear)
 
 
 def all_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -646,10 +643,7 @@ def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
         if isinstance(layer, DoRALinear):
             want.add(f"{name}.lora_magnitude_vector")
     got = {k.removeprefix(KEY_PREFIX).replace(".default.", "."): v for k, v in sd.items()}
-    unknown = sorted(set(got) - want)
-    missing = sorted(want - set(got))
-    if unknown or missing:
-        raise UserError(f"adapter weights do not fit this model: {'unexpected ' + unknown[0] if unknown else 'missing ' + missing[0]}")
+    common.check_keys(got, want)
     with torch.no_grad():
         for name, layer in layers.items():
             A, B = got[f"{name}.lora_A.weight"], got[f"{name}.lora_B.weight"]
@@ -658,16 +652,12 @@ def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
                 B, minus_init_B = B.split(layer.r, dim=1)
                 layer.init_A.copy_(init_A)
                 layer.init_B.copy_(-minus_init_B)
-            _copy_checked(layer.lora_A.weight, A, f"{name}.lora_A.weight")
-            _copy_checked(layer.lora_B.weight, B, f"{name}.lora_B.weight")
+            params = {f"{name}.lora_A.weight": layer.lora_A.weight, f"{name}.lora_B.weight": layer.lora_B.weight}
+            saved = {f"{name}.lora_A.weight": A, f"{name}.lora_B.weight": B}
             if isinstance(layer, DoRALinear):
-                _copy_checked(layer.lora_magnitude_vector, got[f"{name}.lora_magnitude_vector"], f"{name}.lora_magnitude_vector")
-
-
-def _copy_checked(param: torch.Tensor, value: torch.Tensor, key: str) -> None:
-    if value.shape != param.shape:
-        raise UserError(f"adapter weight {key} has shape {tuple(value.shape)}, the model needs {tuple(param.shape)}")
-    param.copy_(value.to(param.dtype))
+                key = f"{name}.lora_magnitude_vector"
+                params[key], saved[key] = layer.lora_magnitude_vector, got[key]
+            common.copy_weights(params, saved)
 
 
 def adapter_config(cfg: Config) -> dict:
@@ -697,7 +687,7 @@ def adapter_config(cfg: Config) -> dict:
         "layers_to_transform": cfg.layers,
         "use_rslora": cfg.rslora,
         "bias": "none",
-        "fan_in_fan_out": False,  # true for Conv1D targets: set by artifacts.save_adapter, as HF peft does
+        "fan_in_fan_out": False,  # true for Conv1D targets: set by file_fields, as HF peft does
         "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True,
         "modules_to_save": None,
         "use_dora": cfg.dora,
@@ -715,11 +705,15 @@ def file_fields(model: nn.Module) -> dict:
     - ``target_parameters``: the adapted parameter paths (null when none);
     - ``lora_dropout: 0`` when there are any: HF peft refuses dropout beside target_parameters,
       and dropout never changes inference. The recipe's dropout stays in the ``peftcli`` block,
-      which our loader reads.
+      which our loader reads;
+    - ``fan_in_fan_out``: true once a wrapped layer is a transformers ``Conv1D`` (GPT-2: W stored
+      (in, out)), as HF peft records it (:func:`~peftcli.methods.common.wraps_conv1d`; a Conv1D
+      that transformers quantised is a bitsandbytes Linear of (out, in): false, as in HF peft).
+      The saved weights' shapes do not change.
     """
     params = lora_params.adapted_parameters(model)
     fields = {"target_modules": sorted(lora_layers(model)), "layers_to_transform": None,
-              "target_parameters": params or None}
+              "target_parameters": params or None, "fan_in_fan_out": common.wraps_conv1d(model)}
     if params:
         fields["lora_dropout"] = 0.0
     return fields
@@ -755,6 +749,19 @@ def config_from_adapter(d: dict) -> Config:
         layers=d.get("layers_to_transform"), rslora=bool(d.get("use_rslora", False)),
         dora=bool(d.get("use_dora", False)), init=_HF_INITS[init],
     )
+
+
+def recorded_4bit(cfg: dict) -> bool:
+    """Whether an ``adapter_config.json`` dict records a 4-bit base (``peftcli.model.quantization``
+    ``nf4`` or ``fp4``): the base a ``qlora`` adapter was trained on."""
+    return ((cfg.get("peftcli") or {}).get("model") or {}).get("quantization", "none") in FOUR_BIT
+
+
+def reads_adapter(cfg: dict) -> bool:
+    """Whether ``lora`` loads this ``adapter_config.json`` dict: a ``LORA`` file whose recorded
+    base is not 4-bit (those are ``qlora``'s, :func:`recorded_4bit`); HF peft's files record no
+    base dtype, so they are ``lora``'s."""
+    return common.peft_type(cfg) == PEFT_TYPE and not recorded_4bit(cfg)
 
 
 def merge(model: nn.Module) -> nn.Module:

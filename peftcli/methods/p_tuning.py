@@ -34,14 +34,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from peftcli.errors import UserError
-from peftcli.methods.prompt_tuning import EMBEDDINGS_KEY, attach, check_prompt_learning_config, check_shape, freeze_base, token_dim
+from peftcli.methods import common
+from peftcli.methods.prompt_tuning import EMBEDDINGS_KEY, attach, check_prompt_learning_config, check_shape, token_dim
 
 PEFT_TYPE = "P_TUNING"
 PAPER = "Liu et al. 2021, GPT Understands, Too"
 SUMMARY = "virtual token embeddings produced by a trainable MLP or LSTM prompt encoder"
-CAN_MERGE = False
 PADDING_FREE = False  # virtual tokens are added per row: padded rows only
-CANNOT_MERGE_BECAUSE = "its virtual tokens are extra inputs prepended to every sequence, not a change of any base weight"
+CANNOT_MERGE = "its virtual tokens are extra inputs prepended to every sequence, not a change of any base weight"
 ENCODER_PREFIX = "prompt_encoder."  # our extra keys: the encoder weights, for resuming training
 LSTM_LAYERS = 2  # HF peft's encoder_num_layers default; an MLP always has the three Linears
 
@@ -106,14 +106,15 @@ class PromptEncoder(nn.Module):
         self.requires_grad_(False)
 
 
-def apply(model: nn.Module, cfg: Config) -> list[str]:
+def apply(model: nn.Module, cfg: Config, tokenizer=None) -> list[str]:
     """Freeze every base parameter, add a :class:`PromptEncoder` as ``model.prompt_encoder`` and
-    hook the decoder body (see :class:`peftcli.methods.prompt_tuning.VirtualTokens`).
+    hook the decoder body (see :class:`peftcli.methods.prompt_tuning.VirtualTokens`). ``tokenizer``
+    is not used.
 
     Returns the hooked module's name. Raises UserError for a model without a decoder body or a
     second prompt method.
     """
-    freeze_base(model)
+    common.freeze_base(model)
     dim = token_dim(model)
     device = model.get_input_embeddings().weight.device
     encoder = PromptEncoder(cfg.num_virtual_tokens, dim, cfg.encoder_hidden_size or dim, cfg.encoder, device=device)
@@ -148,16 +149,8 @@ def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
         encoder.fix(sd[EMBEDDINGS_KEY])
         return
     want = dict(encoder.named_parameters())
-    unknown, missing = sorted(set(got) - set(want)), sorted(set(want) - set(got))
-    if unknown or missing:
-        which = f"unexpected {ENCODER_PREFIX}{unknown[0]}" if unknown else f"missing {ENCODER_PREFIX}{missing[0]}"
-        raise UserError(f"adapter weights do not fit this P-tuning encoder (encoder {encoder.kind}): {which}")
-    with torch.no_grad():
-        for k, param in want.items():
-            if got[k].shape != param.shape:
-                raise UserError(f"adapter weight {ENCODER_PREFIX}{k} has shape {tuple(got[k].shape)}, "
-                                f"this encoder needs {tuple(param.shape)}")
-            param.copy_(got[k].to(param.dtype))
+    common.check_keys(got, want, f"this P-tuning encoder (encoder {encoder.kind})", prefix=ENCODER_PREFIX)
+    common.copy_weights(want, got, needs="this encoder needs", prefix=ENCODER_PREFIX)
 
 
 def adapter_config(cfg: Config) -> dict:
@@ -195,10 +188,14 @@ def config_from_adapter(d: dict) -> Config:
                   encoder_hidden_size=hidden if isinstance(hidden, int) and hidden > 0 else None)
 
 
+file_fields = common.no_file_fields
+reads_adapter = common.reads_peft_type(PEFT_TYPE)
+
+
 def merge(model: nn.Module) -> nn.Module:
-    """Not possible (``CAN_MERGE`` is False).
+    """Not possible (:data:`CANNOT_MERGE`).
 
     Raises:
-        UserError: always, with :data:`CANNOT_MERGE_BECAUSE`.
+        UserError: always, with :data:`CANNOT_MERGE`.
     """
-    raise UserError(f"method p_tuning cannot be merged: {CANNOT_MERGE_BECAUSE}")
+    raise common.refuse_merge("p_tuning", CANNOT_MERGE)

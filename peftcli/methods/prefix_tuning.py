@@ -46,14 +46,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from peftcli.errors import UserError
+from peftcli.methods import common
 from peftcli.models import decoder_body, decoder_body_name, one_token_forward
 
 PEFT_TYPE = "PREFIX_TUNING"
 PAPER = "Li & Liang 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation"
 SUMMARY = "trainable key/value prefixes for every attention layer (optional MLP reparameterisation)"
-CAN_MERGE = False
 PADDING_FREE = False  # virtual tokens are added per row: padded rows only
-CANNOT_MERGE_BECAUSE = ("a prefix adds virtual key/value positions to every attention layer; "
+CANNOT_MERGE = ("a prefix adds virtual key/value positions to every attention layer; "
                         "it is not a change of any weight")
 ENCODER = "prefix_encoder"  # the attribute of the model that holds the PrefixEncoder
 WEIGHT_KEY = "prompt_embeddings"  # HF peft's key
@@ -300,9 +300,9 @@ def _body(model: nn.Module) -> nn.Module:
     return body
 
 
-def apply(model: nn.Module, cfg: Config) -> list[str]:
+def apply(model: nn.Module, cfg: Config, tokenizer=None) -> list[str]:
     """Freeze every base parameter, attach a :class:`PrefixEncoder` as ``model.prefix_encoder``
-    and hook the decoder body so every call gets the prefix.
+    and hook the decoder body so every call gets the prefix. ``tokenizer`` is not used.
 
     Returns the hooked module's name (the decoder body). Raises UserError when the model has no
     decoder body taking a KV cache, an unsupported attention layout, or a prefix already.
@@ -311,8 +311,7 @@ def apply(model: nn.Module, cfg: Config) -> list[str]:
         raise UserError("prefix_tuning: the model has a prefix already")
     body = _body(model)
     layers, kv_heads, head_dim = attention_shape(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    common.freeze_base(model)
     device = model.get_input_embeddings().weight.device
     encoder = PrefixEncoder(cfg.num_virtual_tokens, layers, kv_heads, head_dim, cfg.projection,
                             cfg.encoder_hidden_size).to(device).train(model.training)
@@ -339,15 +338,11 @@ def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
         (another base, or another num_virtual_tokens).
     """
     encoder = encoder_of(model)
-    if set(sd) != {WEIGHT_KEY}:
-        extra = sorted(set(sd) - {WEIGHT_KEY})
-        raise UserError(f"adapter weights do not fit this model: {'unexpected ' + extra[0] if extra else 'missing ' + WEIGHT_KEY}")
+    common.check_keys(sd, {WEIGHT_KEY})
     prefix = sd[WEIGHT_KEY]
-    want = (encoder.num_virtual_tokens, encoder.width)
-    if tuple(prefix.shape) != want:
-        raise UserError(f"adapter weight {WEIGHT_KEY} has shape {tuple(prefix.shape)}, the model needs {want} "
-                        f"(num_virtual_tokens, num_layers·2·kv_heads·head_dim = {encoder.num_layers}·2·"
-                        f"{encoder.kv_heads}·{encoder.head_dim})")
+    common.check_shape(WEIGHT_KEY, prefix, (encoder.num_virtual_tokens, encoder.width),
+                       why=f" (num_virtual_tokens, num_layers·2·kv_heads·head_dim = {encoder.num_layers}·2·"
+                           f"{encoder.kv_heads}·{encoder.head_dim})")
     if encoder.transform is not None:
         encoder.fold(prefix)
         return
@@ -396,10 +391,14 @@ def config_from_adapter(d: dict) -> Config:
                   encoder_hidden_size=d.get("encoder_hidden_size"))
 
 
+file_fields = common.no_file_fields
+reads_adapter = common.reads_peft_type(PEFT_TYPE)
+
+
 def merge(model: nn.Module) -> nn.Module:
-    """Prefix tuning cannot merge.
+    """Prefix tuning cannot merge (:data:`CANNOT_MERGE`).
 
     Raises:
-        UserError: always, with :data:`CANNOT_MERGE_BECAUSE`.
+        UserError: always, with :data:`CANNOT_MERGE`.
     """
-    raise UserError(f"method prefix_tuning cannot be merged: {CANNOT_MERGE_BECAUSE}")
+    raise common.refuse_merge("prefix_tuning", CANNOT_MERGE)

@@ -6,8 +6,8 @@
 The base stays frozen; only the n × hidden prompt P trains (§2). P is initialised (§2.2, §3.2):
 ``random`` — uniform in [-0.5, 0.5] (the paper's random init); ``vocab`` — the embeddings of n
 token ids drawn uniformly from the vocabulary (HF peft's SAMPLE_VOCAB); ``text`` — the
-embeddings of ``init_text``, tokenised with the base's tokenizer as HF peft's TEXT init does
-(special tokens included) and repeated or cut to n rows. ``random`` and ``vocab`` draw from
+embeddings of ``init_text``, tokenised with the base's tokenizer (the one ``apply`` is given)
+as HF peft's TEXT init does (special tokens included) and repeated or cut to n rows. ``random`` and ``vocab`` draw from
 torch's global generator, which ``peft train`` seeds with ``train.seed``.
 
 The mechanism (shared with ``p_tuning``, see :class:`VirtualTokens`) hooks the decoder body
@@ -31,14 +31,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from peftcli.errors import UserError
-from peftcli.models import decoder_body, decoder_body_name, load_tokenizer
+from peftcli.methods import common
+from peftcli.models import decoder_body, decoder_body_name
 
 PEFT_TYPE = "PROMPT_TUNING"
 PAPER = "Lester et al. 2021, The Power of Scale for Parameter-Efficient Prompt Tuning"
 SUMMARY = "n trainable virtual token embeddings prepended to the input (init random, vocab or text)"
-CAN_MERGE = False
 PADDING_FREE = False  # virtual tokens are added per row: padded rows only
-CANNOT_MERGE_BECAUSE = "its virtual tokens are extra inputs prepended to every sequence, not a change of any base weight"
+CANNOT_MERGE = "its virtual tokens are extra inputs prepended to every sequence, not a change of any base weight"
 EMBEDDINGS_KEY = "prompt_embeddings"  # HF peft's key for every prompt-learning adapter file
 HF_INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 
@@ -178,11 +178,6 @@ def attach(model: nn.Module, encoder: nn.Module, n: int) -> list[str]:
     return [decoder_body_name(model)]
 
 
-def freeze_base(model: nn.Module) -> None:
-    for p in model.parameters():
-        p.requires_grad_(False)
-
-
 def token_dim(model: nn.Module) -> int:
     """The width of the model's input embeddings."""
     return model.get_input_embeddings().weight.shape[1]
@@ -205,11 +200,12 @@ class PromptEmbedding(nn.Module):
 
 
 @torch.no_grad()
-def init_prompt(weight: torch.Tensor, model: nn.Module, cfg: Config) -> None:
-    """Fill the (n, hidden) prompt per ``cfg.init`` (Lester et al. 2021, §3.2).
+def init_prompt(weight: torch.Tensor, model: nn.Module, cfg: Config, tokenizer=None) -> None:
+    """Fill the (n, hidden) prompt per ``cfg.init`` (Lester et al. 2021, §3.2); ``text`` tokenises
+    ``cfg.init_text`` with ``tokenizer`` (the base's).
 
     Raises:
-        UserError: ``text`` without a loadable tokenizer at the base's ``name_or_path``.
+        UserError: ``text`` without a tokenizer, or a text that tokenises to nothing.
     """
     n = weight.shape[0]
     embed = model.get_input_embeddings()
@@ -219,15 +215,21 @@ def init_prompt(weight: torch.Tensor, model: nn.Module, cfg: Config) -> None:
     if cfg.init == "vocab":
         ids = torch.randint(0, embed.weight.shape[0], (n,))
     else:
-        ids = torch.tensor(text_token_ids(model, cfg.init_text, n))
+        ids = torch.tensor(text_token_ids(tokenizer, cfg.init_text, n))
     weight.copy_(embed(ids.to(embed.weight.device)).float())
 
 
-def text_token_ids(model: nn.Module, text: str, n: int) -> list[int]:
-    """The ids of ``text`` (special tokens included, as HF peft's TEXT init), repeated or cut to n."""
-    if not getattr(model, "name_or_path", ""):
-        raise UserError("method.init: text needs the base model's tokenizer (the model has no name_or_path)")
-    ids = load_tokenizer(model.name_or_path)(text)["input_ids"]
+def text_token_ids(tokenizer, text: str, n: int) -> list[int]:
+    """The ids ``tokenizer`` gives ``text`` (special tokens included, as HF peft's TEXT init),
+    repeated or cut to n.
+
+    Raises:
+        UserError: no tokenizer (None), or ``text`` tokenises to nothing.
+    """
+    if tokenizer is None:
+        raise UserError("method.init: text needs the base model's tokenizer, and prompt_tuning.apply was given none "
+                        "(pass tokenizer=)")
+    ids = tokenizer(text)["input_ids"]
     if not ids:
         raise UserError("method.init_text: tokenises to nothing")
     return (ids * (n // len(ids) + 1))[:n]
@@ -237,17 +239,18 @@ def text_token_ids(model: nn.Module, text: str, n: int) -> list[int]:
 # the method surface
 
 
-def apply(model: nn.Module, cfg: Config) -> list[str]:
+def apply(model: nn.Module, cfg: Config, tokenizer=None) -> list[str]:
     """Freeze every base parameter, add an initialised :class:`PromptEmbedding` as
     ``model.prompt_encoder`` and hook the decoder body (see :class:`VirtualTokens`).
+    ``tokenizer``: the base's, needed by ``init: text`` only.
 
     Returns the hooked module's name. Raises UserError for a model without a decoder body, a
     second prompt method, or a text init without a tokenizer.
     """
-    freeze_base(model)
+    common.freeze_base(model)
     embed = model.get_input_embeddings()
     prompt = PromptEmbedding(cfg.num_virtual_tokens, token_dim(model), device=embed.weight.device)
-    init_prompt(prompt.embedding.weight, model, cfg)
+    init_prompt(prompt.embedding.weight, model, cfg, tokenizer)
     return attach(model, prompt, cfg.num_virtual_tokens)
 
 
@@ -263,18 +266,20 @@ def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
         UserError: keys other than ``prompt_embeddings``, or a shape other than (n, hidden).
     """
     weight = model.prompt_encoder.embedding.weight
-    if set(sd) != {EMBEDDINGS_KEY}:
-        extra = sorted(set(sd) - {EMBEDDINGS_KEY})
-        raise UserError(f"adapter weights do not fit prompt tuning: {'unexpected ' + extra[0] if extra else 'missing ' + EMBEDDINGS_KEY}")
+    common.check_keys(sd, {EMBEDDINGS_KEY}, "prompt tuning")
     check_shape(sd[EMBEDDINGS_KEY], weight.shape)
     with torch.no_grad():
         weight.copy_(sd[EMBEDDINGS_KEY].to(weight.dtype))
 
 
 def check_shape(saved: torch.Tensor, want: torch.Size) -> None:
-    if tuple(saved.shape) != tuple(want):
-        raise UserError(f"adapter weight {EMBEDDINGS_KEY} has shape {tuple(saved.shape)}, this model and config "
-                        f"need {tuple(want)} (num_virtual_tokens, hidden size)")
+    """Refuse a saved ``prompt_embeddings`` whose shape is not ``want`` (num_virtual_tokens, hidden).
+
+    Raises:
+        UserError: naming both shapes.
+    """
+    common.check_shape(EMBEDDINGS_KEY, saved, want, needs="this model and config need",
+                       why=" (num_virtual_tokens, hidden size)")
 
 
 def adapter_config(cfg: Config) -> dict:
@@ -324,10 +329,14 @@ def check_prompt_learning_config(d: dict) -> None:
         raise UserError("adapter_config.json: modules_to_save is not supported for prompt methods")
 
 
+file_fields = common.no_file_fields
+reads_adapter = common.reads_peft_type(PEFT_TYPE)
+
+
 def merge(model: nn.Module) -> nn.Module:
-    """Not possible (``CAN_MERGE`` is False).
+    """Not possible (:data:`CANNOT_MERGE`).
 
     Raises:
-        UserError: always, with :data:`CANNOT_MERGE_BECAUSE`.
+        UserError: always, with :data:`CANNOT_MERGE`.
     """
-    raise UserError(f"method prompt_tuning cannot be merged: {CANNOT_MERGE_BECAUSE}")
+    raise common.refuse_merge("prompt_tuning", CANNOT_MERGE)

@@ -16,13 +16,13 @@ from typing import Literal
 
 from pydantic import field_validator
 
-from peftcli.methods import lora
+from peftcli.methods import common, lora
 from peftcli.methods.lora import adapter_config, apply, file_fields, load_state_dict, merge, state_dict  # noqa: F401
 
 PEFT_TYPE = lora.PEFT_TYPE
 PAPER = "Dettmers et al. 2023, QLoRA: Efficient Finetuning of Quantized LLMs"
 SUMMARY = "LoRA on a 4-bit NF4 base (double quant), adapters in float32"
-CAN_MERGE = True
+CANNOT_MERGE = lora.CANNOT_MERGE  # merges as LoRA, into the dequantised W
 PADDING_FREE = True  # the token sequence is unchanged: padding-free rows work
 
 
@@ -43,3 +43,9 @@ class Config(lora.Config):
 def config_from_adapter(d: dict) -> Config:
     """Our config from an HF peft LoRA ``adapter_config.json`` dict."""
     return Config(**lora.config_from_adapter(d).model_dump(exclude={"name"}))
+
+
+def reads_adapter(cfg: dict) -> bool:
+    """Whether ``qlora`` loads this ``adapter_config.json`` dict: a ``LORA`` file whose recorded
+    base is 4-bit (:func:`peftcli.methods.lora.recorded_4bit`)."""
+    return common.peft_type(cfg) == PEFT_TYPE and lora.recorded_4bit(cfg)
