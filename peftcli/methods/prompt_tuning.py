@@ -171,7 +171,7 @@ def attach(model: nn.Module, encoder: nn.Module, n: int) -> list[str]:
     body = decoder_body(model)
     if "inputs_embeds" not in inspect.signature(body.forward).parameters:
         raise UserError(f"prompt methods need a decoder body that takes inputs_embeds; {type(body).__name__} does not")
-    model.prompt_encoder = encoder
+    model.prompt_encoder = encoder.train(model.training)  # in the model's mode, as every method's parts
     hooks = VirtualTokens(encoder, n, model.get_input_embeddings())
     body.register_forward_pre_hook(hooks.before, with_kwargs=True)
     body.register_forward_hook(hooks.after, with_kwargs=True)
