@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from peftcli.errors import UserError
-from peftcli.methods import METHOD_CONFIGS
+from peftcli.methods import METHOD_CONFIGS, METHODS
 from peftcli.tokens import CHAT_TEMPLATES
 
 
@@ -124,12 +124,11 @@ class Recipe(_Strict):
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")
-    def _qlora_needs_4bit(self):
-        # qlora is LoRA on a 4-bit base (Dettmers et al. 2023): resolve the base's quantisation.
-        if self.method.name == "qlora" and self.model.quantization not in ("nf4", "fp4"):
-            if self.model.quantization != "none":
-                raise ValueError(f"method qlora needs model.quantization nf4 or fp4, not {self.model.quantization}")
-            self.model.quantization = "nf4"
+    def _method_base(self):
+        # a method may train on a base loaded its own way (qlora: 4-bit): resolve model.quantization for it
+        quantization = METHODS[self.method.name].base_quantization(self.model.quantization)
+        if quantization != self.model.quantization:
+            self.model.quantization = quantization
         return self
 
 

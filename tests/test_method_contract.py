@@ -18,10 +18,10 @@ from peftcli import methods, models
 from peftcli.errors import UserError
 
 NAMES = list(methods.METHODS)
-QUANTIZATION = {"qlora": "nf4"}  # the base each method trains on (the recipe resolves qlora's to NF4)
 IDS = torch.tensor([[1, 17, 42, 99, 7, 250, 3], [1, 5, 6, 200, 201, 2, 8]])
 SURFACE = ["Config", "PEFT_TYPE", "PAPER", "SUMMARY", "PADDING_FREE", "CANNOT_MERGE", "apply", "state_dict",
-           "load_state_dict", "adapter_config", "config_from_adapter", "merge", "file_fields", "reads_adapter"]
+           "load_state_dict", "adapter_config", "config_from_adapter", "merge", "file_fields", "base_quantization",
+           "reads_adapter"]
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +30,8 @@ def tok(tiny_dir):
 
 
 def base(tiny_dir, name: str):
-    """The tiny base as ``name`` trains on it (NF4 for qlora), eval mode."""
-    return models.load_model(str(tiny_dir), QUANTIZATION.get(name, "none"))
+    """The tiny base loaded as ``name`` trains on it (its ``base_quantization``: NF4 for qlora), eval mode."""
+    return models.load_model(str(tiny_dir), methods.get(name).base_quantization("none"))
 
 
 def adapted(tiny_dir, tok, name: str, seed: int = 0):
@@ -66,6 +66,8 @@ def test_every_registered_method_provides_the_surface(name):
         m for m in vars(methods.Method) if callable(vars(methods.Method)[m]) and not m.startswith("_")}
     assert module.Config().name == name and methods.METHOD_CONFIGS[name] is module.Config
     assert module.CANNOT_MERGE is None or (module.CANNOT_MERGE.strip() and "\n" not in module.CANNOT_MERGE)
+    assert module.base_quantization("nf4") == "nf4"  # no method refuses a 4-bit base
+    assert module.base_quantization("none") in ("none", "nf4")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -175,7 +177,7 @@ def test_adapter_config_round_trips_the_config_and_is_read_by_this_method_alone(
     fields = module.file_fields(model)
     assert isinstance(fields, dict) and json.loads(json.dumps(fields)) == fields
     # with the base recorded as it trained on, exactly this method claims the file
-    recorded = {**d, "peftcli": {"model": {"quantization": QUANTIZATION.get(name, "none")}}}
+    recorded = {**d, "peftcli": {"model": {"quantization": module.base_quantization("none")}}}
     assert [n for n, m in methods.METHODS.items() if m.reads_adapter(recorded)] == [name]
 
 

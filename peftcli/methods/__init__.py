@@ -22,7 +22,7 @@ class Method(Protocol):
     """What a method module provides (a module satisfies this Protocol; its functions take no
     ``self``). Every member is required; :mod:`peftcli.methods.common` has defaults a module can
     re-export (``file_fields = common.no_file_fields``, ``reads_adapter =
-    common.reads_peft_type(PEFT_TYPE)``)."""
+    common.reads_peft_type(PEFT_TYPE)``, ``base_quantization = common.any_quantization``)."""
 
     Config: type[BaseModel]
     """The pydantic schema of its recipe keys; its ``name`` field (a ``Literal`` of the name the
@@ -93,6 +93,17 @@ class Method(Protocol):
         """``adapter_config.json`` fields that depend on what :meth:`apply` wrapped on
         ``model`` (LoRA: the explicit target list, ``fan_in_fan_out``), written over the
         :meth:`adapter_config` ones when saving; ``{}`` for most methods."""
+
+    def base_quantization(self, quantization: str) -> str:
+        """The ``model.quantization`` the method trains on, given the recipe's (``none``,
+        ``nf4``, ``fp4``, ``int8``): most methods return it unchanged
+        (:func:`peftcli.methods.common.any_quantization`); qlora needs a 4-bit base (``none``
+        resolves to ``nf4``).
+
+        Raises:
+            ValueError: a quantisation the method cannot train on (the recipe reports it as a
+            one-line error).
+        """
 
     def reads_adapter(self, cfg: dict) -> bool:
         """Whether this method loads the ``adapter_config.json`` dict ``cfg`` (one whose

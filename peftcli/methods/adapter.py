@@ -308,6 +308,7 @@ def config_from_adapter(d: dict) -> Config:
 
 
 file_fields = common.no_file_fields
+base_quantization = common.any_quantization
 reads_adapter = common.reads_peft_type(PEFT_TYPE)
 
 

@@ -310,6 +310,7 @@ def file_fields(model: nn.Module) -> dict:
     return {"fan_in_fan_out": common.wraps_conv1d(model)}
 
 
+base_quantization = common.any_quantization
 reads_adapter = common.reads_peft_type(PEFT_TYPE)
 
 

@@ -757,6 +757,9 @@ def recorded_4bit(cfg: dict) -> bool:
     return ((cfg.get("peftcli") or {}).get("model") or {}).get("quantization", "none") in FOUR_BIT
 
 
+base_quantization = common.any_quantization  # qlora is LoRA on a 4-bit base
+
+
 def reads_adapter(cfg: dict) -> bool:
     """Whether ``lora`` loads this ``adapter_config.json`` dict: a ``LORA`` file whose recorded
     base is not 4-bit (those are ``qlora``'s, :func:`recorded_4bit`); HF peft's files record no

@@ -330,6 +330,7 @@ def check_prompt_learning_config(d: dict) -> None:
 
 
 file_fields = common.no_file_fields
+base_quantization = common.any_quantization
 reads_adapter = common.reads_peft_type(PEFT_TYPE)
 
 

@@ -45,6 +45,20 @@ def config_from_adapter(d: dict) -> Config:
     return Config(**lora.config_from_adapter(d).model_dump(exclude={"name"}))
 
 
+def base_quantization(quantization: str) -> str:
+    """The base QLoRA trains on: 4-bit (``nf4`` or ``fp4``, as the recipe says); ``none``
+    resolves to ``nf4`` (Dettmers et al. 2023, §3).
+
+    Raises:
+        ValueError: another quantisation (8-bit).
+    """
+    if quantization in lora.FOUR_BIT:
+        return quantization
+    if quantization != "none":
+        raise ValueError(f"method qlora needs model.quantization nf4 or fp4, not {quantization}")
+    return "nf4"
+
+
 def reads_adapter(cfg: dict) -> bool:
     """Whether ``qlora`` loads this ``adapter_config.json`` dict: a ``LORA`` file whose recorded
     base is 4-bit (:func:`peftcli.methods.lora.recorded_4bit`)."""
