@@ -173,8 +173,9 @@ METHODS: dict[str, Method] = {
     "prompt_tuning": prompt_tuning,
     "p_tuning": p_tuning,
 }
-for _name, _module in METHODS.items():
+for _name, _module in METHODS.items():  # a module that lacks a member fails here, at import
     check(_name, _module)
+del _name, _module
 METHOD_CONFIGS = {name: module.Config for name, module in METHODS.items()}
 
 
