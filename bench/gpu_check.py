@@ -151,7 +151,7 @@ def qlora_against_hf_peft(model_dir: Path, run: Path) -> None:
 
     from peftcli import artifacts, models
 
-    ours, _, _ = artifacts.load_adapted(run)
+    ours = artifacts.load_adapted(run).model
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
     ids = torch.tensor([[1, 5, 9, 23, 40, 7, 2]], device=device)
     with torch.no_grad():

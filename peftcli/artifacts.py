@@ -20,17 +20,17 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
-import yaml
 from pydantic import ValidationError
 from torch import nn
 
 import peftcli
 from peftcli import methods, models
 from peftcli.errors import UserError
-from peftcli.recipe import ModelConfig, Recipe
+from peftcli.recipe import MethodConfig, ModelConfig, Recipe, read_yaml, validate
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -237,10 +237,43 @@ def method_name(cfg: dict) -> str:
     return names[0]
 
 
+def _recorded(cfg: dict) -> dict:
+    """The ``"peftcli"`` block of an adapter config (``{}`` for one Hugging Face peft wrote)."""
+    block = cfg.get("peftcli")
+    return block if isinstance(block, dict) else {}
+
+
+def recorded_fingerprint(cfg: dict) -> str | None:
+    """The base fingerprint an adapter config records (``peftcli.base_fingerprint``); None for
+    an adapter Hugging Face peft wrote, which records none."""
+    return _recorded(cfg).get("base_fingerprint") or None
+
+
+def check_base(recorded: str | None, model: nn.Module, what: str) -> str:
+    """Refuse a base other than the one an adapter (or checkpoint) was trained on.
+
+    Args:
+        recorded: the fingerprint the adapter records (:func:`recorded_fingerprint`); None
+            (nothing recorded) checks nothing.
+        model: the loaded base, before the method is applied (:func:`peftcli.models.fingerprint`).
+        what: how the error names the adapter, e.g. ``"adapter RUN/adapter"`` or
+            ``"--resume: RUN/checkpoints/step-4"``.
+
+    Returns the base's fingerprint (16 hex digits).
+
+    Raises:
+        UserError: ``"{what} was trained on a different base model (fingerprint R, this base has F)"``.
+    """
+    actual = models.fingerprint(model)
+    if recorded and recorded != actual:
+        raise UserError(f"{what} was trained on a different base model (fingerprint {recorded}, this base has {actual})")
+    return actual
+
+
 def _model_config(cfg: dict, overrides: dict | None) -> ModelConfig:
     """How to load the base: the recorded ``peftcli.model`` section, else the HF fields
     (``base_model_name_or_path``, float32, no quantisation); then ``overrides``."""
-    recorded = (cfg.get("peftcli") or {}).get("model")
+    recorded = _recorded(cfg).get("model")
     base = cfg.get("base_model_name_or_path")
     if recorded:
         fields = dict(recorded)
@@ -263,7 +296,7 @@ def _model_config(cfg: dict, overrides: dict | None) -> ModelConfig:
 
 def _method_config(method, cfg: dict):
     """The method's Config: the recorded ``peftcli.method`` section, else from the HF fields."""
-    recorded = (cfg.get("peftcli") or {}).get("method")
+    recorded = _recorded(cfg).get("method")
     if recorded:
         try:
             return method.Config.model_validate(recorded)
@@ -273,25 +306,63 @@ def _method_config(method, cfg: dict):
     return method.config_from_adapter(cfg)
 
 
-def _run_recipe(adapter_dir: Path) -> dict | None:
-    """The run dir's ``recipe.yaml`` as a dict when ``adapter_dir`` is ``RUN/adapter`` or
-    ``RUN/checkpoints/step-N/adapter``; else None."""
+def _run_dir(adapter_dir: Path) -> Path | None:
+    """The run dir that holds ``adapter_dir`` as ``RUN/adapter`` or
+    ``RUN/checkpoints/step-N/adapter`` and has a ``recipe.yaml``; else None (a bare adapter dir)."""
     if adapter_dir.name != "adapter":
         return None
     run_dir = adapter_dir.parent
     if run_dir.parent.name == "checkpoints":
         run_dir = run_dir.parent.parent
+    return run_dir if (run_dir / "recipe.yaml").is_file() else None
+
+
+def _run_recipe(run_dir: Path | None) -> Recipe | None:
+    """The run dir's ``recipe.yaml``, validated; None without a run dir.
+
+    Raises:
+        UserError: the file is malformed YAML or not a valid recipe (one line naming the file).
+    """
+    if run_dir is None:
+        return None
     file = run_dir / "recipe.yaml"
-    if not file.is_file():
-        return None
+    raw = read_yaml(file)  # a UserError that names the file
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
+        return validate(raw)
+    except UserError as e:
+        raise UserError(f"{file}: {e}") from None
 
 
-def load_adapted(path: str | Path, model_overrides: dict | None = None, check_fingerprint: bool = True):
+@dataclass
+class LoadedAdapter:
+    """An adapter applied to the base it was trained on, in eval mode, with what was read to
+    build it (:func:`load_adapted`)."""
+
+    model: nn.Module
+    """The base with the method applied and the adapter weights loaded, in eval mode."""
+    tokenizer: Any
+    """The base's tokenizer (pad id fitted to the model, :func:`peftcli.models.fit_tokenizer`);
+    the run's chat template is not applied yet (:func:`peftcli.data.use_recipe_chat`)."""
+    adapter_dir: Path
+    """The dir holding ``adapter_config.json`` and ``adapter_model.safetensors``."""
+    run_dir: Path | None
+    """The run dir around ``adapter_dir`` (``RUN/adapter`` or ``RUN/checkpoints/step-N/adapter``,
+    with a ``recipe.yaml``); None for a bare adapter dir."""
+    method: str
+    """The registry name of the method (``peftcli.methods.METHODS``), e.g. ``"lora"``."""
+    method_config: MethodConfig
+    """The method's validated ``Config`` (the recorded section, else read from HF fields)."""
+    model_config: ModelConfig
+    """How the base was loaded: the recorded ``model`` section (or HF's fields), with overrides."""
+    base_path: str
+    """The resolved base dir or hub id the weights were loaded from."""
+    recipe: Recipe | None
+    """The run's ``recipe.yaml`` validated; None for a bare adapter dir (e.g. HF peft's)."""
+    config: dict
+    """The ``adapter_config.json`` as read (HF peft fields and the ``"peftcli"`` block)."""
+
+
+def load_adapted(path: str | Path, model_overrides: dict | None = None, check_fingerprint: bool = True) -> LoadedAdapter:
     """Load the base an adapter was trained on and apply the adapter, in eval mode.
 
     The base is loaded as recorded in ``peftcli.model`` (alias, quantisation, dtype, double
@@ -302,16 +373,15 @@ def load_adapted(path: str | Path, model_overrides: dict | None = None, check_fi
     Args:
         path: a run dir or an adapter dir.
         model_overrides: ``ModelConfig`` keys to change, e.g. ``{"dtype": "bfloat16"}``.
-        check_fingerprint: compare the recorded base fingerprint with the loaded base's.
+        check_fingerprint: compare the recorded base fingerprint with the loaded base's
+            (:func:`check_base`).
 
-    Returns:
-        ``(model, tokenizer, info)``; info has ``adapter_dir`` (Path), ``method`` (name),
-        ``base_path`` (resolved), ``model`` (the ModelConfig dict used), ``recipe`` (the run
-        dir's recipe.yaml dict, else None) and ``config`` (the adapter_config.json dict).
+    Returns a :class:`LoadedAdapter`.
 
     Raises:
-        UserError: no adapter here, an unsupported ``peft_type``, a base that cannot be loaded,
-        weights that do not fit, or a base whose fingerprint differs from the recorded one.
+        UserError: no adapter here, an unsupported ``peft_type``, a run dir whose
+        ``recipe.yaml`` is malformed or invalid, a base that cannot be loaded, weights that do not
+        fit, or a base whose fingerprint differs from the recorded one.
     """
     adapter_dir = find_adapter_dir(path)
     cfg = read_adapter_config(adapter_dir)
@@ -319,25 +389,16 @@ def load_adapted(path: str | Path, model_overrides: dict | None = None, check_fi
     method = methods.get(name)
     method_cfg = _method_config(method, cfg)
     model_cfg = _model_config(cfg, model_overrides)
+    run_dir = _run_dir(adapter_dir)
+    recipe = _run_recipe(run_dir)  # before the slow load: a bad recipe.yaml is reported at once
     weights = read_adapter_weights(adapter_dir)
 
-    model, tok, base_path = models.load_base(model_cfg.name_or_path, model_cfg.quantization, model_cfg.dtype,
-                                             model_cfg.double_quant, model_cfg.trust_remote_code)
-    recorded = (cfg.get("peftcli") or {}).get("base_fingerprint")
-    if check_fingerprint and recorded:
-        actual = models.fingerprint(model)
-        if actual != recorded:
-            raise UserError(f"adapter {adapter_dir} was trained on a different base model "
-                            f"(fingerprint {recorded}, this base has {actual})")
+    model, tok, base_path = models.load_base(**model_cfg.model_dump())
+    if check_fingerprint:
+        check_base(recorded_fingerprint(cfg), model, f"adapter {adapter_dir}")
     method.apply(model, method_cfg, tokenizer=tok)
     method.load_state_dict(model, weights)
     model.eval()
-    info = {
-        "adapter_dir": adapter_dir,
-        "method": name,
-        "base_path": base_path,
-        "model": model_cfg.model_dump(mode="json"),
-        "recipe": _run_recipe(adapter_dir),
-        "config": cfg,
-    }
-    return model, tok, info
+    return LoadedAdapter(model=model, tokenizer=tok, adapter_dir=adapter_dir, run_dir=run_dir, method=name,
+                         method_config=method_cfg, model_config=model_cfg, base_path=base_path, recipe=recipe,
+                         config=cfg)

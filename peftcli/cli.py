@@ -92,14 +92,15 @@ def train(
                                       help="data-parallel processes on this machine (started with torchrun)"),
 ):
     """Train a recipe; writes the run dir (adapter/, metrics.jsonl, summary.json, loss.png)."""
+    from peftcli import launch as launcher
     from peftcli import recipe as recipes
     from peftcli import smoke as smoke_check
     from peftcli.trainer import train as run_training
 
     if num_processes > 1 and "LOCAL_RANK" not in os.environ:
         recipes.load_recipe(recipe, list(set_), output_dir)  # a bad recipe fails here, once, not in N processes
-        _check_devices(num_processes)
-        raise typer.Exit(_launch(num_processes))
+        launcher.check_devices(num_processes)
+        raise typer.Exit(launcher.launch(num_processes))
     overrides = list(set_)
     if smoke:
         overrides = smoke_check.SMOKE_OVERRIDES + overrides
@@ -116,62 +117,6 @@ def train(
         if not report.ok:
             raise typer.Exit(1)
     out.print(str(result.run_dir))
-
-
-def _check_devices(n: int) -> None:
-    """With CUDA visible, each process takes its own GPU (NCCL refuses two on one device).
-
-    Raises:
-        UserError: more processes than visible GPUs.
-    """
-    import torch
-
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if 0 < gpus < n:
-        raise UserError(f"--num-processes {n}: only {gpus} GPU(s) visible, one process per GPU "
-                        "(for processes on the CPU instead: CUDA_VISIBLE_DEVICES= peft train ...)")
-
-
-def _launch(n: int) -> int:
-    """Re-run this ``peft train`` command as ``n`` processes with torch's elastic launcher (what
-    ``torchrun --standalone`` runs; gloo on CPU, NCCL on GPUs, chosen by accelerate).
-
-    The launcher holds SIGINT/SIGTERM/SIGHUP here and passes the signal on to the workers, which
-    checkpoint and stop; the first worker prints the one message. Returns the exit status:
-    2 if a worker stopped on a user error, 128 + signal if stopped by one, else the workers'.
-    """
-    import logging
-    import uuid
-
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    args, skip = [], False
-    for a in sys.argv[1:]:
-        if skip:
-            skip = False
-        elif a == "--num-processes":
-            skip = True
-        elif not a.startswith("--num-processes="):
-            args.append(a)
-    for logger_name in [k for k in logging.root.manager.loggerDict if k.startswith("torch.distributed")]:
-        logging.getLogger(logger_name).setLevel(logging.CRITICAL)  # the workers say what happened
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))  # no oversubscribed cores
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
-                          rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5,
-                          shutdown_timeout=600)  # time for the workers to finish the step and checkpoint
-    try:
-        elastic_launch(config, sys.executable)("-m", "peftcli.cli", *args)
-    except SignalException as e:
-        return 128 + int(e.sigval)
-    except ChildFailedError as e:
-        codes = [f.exitcode for f in e.failures.values()]
-        for code in (2, 130, 143, 129):
-            if code in codes:
-                return code
-        return next((c for c in codes if c > 0), 1)
-    return 0
 
 
 def _fmt(v, pct=False):
@@ -254,25 +199,10 @@ def generate(
 
     if not prompt.strip():
         raise UserError("generate: the prompt is empty")
-    model, tok, info = artifacts.load_adapted(target)
-    recipe = info.get("recipe")
-    run_system = data.use_recipe_chat(tok, recipe)
-    fmt = (((recipe or {}).get("data") or {}).get("train") or {}).get("format", "text")
-    if system is not None and (raw or fmt != "chat"):
-        raise UserError(f"--system: only a chat run's prompt has a system message (this one: {'--raw' if raw else fmt})")
-    if raw or fmt == "text":
-        text = prompt
-    else:
-        rows = data.add_system_prompt([_as_row(prompt, fmt)], fmt, system if system is not None else run_system)
-        text = data.prompt_ids(rows[0], fmt, tok)
-    out.print(greedy(model, tok, [text], max_new_tokens, use_cache=not no_cache)[0], highlight=False, markup=False)
-
-
-def _as_row(prompt: str, fmt: str) -> dict:
-    return {"alpaca": {"instruction": prompt, "input": "", "output": ""},
-            "completion": {"prompt": prompt, "completion": ""},
-            "chat": {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]},
-            }[fmt]
+    loaded = artifacts.load_adapted(target)
+    text = data.generation_prompt(prompt, loaded.recipe, loaded.tokenizer, system=system, raw=raw)
+    out.print(greedy(loaded.model, loaded.tokenizer, [text], max_new_tokens, use_cache=not no_cache)[0],
+              highlight=False, markup=False)
 
 
 @app.command()

@@ -32,10 +32,12 @@ import torch
 
 from peftcli import tokens
 from peftcli.errors import UserError
-from peftcli.recipe import DataConfig, DataSource
+from peftcli.recipe import DataConfig, DataSource, Recipe
 from peftcli.tokens import SpecialTokens
 
 IGNORE_INDEX = -100
+# tokens per example where no recipe says (data.max_seq_len's default)
+DEFAULT_MAX_SEQ_LEN: int = DataConfig.model_fields["max_seq_len"].default
 
 # the fields each format needs in every row (alpaca's "input" is optional)
 REQUIRED_FIELDS = {
@@ -291,12 +293,43 @@ def add_system_prompt(rows: list[dict], fmt: str, system_prompt: str | None) -> 
             for r in rows]
 
 
-def use_recipe_chat(tokenizer, recipe: dict | None) -> str | None:
+def use_recipe_chat(tokenizer, recipe: Recipe | None) -> str | None:
     """Give ``tokenizer`` the chat template a run trained with (its recipe's data.chat_template;
-    none recorded keeps the tokenizer's) and return the run's data.system_prompt."""
-    cfg = (recipe or {}).get("data") or {}
-    tokens.use_chat_template(tokenizer, cfg.get("chat_template"))
-    return cfg.get("system_prompt")
+    none recorded, or no recipe, keeps the tokenizer's) and return the run's data.system_prompt
+    (None without a recipe)."""
+    tokens.use_chat_template(tokenizer, recipe.data.chat_template if recipe else None)
+    return recipe.data.system_prompt if recipe else None
+
+
+def generation_prompt(prompt: str, recipe: Recipe | None, tokenizer, system: str | None = None,
+                      raw: bool = False) -> str | list[int]:
+    """What ``peft generate`` sends for ``prompt``: the prompt in the run's training format.
+
+    The tokenizer first gets the run's chat template (:func:`use_recipe_chat`; generation's stop
+    ids read it too). Then: ``raw``, a ``text``-format run or no recipe (an adapter HF peft
+    saved) -> ``prompt`` as is (text); alpaca / completion -> the prompt ids of a row with
+    ``prompt`` as its instruction / prompt; chat -> the ids of a user turn, after the system
+    message ``system`` (default: the run's data.system_prompt). Ids are :func:`prompt_ids`.
+
+    Raises:
+        UserError: ``system`` given for a run that is not a chat run, or with ``raw``.
+    """
+    run_system = use_recipe_chat(tokenizer, recipe)
+    fmt = recipe.data.train.format if recipe else "text"
+    if system is not None and (raw or fmt != "chat"):
+        raise UserError(f"--system: only a chat run's prompt has a system message (this one: {'--raw' if raw else fmt})")
+    if raw or fmt == "text":
+        return prompt
+    rows = add_system_prompt([_prompt_row(prompt, fmt)], fmt, system if system is not None else run_system)
+    return prompt_ids(rows[0], fmt, tokenizer)
+
+
+def _prompt_row(prompt: str, fmt: str) -> dict:
+    """A row of format ``fmt`` (alpaca, completion or chat) asking ``prompt``, with an empty answer."""
+    return {"alpaca": {"instruction": prompt, "input": "", "output": ""},
+            "completion": {"prompt": prompt, "completion": ""},
+            "chat": {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]},
+            }[fmt]
 
 
 def reference(row: dict, fmt: str) -> str | None:

@@ -13,7 +13,7 @@ from torch import nn
 
 from peftcli import artifacts, data, models, tokens
 from peftcli.errors import UserError
-from peftcli.recipe import DataSource, load_recipe, validate
+from peftcli.recipe import DataSource, Recipe, load_recipe
 
 
 @torch.no_grad()
@@ -102,7 +102,7 @@ def match_label(answer: str, labels: list[str]) -> str | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def classify(model: nn.Module, tokenizer, rows: list[dict], fmt: str, labels: list[str], max_seq_len: int = 512,
+def classify(model: nn.Module, tokenizer, rows: list[dict], fmt: str, labels: list[str], max_seq_len: int = data.DEFAULT_MAX_SEQ_LEN,
              batch_size: int = 16) -> dict:
     """Label accuracy of a classifier-by-generation, measured two ways on rows whose reference
     answer is one of ``labels``:
@@ -146,7 +146,7 @@ def classify(model: nn.Module, tokenizer, rows: list[dict], fmt: str, labels: li
 
 
 def score(model: nn.Module, tokenizer, examples: list[dict], rows: list[dict], fmt: str, micro_batch_size: int = 8,
-          labels: list[str] | None = None, max_seq_len: int = 512, generate_answers: bool = True) -> dict:
+          labels: list[str] | None = None, max_seq_len: int = data.DEFAULT_MAX_SEQ_LEN, generate_answers: bool = True) -> dict:
     """Loss (nats per supervised token), perplexity and exact match of one model (float32, eval mode)."""
     from peftcli.guard import choose_loss_path
     from peftcli.trainer import eval_loss, make_collate
@@ -168,18 +168,16 @@ def score(model: nn.Module, tokenizer, examples: list[dict], rows: list[dict], f
     return result
 
 
-def _eval_data(recipe_dict: dict | None, data_path: str | None, fmt: str | None, tokenizer, max_samples: int | None):
+def _eval_data(recipe: Recipe | None, data_path: str | None, fmt: str | None, tokenizer, max_samples: int | None,
+               max_seq_len: int, system_prompt: str | None):
     """(examples, rows, format) from --data, else from the recipe's eval file / eval split."""
     if data_path:
         source = DataSource(path=data_path, format=fmt or "alpaca")
-        system_prompt = ((recipe_dict or {}).get("data") or {}).get("system_prompt")
         rows = data.add_system_prompt(data.load_rows(source)[:max_samples], source.format, system_prompt)
-        max_len = (recipe_dict or {}).get("data", {}).get("max_seq_len", 512)
-        examples, _ = data.tokenize_rows(rows, source.format, tokenizer, max_len, False, data_path)
+        examples, _ = data.tokenize_rows(rows, source.format, tokenizer, max_seq_len, False, data_path)
         return examples, rows, source.format
-    if recipe_dict is None:
+    if recipe is None:
         raise UserError("no eval data: pass --data PATH [--format F]")
-    recipe = validate(recipe_dict)
     if recipe.data.eval is None and recipe.data.eval_split is None:
         raise UserError("the recipe has no data.eval or data.eval_split: pass --data PATH [--format F]")
     ds = data.build(recipe.data, tokenizer, recipe.train.seed)
@@ -205,10 +203,9 @@ def evaluate(target: str, data_path: str | None = None, fmt: str | None = None, 
         UserError: nothing at ``target``, no eval data, adapter/base mismatch.
     """
     path = Path(target)
-    recipe_dict, adapter_source = None, None
+    recipe, adapter_source = None, None
     if path.is_file():
         recipe = load_recipe(path)
-        recipe_dict = recipe.model_dump(mode="json")
         if (Path(recipe.output.dir) / "adapter" / "adapter_config.json").is_file():
             adapter_source = recipe.output.dir
     elif path.is_dir():
@@ -216,29 +213,28 @@ def evaluate(target: str, data_path: str | None = None, fmt: str | None = None, 
     else:
         raise UserError(f"{target}: no such run dir, adapter dir or recipe")
 
-    adapted, info = None, None
-    if adapter_source is not None:
-        adapted, tokenizer, info = artifacts.load_adapted(adapter_source)
-        recipe_dict = recipe_dict or info.get("recipe")
-        model_cfg = info["model"]
+    loaded = artifacts.load_adapted(adapter_source) if adapter_source is not None else None
+    if loaded is not None:
+        recipe = recipe or loaded.recipe
+        model_cfg, tokenizer = loaded.model_config, loaded.tokenizer
     else:
-        model_cfg = recipe_dict["model"]
-    score_base = score_base or adapted is None
+        model_cfg = recipe.model
+    score_base = score_base or loaded is None
     if score_base:
-        base, tok, _ = models.load_base(**model_cfg)
-        tokenizer = tok if adapted is None else tokenizer
-    data.use_recipe_chat(tokenizer, recipe_dict)  # the template the run trained with
-    examples, rows, eval_fmt = _eval_data(recipe_dict, data_path, fmt, tokenizer, max_samples)
+        base, tok, _ = models.load_base(**model_cfg.model_dump())
+        tokenizer = tok if loaded is None else tokenizer
+    system_prompt = data.use_recipe_chat(tokenizer, recipe)  # the template the run trained with
+    max_len = recipe.data.max_seq_len if recipe else data.DEFAULT_MAX_SEQ_LEN
+    examples, rows, eval_fmt = _eval_data(recipe, data_path, fmt, tokenizer, max_samples, max_len, system_prompt)
     if not rows:
         raise UserError("eval data is empty")
-    max_len = (recipe_dict or {}).get("data", {}).get("max_seq_len", 512)
     result = {"data": data_path or "recipe eval set", "rows": len(rows), "format": eval_fmt, "base": None}
     if score_base:
         result["base"] = score(base, tokenizer, examples, rows, eval_fmt, labels=labels, max_seq_len=max_len,
                                generate_answers=generate_answers)
         del base
-    result["adapted"] = score(adapted, tokenizer, examples, rows, eval_fmt, labels=labels, max_seq_len=max_len,
-                                generate_answers=generate_answers) if adapted is not None else None
-    if info is not None:
-        result["adapter"] = str(info["adapter_dir"])
+    result["adapted"] = score(loaded.model, tokenizer, examples, rows, eval_fmt, labels=labels, max_seq_len=max_len,
+                              generate_answers=generate_answers) if loaded is not None else None
+    if loaded is not None:
+        result["adapter"] = str(loaded.adapter_dir)
     return result

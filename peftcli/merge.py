@@ -64,10 +64,11 @@ def merge_adapter(path: str | Path, out_dir: str | Path, dtype: str | None = Non
         raise UserError(f"method {name} cannot be merged: {method.CANNOT_MERGE}; use the adapter as is "
                         "(peft eval / peft generate)")
     _check_out_dir(out_dir, adapter_dir, cfg.get("base_model_name_or_path") or "")  # before the slow load
-    model, tok, info = load_adapted(path)
+    loaded = load_adapted(path)
+    model, tok, base = loaded.model, loaded.tokenizer, loaded.model_config
 
-    quantized = info["model"]["quantization"] != "none"
-    out_name = dtype or info["model"]["dtype"]
+    quantized = base.quantization != "none"
+    out_name = dtype or base.dtype
     out_dtype = models.DTYPES[out_name]
     if not quantized and out_dtype != next(model.parameters()).dtype:
         model.float()  # exact; the merge then rounds once, to out_dtype, when the weights are copied
@@ -75,7 +76,7 @@ def merge_adapter(path: str | Path, out_dir: str | Path, dtype: str | None = Non
     method.merge(model)
     dequantize_linears(model, torch.float32)
     clean = plain_model(model, out_dtype)
-    data.use_recipe_chat(tok, info.get("recipe"))
+    data.use_recipe_chat(tok, loaded.recipe)
     clean.generation_config = stopping_generation_config(clean, tok)
 
     with atomic_dir(out_dir) as tmp:
@@ -84,8 +85,8 @@ def merge_adapter(path: str | Path, out_dir: str | Path, dtype: str | None = Non
         clean.generation_config.save_pretrained(tmp)
 
     chosen = f"dtype {out_name}" + (" (the base's recorded dtype)" if dtype is None else "")
-    note = f"; the {info['model']['quantization']} base was dequantised, not re-quantised" if quantized else ""
-    log(f"merged {info['adapter_dir']} into {out_dir}: {chosen}{note}")
+    note = f"; the {base.quantization} base was dequantised, not re-quantised" if quantized else ""
+    log(f"merged {loaded.adapter_dir} into {out_dir}: {chosen}{note}")
     return out_dir
 
 

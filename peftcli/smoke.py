@@ -35,12 +35,12 @@ def check(result) -> SmokeReport:
     losses = [e["loss"] for e in read_events(result.run_dir / "metrics.jsonl") if e.get("event") == "train"]
     report.record(bool(losses) and all(math.isfinite(x) for x in losses),
                   f"loss finite over {len(losses)} steps (first {losses[0]:.4f}, last {losses[-1]:.4f})" if losses else "no loss logged")
-    reloaded, tok, _ = artifacts.load_adapted(result.run_dir)
-    batch = data.collate(result.datasets.train[:2], tok.pad_token_id)
+    reloaded = artifacts.load_adapted(result.run_dir)
+    batch = data.collate(result.datasets.train[:2], reloaded.tokenizer.pad_token_id)
     device = next(result.model.parameters()).device
     inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
     a = result.model.eval()(**inputs).logits.float()
-    b = reloaded(**inputs).logits.float().to(device)
+    b = reloaded.model(**inputs).logits.float().to(device)
     diff = float((a - b).abs().max())
     report.record(diff <= 1e-4 * max(1.0, float(a.abs().max())), f"adapter saved and reloaded: max logit difference {diff:.2e}")
     adapter_finite = all(torch.isfinite(p).all() for p in result.model.parameters() if p.requires_grad)

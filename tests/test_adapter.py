@@ -155,8 +155,9 @@ def test_tiny_training_run_and_reload(tmp_path, tiny_dir):
     losses = [e["loss"] for e in read_events(result.run_dir / "metrics.jsonl") if e["event"] == "train"]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     assert result.summary["trainable_params"] == 4 * (64 * 8 + 8 + 8 * 64 + 64)
-    reloaded, _, info = artifacts.load_adapted(result.run_dir)
-    assert info["method"] == "adapter"
+    loaded = artifacts.load_adapted(result.run_dir)
+    reloaded = loaded.model
+    assert loaded.method == "adapter"
     assert torch.equal(logits(reloaded), logits(result.model))
 
 
@@ -178,16 +179,18 @@ def test_save_load_round_trip_and_file_layout(tiny_dir, tmp_path):
         for i in (0, 1)
         for part, p, shape in [("down", "weight", (8, 64)), ("down", "bias", (8,)), ("up", "weight", (64, 8)), ("up", "bias", (64,))]}
 
-    reloaded, _, info = artifacts.load_adapted(tmp_path / "adapter")
-    assert info["method"] == "adapter"
+    loaded = artifacts.load_adapted(tmp_path / "adapter")
+    reloaded = loaded.model
+    assert loaded.method == "adapter"
     assert torch.equal(logits(reloaded), ours)
 
     # without our peftcli block the BOTTLENECK fields alone rebuild it
     hf_only = {k: v for k, v in cfg.items() if k != "peftcli"}
     assert adapter.config_from_adapter(hf_only) == make_recipe(variant="pfeiffer", reduction_factor=8, non_linearity="silu").method
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(hf_only))
-    reloaded, _, info = artifacts.load_adapted(tmp_path / "adapter")
-    assert info["method"] == "adapter"
+    loaded = artifacts.load_adapted(tmp_path / "adapter")
+    reloaded = loaded.model
+    assert loaded.method == "adapter"
     assert torch.equal(logits(reloaded), ours)
 
 

@@ -80,8 +80,9 @@ def test_our_adapter_loads_in_hf_peft(tiny_dir, tmp_path, method_keys):
     torch.testing.assert_close(logits(hf), ours, atol=1e-4, rtol=0)
 
     # and our own reload of the same files
-    reloaded, _, info = artifacts.load_adapted(tmp_path / "adapter")
-    assert info["method"] == "lora" and sorted(lora.lora_layers(reloaded)) == hf_wrapped
+    loaded = artifacts.load_adapted(tmp_path / "adapter")
+    reloaded = loaded.model
+    assert loaded.method == "lora" and sorted(lora.lora_layers(reloaded)) == hf_wrapped
     torch.testing.assert_close(logits(reloaded), ours, atol=1e-6, rtol=0)
 
 
@@ -113,9 +114,10 @@ def test_hf_peft_adapter_loads_with_load_adapted(tiny_dir, tmp_path, target_modu
     hf.save_pretrained(tmp_path / "hf_adapter")
     assert "peftcli" not in json.loads((tmp_path / "hf_adapter" / "adapter_config.json").read_text())
 
-    model, tok, info = artifacts.load_adapted(tmp_path / "hf_adapter")
-    assert info["method"] == "lora" and info["recipe"] is None and info["base_path"] == str(tiny_dir)
-    assert info["model"]["quantization"] == "none" and info["model"]["dtype"] == "float32"
+    loaded = artifacts.load_adapted(tmp_path / "hf_adapter")
+    model, tok = loaded.model, loaded.tokenizer
+    assert loaded.method == "lora" and loaded.recipe is None and loaded.run_dir is None and loaded.base_path == str(tiny_dir)
+    assert loaded.model_config.quantization == "none" and loaded.model_config.dtype == "float32"
     assert tok.pad_token_id is not None
     torch.testing.assert_close(logits(model), expected, atol=1e-4, rtol=0)
 
@@ -130,14 +132,26 @@ def test_run_dir_and_adapter_dir_both_load(tiny_dir, tmp_path):
     (tmp_path / "run" / "recipe.yaml").write_text(dump(recipe))
     assert artifacts.find_adapter_dir(tmp_path / "run") == tmp_path / "run" / "adapter"
     assert artifacts.find_adapter_dir(tmp_path / "run" / "adapter") == tmp_path / "run" / "adapter"
-    _, _, info = artifacts.load_adapted(tmp_path / "run")
-    assert info["adapter_dir"] == tmp_path / "run" / "adapter"
-    assert info["recipe"] == yaml.safe_load(dump(recipe))
-    assert info["config"]["peftcli"]["method"]["target_modules"] == ["q_proj"]
+    loaded = artifacts.load_adapted(tmp_path / "run")
+    assert loaded.adapter_dir == tmp_path / "run" / "adapter" and loaded.run_dir == tmp_path / "run"
+    assert loaded.recipe.model_dump(mode="json") == yaml.safe_load(dump(recipe))
+    assert loaded.config["peftcli"]["method"]["target_modules"] == ["q_proj"]
     # a checkpoint's adapter finds the run's recipe too
     trained(tiny_dir, tmp_path / "run" / "checkpoints" / "step-2" / "adapter", target_modules=["q_proj"])
-    _, _, info = artifacts.load_adapted(tmp_path / "run" / "checkpoints" / "step-2")
-    assert info["recipe"] == yaml.safe_load(dump(recipe))
+    loaded = artifacts.load_adapted(tmp_path / "run" / "checkpoints" / "step-2")
+    assert loaded.run_dir == tmp_path / "run"
+    assert loaded.recipe.model_dump(mode="json") == yaml.safe_load(dump(recipe))
+
+
+@pytest.mark.parametrize("text,why", [("method: {name: lora, r: 0}\n", "method.r:"),
+                                      ("method: [unclosed\n", "malformed YAML")], ids=["invalid", "malformed"])
+def test_a_bad_run_recipe_is_one_line_naming_the_file(tiny_dir, tmp_path, text, why):
+    trained(tiny_dir, tmp_path / "run" / "adapter", target_modules=["q_proj"])
+    (tmp_path / "run" / "recipe.yaml").write_text(text)
+    with pytest.raises(UserError) as err:
+        artifacts.load_adapted(tmp_path / "run")
+    assert str(err.value).startswith(f"{tmp_path / 'run' / 'recipe.yaml'}") and why in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def test_bad_paths_are_user_errors(tmp_path):
@@ -184,10 +198,25 @@ def test_fingerprint_mismatch_is_refused(tiny_dir, tmp_path):
     artifacts.load_adapted(tmp_path / "adapter", check_fingerprint=False)  # the caller may insist
 
 
+def test_check_base_compares_with_the_loaded_base(tiny_dir, tmp_path):
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    other = AutoModelForCausalLM.from_pretrained(save_tiny(tmp_path / "other", seed=1))
+    recorded = models.fingerprint(base)
+    assert artifacts.check_base(recorded, base, "adapter A") == recorded
+    assert artifacts.check_base(None, other, "adapter A") == models.fingerprint(other)  # nothing recorded: no check
+    with pytest.raises(UserError) as err:
+        artifacts.check_base(recorded, other, "--resume: RUN/checkpoints/step-2")
+    assert str(err.value) == (f"--resume: RUN/checkpoints/step-2 was trained on a different base model "
+                              f"(fingerprint {recorded}, this base has {models.fingerprint(other)})")
+    assert artifacts.recorded_fingerprint({"peft_type": "LORA"}) is None  # HF peft records none
+    assert artifacts.recorded_fingerprint({"peftcli": {"base_fingerprint": recorded}}) == recorded
+
+
 def test_fingerprint_survives_a_dtype_override(tiny_dir, tmp_path):
     trained(tiny_dir, tmp_path / "adapter", target_modules=["q_proj"])
-    model, _, info = artifacts.load_adapted(tmp_path / "adapter", model_overrides={"dtype": "bfloat16"})
-    assert model.dtype == torch.bfloat16 and info["model"]["dtype"] == "bfloat16"
+    loaded = artifacts.load_adapted(tmp_path / "adapter", model_overrides={"dtype": "bfloat16"})
+    model = loaded.model
+    assert model.dtype == torch.bfloat16 and loaded.model_config.dtype == "bfloat16"
     with pytest.raises(UserError, match="model.colour"):
         artifacts.load_adapted(tmp_path / "adapter", model_overrides={"colour": "red"})
 

@@ -130,7 +130,7 @@ def test_C14_every_method_trains_on_gpt2(runs, key):
     grads = trainable_grads(result.model)
     assert grads and all(g is not None and g.abs().max() > 0 for g in grads.values()), \
         [n for n, g in grads.items() if g is None or not g.abs().max() > 0]
-    reloaded, _, _ = artifacts.load_adapted(result.run_dir)
+    reloaded = artifacts.load_adapted(result.run_dir).model
     torch.testing.assert_close(logits(reloaded), logits(result.model), atol=1e-6, rtol=0)
 
 
@@ -163,7 +163,7 @@ def test_C14_pissa_on_conv1d_starts_at_the_base(gpt2_dir):
 @pytest.mark.parametrize("key", ["lora", "dora", "ia3"])
 def test_C14_hf_peft_loads_our_gpt2_adapters(gpt2_dir, runs, key):
     run = runs(key).run_dir
-    ours, _, _ = artifacts.load_adapted(run)
+    ours = artifacts.load_adapted(run).model
     expected = logits(ours)
     assert (expected - logits(gpt2(gpt2_dir))).abs().max() > 1e-4  # the adapter changes the output
     cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
@@ -181,8 +181,9 @@ def test_C14_we_load_hf_peft_gpt2_lora(gpt2_dir, tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     assert json.loads((tmp_path / "hf" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
 
-    model, _, info = artifacts.load_adapted(tmp_path / "hf")
-    assert info["method"] == "lora" and sorted(lora.lora_layers(model)) == sorted(BLOCK)
+    loaded = artifacts.load_adapted(tmp_path / "hf")
+    model = loaded.model
+    assert loaded.method == "lora" and sorted(lora.lora_layers(model)) == sorted(BLOCK)
     torch.testing.assert_close(logits(model), expected, atol=1e-5, rtol=0)
 
     # the same keys and shapes as our own file for the same config
@@ -208,7 +209,7 @@ def _assert_conv1d_files(merged_dir, base_dir):
 @pytest.mark.parametrize("key", ["lora", "dora", "ia3"])
 def test_C14_merge_writes_conv1d_layout_and_reloads(gpt2_dir, runs, tmp_path, key):
     run = runs(key).run_dir
-    adapted_model, _, _ = artifacts.load_adapted(run)
+    adapted_model = artifacts.load_adapted(run).model
     adapted = logits(adapted_model)
 
     out = merge.merge_adapter(run, tmp_path / "merged", dtype="float32")

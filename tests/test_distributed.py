@@ -59,16 +59,16 @@ def test_two_processes_equal_one_process_with_double_accumulation(tmp_path, tiny
 
 def test_more_processes_than_gpus_is_a_user_error(monkeypatch):
     # seen on a 1-GPU machine: two processes on cuda:0 died inside NCCL ("Duplicate GPU detected")
-    from peftcli import cli
+    from peftcli import launch
     from peftcli.errors import UserError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(UserError, match="--num-processes 2: only 1 GPU"):
-        cli._check_devices(2)
-    cli._check_devices(1)
+        launch.check_devices(2)
+    launch.check_devices(1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    cli._check_devices(4)  # CPU processes (gloo): any number
+    launch.check_devices(4)  # CPU processes (gloo): any number
 
 
 def test_a_data_error_in_the_workers_is_one_line_exit_2(tmp_path, tiny_dir):

@@ -163,8 +163,9 @@ def test_our_dora_adapter_loads_in_hf_peft(tiny_dir, tmp_path):
     hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "adapter").eval()
     torch.testing.assert_close(logits(hf), ours, atol=1e-5, rtol=0)  # HF peft on the same files
 
-    reloaded, _, info = artifacts.load_adapted(tmp_path / "adapter")
-    assert info["method"] == "lora"
+    loaded = artifacts.load_adapted(tmp_path / "adapter")
+    reloaded = loaded.model
+    assert loaded.method == "lora"
     assert all(isinstance(layer, lora.DoRALinear) for layer in lora.lora_layers(reloaded).values())
     torch.testing.assert_close(logits(reloaded), ours, atol=1e-6, rtol=0)
 
@@ -179,8 +180,9 @@ def test_hf_dora_adapter_loads_with_load_adapted(tiny_dir, tmp_path):
 
     cfg = artifacts.read_adapter_config(tmp_path / "hf_adapter")
     assert lora.config_from_adapter(cfg).dora is True
-    model, _, info = artifacts.load_adapted(tmp_path / "hf_adapter")
-    assert info["method"] == "lora" and len(lora.lora_layers(model)) == 14
+    loaded = artifacts.load_adapted(tmp_path / "hf_adapter")
+    model = loaded.model
+    assert loaded.method == "lora" and len(lora.lora_layers(model)) == 14
     torch.testing.assert_close(logits(model), expected, atol=1e-5, rtol=0)
 
 
@@ -259,5 +261,5 @@ def test_dora_pissa_train_resume_and_reload(tmp_path, tiny_dir):
     again = load_file(str(resumed.run_dir / "adapter" / "adapter_model.safetensors"))
     assert full.keys() == again.keys() and all(torch.equal(full[k], again[k]) for k in full)
 
-    reloaded, _, _ = artifacts.load_adapted(tmp_path / "run")
+    reloaded = artifacts.load_adapted(tmp_path / "run").model
     torch.testing.assert_close(logits(reloaded), logits(resumed.model.eval()), atol=1e-5, rtol=0)

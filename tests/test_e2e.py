@@ -66,7 +66,8 @@ def test_merge_matches_adapted_model(smoke_run, tmp_path):
     out = tmp_path / "merged"
     peft("merge", str(run), "-o", str(out))
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    adapted, tok, _ = artifacts.load_adapted(run)
+    loaded = artifacts.load_adapted(run)
+    adapted, tok = loaded.model, loaded.tokenizer
     ids = tok(["Sort these numbers in ascending order: 9, 2, 5"], return_tensors="pt").input_ids
     with torch.no_grad():
         a, b = adapted(ids).logits, merged(ids).logits
@@ -84,7 +85,8 @@ def test_generate(smoke_run):
     _, run, _ = smoke_run
     question = "Which number is the largest? 3, 9, 4"
     p = peft("generate", str(run), question, "--max-new-tokens", "8")
-    model, tok, _ = artifacts.load_adapted(run)
+    loaded = artifacts.load_adapted(run)
+    model, tok = loaded.model, loaded.tokenizer
     prompt = ("Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
               f"### Instruction:\n{question}\n\n### Response:\n")
     ids = tok(prompt, return_tensors="pt").input_ids

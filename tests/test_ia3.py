@@ -133,8 +133,9 @@ def test_our_adapter_loads_in_hf_peft(tiny_dir, tmp_path, method_keys):
     assert {n: m.is_feedforward for n, m in hf_layers.items()} == {n: m.is_feedforward for n, m in ia3.ia3_layers(model).items()}
     torch.testing.assert_close(logits(hf), ours, atol=1e-5, rtol=0)
 
-    reloaded, _, info = artifacts.load_adapted(tmp_path / "adapter")
-    assert info["method"] == "ia3"
+    loaded = artifacts.load_adapted(tmp_path / "adapter")
+    reloaded = loaded.model
+    assert loaded.method == "ia3"
     assert torch.equal(logits(reloaded), ours)
 
 
@@ -146,8 +147,9 @@ def test_hf_peft_adapter_loads_with_load_adapted(tiny_dir, tmp_path):
     hf.save_pretrained(tmp_path / "hf_adapter")
     assert "peftcli" not in json.loads((tmp_path / "hf_adapter" / "adapter_config.json").read_text())
 
-    model, _, info = artifacts.load_adapted(tmp_path / "hf_adapter")
-    assert info["method"] == "ia3" and info["base_path"] == str(tiny_dir)
+    loaded = artifacts.load_adapted(tmp_path / "hf_adapter")
+    model = loaded.model
+    assert loaded.method == "ia3" and loaded.base_path == str(tiny_dir)
     assert sorted(ia3.ia3_layers(model)) == sorted(f"model.layers.{i}.{p}" for i in (0, 1)
                                                    for p in ("self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj"))
     torch.testing.assert_close(logits(model), expected, atol=1e-5, rtol=0)
@@ -225,5 +227,5 @@ def test_tiny_training_run_and_reload(tmp_path, tiny_dir):
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     assert result.summary["trainable_params"] == 2 * (32 + 32 + 128)
     assert any(not torch.equal(m.ia3_l, torch.ones_like(m.ia3_l)) for m in ia3.ia3_layers(result.model).values())
-    reloaded, _, _ = artifacts.load_adapted(result.run_dir)
+    reloaded = artifacts.load_adapted(result.run_dir).model
     assert torch.equal(logits(reloaded), logits(result.model))

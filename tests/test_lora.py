@@ -65,7 +65,7 @@ def test_C9_rslora_scale_at_creation_reload_and_merge(tiny_dir, tmp_path):
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["use_rslora"] is True and cfg["peftcli"]["method"]["rslora"] is True
     assert cfg["r"] == 16 and cfg["lora_alpha"] == 16
-    reloaded, _, _ = artifacts.load_adapted(out)
+    reloaded = artifacts.load_adapted(out).model
     assert {layer.scaling for layer in lora.lora_layers(reloaded).values()} == {4.0}
     with torch.no_grad():
         torch.testing.assert_close(reloaded(IDS).logits, logits, atol=1e-6, rtol=0)
@@ -287,7 +287,7 @@ def test_pissa_adapter_loads_in_hf_peft_on_the_original_base(tiny_dir, tmp_path,
     with torch.no_grad():
         torch.testing.assert_close(hf(IDS).logits, ours, atol=1e-5, rtol=0)
 
-    reloaded, _, _ = artifacts.load_adapted(tmp_path / "adapter")
+    reloaded = artifacts.load_adapted(tmp_path / "adapter").model
     with torch.no_grad():
         torch.testing.assert_close(reloaded(IDS).logits, ours, atol=1e-5, rtol=0)
     # saving the reloaded model writes the same tensors (a resumed run's checkpoints stay consistent)
@@ -342,7 +342,7 @@ def test_hf_unconverted_pissa_adapter_loads_with_load_adapted(tiny_dir, tmp_path
         expected = hf(IDS).logits
     hf.save_pretrained(tmp_path / "hf_adapter")
     assert json.loads((tmp_path / "hf_adapter" / "adapter_config.json").read_text())["init_lora_weights"] == "pissa"
-    model, _, _ = artifacts.load_adapted(tmp_path / "hf_adapter")
+    model = artifacts.load_adapted(tmp_path / "hf_adapter").model
     with torch.no_grad():
         torch.testing.assert_close(model(IDS).logits, expected, atol=1e-5, rtol=0)
 
@@ -418,7 +418,7 @@ def test_rank_and_alpha_patterns_size_each_layer_and_load_in_hf_peft(tiny_dir, t
     # ours, from the HF fields alone and from the file
     hf_only = lora.config_from_adapter({k: v for k, v in cfg.items() if k != "peftcli"})
     assert (hf_only.rank_pattern, hf_only.alpha_pattern) == (RANK_PATTERN, ALPHA_PATTERN)
-    reloaded, _, _ = artifacts.load_adapted(out)
+    reloaded = artifacts.load_adapted(out).model
     with torch.no_grad():
         torch.testing.assert_close(reloaded(IDS).logits, ours, atol=1e-6, rtol=0)
 

@@ -108,7 +108,7 @@ def test_C15_hf_peft_loads_our_moe_adapter_with_equal_logits(moe_dir, tmp_path, 
     assert not any("lora_" in n for n in router_names(hf.base_model.model))  # HF's all-linear would add it
     torch.testing.assert_close(logits(hf), ours, atol=1e-4, rtol=0)
 
-    reloaded, _, _ = artifacts.load_adapted(tmp_path / "adapter")
+    reloaded = artifacts.load_adapted(tmp_path / "adapter").model
     torch.testing.assert_close(logits(reloaded), ours, atol=1e-6, rtol=0)
 
 
@@ -136,8 +136,9 @@ def test_C15_we_load_hf_peft_moe_adapter(moe_dir, tmp_path):
     hf.eval()
     expected = logits(hf)
     hf.save_pretrained(tmp_path / "hf")
-    model, _, info = artifacts.load_adapted(tmp_path / "hf")
-    assert info["method"] == "lora" and not lora.lora_layers(model) and len(lora_params.param_layers(model)) == 2 * LAYERS
+    loaded = artifacts.load_adapted(tmp_path / "hf")
+    model = loaded.model
+    assert loaded.method == "lora" and not lora.lora_layers(model) and len(lora_params.param_layers(model)) == 2 * LAYERS
     torch.testing.assert_close(logits(model), expected, atol=1e-4, rtol=0)
 
 
@@ -154,7 +155,7 @@ def test_C15_we_load_hf_peft_all_linear_adapter_with_its_rank_pattern(moe_dir, t
     cfg = json.loads((tmp_path / "hf" / "adapter_config.json").read_text())
     assert (cfg["rank_pattern"], cfg["alpha_pattern"]) == ({r".*\.gate_up_proj": 8}, {r".*\.gate_up_proj": 16})
 
-    model, _, _ = artifacts.load_adapted(tmp_path / "hf")
+    model = artifacts.load_adapted(tmp_path / "hf").model
     sizes = {n: (m.r, m.scaling, tuple(m.lora_A.weight.shape), tuple(m.lora_B.weight.shape))
              for n, m in lora_params.param_layers(model).items() if n.startswith("model.layers.0.mlp.experts")}
     inter = INTERMEDIATE[arch]  # hand computation: gate_up (E, 2I, H) at r 8, down (E, H, I) at r 4, both scale 2

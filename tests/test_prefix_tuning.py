@@ -182,8 +182,9 @@ def test_our_adapter_loads_in_hf_peft(gqa_dir, tmp_path, projection):
     assert (hf_cfg.num_layers, hf_cfg.num_attention_heads, hf_cfg.token_dim) == (2, 2, 2 * 32)
     torch.testing.assert_close(logits(hf), ours, atol=1e-5, rtol=0)
 
-    reloaded, _, info = artifacts.load_adapted(tmp_path / "adapter")
-    assert info["method"] == "prefix_tuning"
+    loaded = artifacts.load_adapted(tmp_path / "adapter")
+    reloaded = loaded.model
+    assert loaded.method == "prefix_tuning"
     assert torch.equal(logits(reloaded), ours)
 
 
@@ -196,8 +197,9 @@ def test_hf_peft_adapter_loads_with_load_adapted(gqa_dir, tmp_path, projection):
     expected = logits(hf.eval())
     hf.save_pretrained(tmp_path / "hf_adapter")
 
-    model, _, info = artifacts.load_adapted(tmp_path / "hf_adapter")
-    assert info["method"] == "prefix_tuning" and info["base_path"] == str(gqa_dir)
+    loaded = artifacts.load_adapted(tmp_path / "hf_adapter")
+    model = loaded.model
+    assert loaded.method == "prefix_tuning" and loaded.base_path == str(gqa_dir)
     assert model.prefix_encoder.folded is projection  # an MLP adapter arrives folded
     torch.testing.assert_close(logits(model), expected, atol=1e-5, rtol=0)
 
@@ -234,7 +236,7 @@ def test_projection_folds_into_the_saved_prefix(gqa_dir, tmp_path):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == N * 64 + (64 * 48 + 48) + (48 * 256 + 256)
 
-    reloaded, _, _ = artifacts.load_adapted(tmp_path / "adapter")
+    reloaded = artifacts.load_adapted(tmp_path / "adapter").model
     assert reloaded.prefix_encoder.folded and reloaded.prefix_encoder.transform is None
     assert torch.equal(reloaded.prefix_encoder(), saved)
     assert torch.equal(logits(reloaded), logits(model))
@@ -274,7 +276,7 @@ def test_tiny_training_run_reload_and_merge_refused(tmp_path, gqa_dir):
     prefixes = [load_file(str(result.run_dir / d / "adapter_model.safetensors"))["prompt_embeddings"]
                 for d in ("checkpoints/step-1/adapter", "checkpoints/step-2/adapter", "adapter")]
     assert not torch.equal(prefixes[0], prefixes[1]) and not torch.equal(prefixes[1], prefixes[2])  # it trains
-    reloaded, _, _ = artifacts.load_adapted(result.run_dir)
+    reloaded = artifacts.load_adapted(result.run_dir).model
     torch.testing.assert_close(logits(reloaded), logits(result.model), atol=1e-6, rtol=0)
     with pytest.raises(UserError, match="method prefix_tuning cannot be merged: a prefix adds virtual key/value"):
         merge.merge_adapter(result.run_dir, tmp_path / "merged")

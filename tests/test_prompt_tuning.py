@@ -260,8 +260,9 @@ def test_our_adapter_loads_in_hf_peft_with_the_same_logits_and_loss(tiny_dir, tm
         hf_loss = hf(**batch).loss
     assert float(loss_sum) / n == pytest.approx(float(hf_loss), abs=1e-5)
 
-    reloaded, _, info = artifacts.load_adapted(tmp_path / "adapter")
-    assert info["method"] == METHOD_KEYS[key]["name"]
+    loaded = artifacts.load_adapted(tmp_path / "adapter")
+    reloaded = loaded.model
+    assert loaded.method == METHOD_KEYS[key]["name"]
     assert torch.equal(logits(reloaded), ours)
 
 
@@ -280,9 +281,10 @@ def test_hf_peft_adapter_loads_with_load_adapted(tiny_dir, tmp_path, key):
     hf.save_pretrained(tmp_path / "hf_adapter")
     assert "peftcli" not in json.loads((tmp_path / "hf_adapter" / "adapter_config.json").read_text())
 
-    model, _, info = artifacts.load_adapted(tmp_path / "hf_adapter")
+    loaded = artifacts.load_adapted(tmp_path / "hf_adapter")
+    model = loaded.model
 
-    assert info["method"] == keys["name"] and info["base_path"] == str(tiny_dir)
+    assert loaded.method == keys["name"] and loaded.base_path == str(tiny_dir)
     torch.testing.assert_close(logits(model), expected, atol=1e-5, rtol=0)
     if keys["name"] == "p_tuning":  # only the encoder's output is in HF's file: a fixed table
         assert model.prompt_encoder.table is not None
@@ -295,7 +297,7 @@ def test_p_tuning_file_keeps_the_encoder_so_training_can_resume(tiny_dir, tmp_pa
     weights = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert set(weights) == {"prompt_embeddings"} | {f"prompt_encoder.{n}" for n, _ in model.prompt_encoder.named_parameters()}
 
-    reloaded, _, _ = artifacts.load_adapted(tmp_path / "adapter")
+    reloaded = artifacts.load_adapted(tmp_path / "adapter").model
     assert reloaded.prompt_encoder.table is None  # the live encoder, not a table
     for name, p in reloaded.prompt_encoder.named_parameters():
         assert torch.equal(p, model.prompt_encoder.get_parameter(name))
@@ -341,7 +343,7 @@ def test_tiny_training_run_reload_and_merge_refused(tmp_path, tiny_dir, key):
     for name, p in result.model.prompt_encoder.named_parameters():
         step = (p - initial.prompt_encoder.get_parameter(name)).abs().max()
         assert 0 < step <= 3 * 1e-2 * 1.5, name  # moved, by at most ~lr per Adam step: the start was reproduced
-    reloaded, _, _ = artifacts.load_adapted(result.run_dir)
+    reloaded = artifacts.load_adapted(result.run_dir).model
     torch.testing.assert_close(logits(reloaded), logits(result.model), atol=1e-6, rtol=0)
     # resume from the step-2 checkpoint: the adapter file holds everything that trains
     resumed = train(recipe, resume=True)

@@ -173,8 +173,9 @@ def test_C17_chat_tuned_run_stops_at_end_of_turn_in_generate_eval_and_merge(chat
     assert result.exit_code == 0, result.output
     assert result.output.strip() == "hello world"
     # the case is real: stopping at EOS alone runs on past the end-of-turn token
-    model, tok, _ = artifacts.load_adapted(run)
-    data.use_recipe_chat(tok, recorded and {"data": recorded})
+    loaded = artifacts.load_adapted(run)
+    model, tok = loaded.model, loaded.tokenizer
+    data.use_recipe_chat(tok, loaded.recipe)  # the recorded chatml template
     eot = tok.convert_tokens_to_ids("<|im_end|>")
     prompt = data.prompt_ids(data.add_system_prompt([{"messages": CHAT["messages"][1:3]}], "chat", "Be brief.")[0],
                              "chat", tok)
@@ -330,3 +331,42 @@ def test_system_prompt_is_the_first_message_unless_the_row_has_one():
     out = data.add_system_prompt(rows, "chat", "Answer in French.")
     assert out[0]["messages"][0] == {"role": "system", "content": "Answer in French."}
     assert out[1] == CHAT  # it has a system message already
+
+
+# ---------------------------------------------------------------------------------------------
+# peft generate's prompt (data.generation_prompt)
+
+
+def _run_recipe(fmt: str, **data_keys):
+    return validate({"method": {"name": "lora"}, "data": {"train": {"path": "unused.jsonl", "format": fmt}, **data_keys}})
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "completion", "chat", "text"])
+def test_generation_prompt_is_the_prompt_part_of_the_training_ids(fmt):
+    tok = chat_tokenizer("chatml", add_bos=True)
+    recipe = _run_recipe(fmt, **({"system_prompt": "Be brief."} if fmt == "chat" else {}))
+    got = data.generation_prompt("Say hi.", recipe, tok)
+    if fmt == "text":
+        assert got == "Say hi."  # a text run has no prompt format: sent as typed
+        return
+    row = {"alpaca": {"instruction": "Say hi.", "output": "hello world"},
+           "completion": {"prompt": "Say hi.", "completion": "hello world"},
+           "chat": CHAT | {"messages": CHAT["messages"][:3]}}[fmt]  # the run's system prompt, the user turn, an answer
+    example = data.tokenize_row(row, fmt, tok, 512, False)
+    first_supervised = next(i for i, label in enumerate(example["labels"]) if label != data.IGNORE_INDEX)
+    assert got == example["input_ids"][:first_supervised]  # training's own ids: generation starts where the answer did
+    if fmt == "chat":  # and the tokenizer's template, as HF renders it
+        assert got == tok.apply_chat_template(CHAT["messages"][:2], add_generation_prompt=True, tokenize=True)["input_ids"]
+
+
+def test_generation_prompt_takes_a_system_message_only_in_a_chat_run():
+    tok = chat_tokenizer("chatml")
+    chat = _run_recipe("chat", system_prompt="Be brief.")
+    want = tok.apply_chat_template([{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Say hi."}],
+                                   add_generation_prompt=True, tokenize=True)["input_ids"]
+    assert data.generation_prompt("Say hi.", chat, tok, system="Be terse.") == want  # replaces the run's
+    assert data.generation_prompt("Say hi.", chat, tok, raw=True) == "Say hi."
+    for recipe, raw, this in [(chat, True, "--raw"), (_run_recipe("alpaca"), False, "alpaca"), (None, False, "text")]:
+        with pytest.raises(UserError) as err:
+            data.generation_prompt("Say hi.", recipe, tok, system="Be terse.", raw=raw)
+        assert str(err.value) == f"--system: only a chat run's prompt has a system message (this one: {this})"

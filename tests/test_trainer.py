@@ -287,7 +287,7 @@ def test_C11_no_pad_token_train_and_reload(tmp_path):
     rows = result.model.get_input_embeddings().num_embeddings
     assert tok.pad_token_id == tok.eos_token_id and len(tok) == rows == 320  # no token added, no resize
     assert all(max(e["input_ids"]) < rows for e in result.datasets.train)
-    reloaded, _, _ = artifacts.load_adapted(result.run_dir)
+    reloaded = artifacts.load_adapted(result.run_dir).model
     assert reloaded.get_input_embeddings().num_embeddings == rows
     batch = data.collate(result.datasets.train[:3], tok.pad_token_id)
     with torch.no_grad():

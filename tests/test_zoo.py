@@ -249,7 +249,7 @@ def run_cell(family: str, variant_name: str, model_dir: Path, tmp: Path) -> Cell
         with check("ours_loads_hf"):
             hf_logits = hf_made_adapter(model_dir, variant, tmp / "hf_adapter", logit_batch)
             overrides = {"quantization": "nf4"} if variant.quantized else None
-            ours, _, _ = artifacts.load_adapted(tmp / "hf_adapter", model_overrides=overrides)
+            ours = artifacts.load_adapted(tmp / "hf_adapter", model_overrides=overrides).model
             assert_logits_close(own_logits(ours, logit_batch), hf_logits, mask, ATOL["hf"],
                                 "ours on HF peft's adapter vs HF peft")
         theirs, ours_file = cell.notes.get("ours_loads_hf", ""), cell.failed.get("hf_loads_ours")
@@ -273,7 +273,8 @@ def trained_checks(check: Checks, variant, result, model_dir: Path, logit_batch:
 
     adapted = None
     with check("reload"):
-        adapted, tok, _ = artifacts.load_adapted(run)
+        loaded = artifacts.load_adapted(run)
+        adapted, tok = loaded.model, loaded.tokenizer
         expected = own_logits(adapted, logit_batch)
         assert_logits_close(expected, own_logits(result.model.eval(), logit_batch), mask, ATOL["reload"],
                             "reloaded vs trained")
