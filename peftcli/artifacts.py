@@ -226,7 +226,7 @@ def method_name(cfg: dict) -> str:
     Raises:
         UserError: a ``peft_type`` no registered method reads.
     """
-    recorded = (cfg.get("peftcli") or {}).get("method") or {}
+    recorded = _recorded(cfg).get("method") or {}
     if recorded.get("name") in methods.METHODS:
         return recorded["name"]
     names = [name for name, m in methods.METHODS.items() if m.reads_adapter(cfg)]
