@@ -16,12 +16,7 @@ every reader here accepts either. Writes are atomic: a reader never sees half an
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import yaml
 from pydantic import ValidationError
@@ -31,81 +26,11 @@ import peftcli
 from peftcli import methods, models
 from peftcli.errors import UserError
 from peftcli.recipe import ModelConfig, Recipe
+from peftcli.rundir import RunDir, atomic_dir
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
-
-
-# ---------------------------------------------------------------------------------------------
-# atomic directory writes
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file (or, where the OS allows, a dir entry) to disk."""
-    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() and hasattr(os, "O_DIRECTORY") else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:  # dirs cannot be opened on some platforms
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
-    """Write a directory atomically: yields an empty temporary sibling of ``out_dir`` to fill;
-    on success its files are fsynced and it is renamed to ``out_dir`` (an existing ``out_dir`` is
-    renamed aside first, then deleted; if the swap fails the old one is put back). On any
-    exception the temporary dir is removed and ``out_dir`` is left as it was.
-
-    Raises:
-        UserError: ``out_dir`` exists and is not a directory.
-    """
-    out_dir = Path(os.path.abspath(out_dir))  # "x/." and "x/../y" get a real name and parent
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir}: exists and is not a directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700); give it a plain dir's mode
-        yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                _fsync(f)
-        _fsync(tmp)
-        _swap_in(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync(out_dir.parent)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _swap_in(new: Path, out_dir: Path) -> None:
-    """Rename ``new`` to ``out_dir``, replacing an existing dir without a moment where neither
-    the old nor the new one is complete on disk."""
-    if not out_dir.exists():
-        os.replace(new, out_dir)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    os.rmdir(old)  # only the unique name is wanted
-    os.replace(out_dir, old)
-    try:
-        os.replace(new, out_dir)
-    except BaseException:
-        os.replace(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,9 +109,10 @@ def find_adapter_dir(path: str | Path) -> Path:
         raise UserError(f"{path}: no such run dir or adapter dir")
     if (path / CONFIG_NAME).is_file():
         return path
-    if (path / "adapter" / CONFIG_NAME).is_file():
-        return path / "adapter"
-    raise UserError(f"{path}: not a run dir or adapter dir (no {CONFIG_NAME} in it or in {path / 'adapter'})")
+    adapter = RunDir(path).adapter
+    if (adapter / CONFIG_NAME).is_file():
+        return adapter
+    raise UserError(f"{path}: not a run dir or adapter dir (no {CONFIG_NAME} in it or in {adapter})")
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict:
@@ -290,13 +216,9 @@ def _method_config(method, cfg: dict):
 def _run_recipe(adapter_dir: Path) -> dict | None:
     """The run dir's ``recipe.yaml`` as a dict when ``adapter_dir`` is ``RUN/adapter`` or
     ``RUN/checkpoints/step-N/adapter``; else None."""
-    if adapter_dir.name != "adapter":
-        return None
-    run_dir = adapter_dir.parent
-    if run_dir.parent.name == "checkpoints":
-        run_dir = run_dir.parent.parent
-    file = run_dir / "recipe.yaml"
-    if not file.is_file():
+    run = RunDir.owning(adapter_dir)
+    file = run.recipe if run is not None else None
+    if file is None or not file.is_file():
         return None
     try:
         data = yaml.safe_load(file.read_text(encoding="utf-8"))
