@@ -55,12 +55,12 @@ class Prepared:
         return self.total - self.trainable
 
 
-def load(recipe: Recipe, check_base: Callable[[str], None] | None = None) -> Prepared:
+def load(recipe: Recipe, check_base: Callable[[nn.Module], object] | None = None) -> Prepared:
     """Load what ``recipe`` names and apply its method, on the CPU (4/8-bit weights where
     bitsandbytes places them at load).
 
     Args:
-        check_base: called with the base's fingerprint before the method is applied (``--resume``
+        check_base: called with the loaded base before the method is applied (``--resume``
             refuses a checkpoint of another base there).
     Raises:
         UserError: a bad data file (before the model loads), a base that cannot be loaded, a
@@ -72,9 +72,9 @@ def load(recipe: Recipe, check_base: Callable[[str], None] | None = None) -> Pre
     ds = data.build(recipe.data, tok, t.seed)
     model = models.load_model(base_path, m.quantization, m.dtype, m.double_quant, m.trust_remote_code)
     tok = models.fit_tokenizer(tok, model)
-    fingerprint = models.fingerprint(model)
     if check_base is not None:
-        check_base(fingerprint)
+        check_base(model)
+    fingerprint = models.fingerprint(model)
     method = methods.get(recipe.method.name)
     targets = method.apply(model, recipe.method)  # writes the model's default target_modules into recipe.method
     trainable, total = parameter_counts(model)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from peftcli import artifacts, data, guard, methods, prepare
+from peftcli import artifacts, data, guard, methods, models, prepare
 from peftcli.errors import Interrupted, UserError
 from peftcli.loss import SupervisedLoss, count_supervised, eval_loss, make_collate
 from peftcli.prepare import Prepared
@@ -195,15 +195,16 @@ def _open_run_dir(rundir: RunDir, resume: bool, main: bool, console) -> Path | N
     return checkpoint
 
 
-def _check_resumed_base(checkpoint: Path | None, fingerprint: str) -> None:
-    """``--resume``: the checkpoint must have been trained on this base.
+def _check_resumed_base(checkpoint: Path | None, model: nn.Module) -> None:
+    """``--resume``: the checkpoint must have been trained on this base (``model``, before the method).
 
     Raises:
-        UserError: its recorded base fingerprint differs from ``fingerprint``.
+        UserError: its recorded base fingerprint differs from the base's.
     """
     if checkpoint is None:
         return
     recorded = artifacts.read_adapter_config(RunDir.adapter_of(checkpoint)).get("peftcli", {}).get("base_fingerprint")
+    fingerprint = models.fingerprint(model)
     if recorded and recorded != fingerprint:
         raise UserError(f"--resume: {checkpoint} was trained on a different base model "
                         f"(fingerprint {recorded}, this base has {fingerprint})")

@@ -51,13 +51,14 @@ def test_load_gives_the_run_its_data_model_and_counts(tmp_path, tiny_dir, monkey
 def test_check_base_runs_before_the_method(tmp_path, tiny_dir):
     seen = []
 
-    def refuse(fingerprint):
-        seen.append(fingerprint)
+    def refuse(model):
+        seen.append(sum(p.numel() for p in model.parameters() if p.requires_grad))
         raise UserError("--resume: another base")
 
     with pytest.raises(UserError, match="another base"):
         prepare.load(tiny_run_recipe(tmp_path, tiny_dir, LORA_QV), check_base=refuse)
-    assert len(seen) == 1 and len(seen[0]) > 0
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    assert seen == [sum(p.numel() for p in base.parameters())]  # called once, on the base before the method
 
 
 def _recipe_file(tmp_path, tiny_dir, rows) -> str:
