@@ -102,7 +102,8 @@ def training_path(device: str) -> None:
     (bf16) against transformers' block-diagonal mask, and the block-wise head cross-entropy."""
     import torch.nn.functional as F
 
-    from peftcli import data, trainer
+    from peftcli import data
+    from peftcli.loss import head_cross_entropy, prepare_padding_free, supervised_loss_sum
     from peftcli.methods import lora
     from tests.tiny import tiny_llama
 
@@ -123,9 +124,9 @@ def training_path(device: str) -> None:
     examples = [{"input_ids": list(range(5, 5 + n)), "labels": list(range(5, 5 + n))} for n in (9, 17, 4)]
     free = {k: v.to(device) for k, v in data.collate_padding_free(examples).items()}
     with torch.no_grad():
-        masked = trainer.supervised_loss_sum(model, free)[0].item()
-        switched = trainer.prepare_padding_free(model)
-        per_example = trainer.supervised_loss_sum(model, free)[0].item()
+        masked = supervised_loss_sum(model, free)[0].item()
+        switched = prepare_padding_free(model)
+        per_example = supervised_loss_sum(model, free)[0].item()
     check("per-example attention (cuda, bf16)", switched and abs(per_example - masked) < 1e-2 * abs(masked),
           f"loss {per_example:.4f} vs block mask {masked:.4f}")
 
@@ -133,7 +134,7 @@ def training_path(device: str) -> None:
     h = torch.randn(700, 64, device=device, requires_grad=True)
     t = torch.randint(0, 5000, (700,), device=device)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = trainer.head_cross_entropy(head, h, t)
+        loss = head_cross_entropy(head, h, t)
         (gh,) = torch.autograd.grad(loss, h)
         ref = F.cross_entropy(head(h).float(), t, reduction="sum")
         (rh,) = torch.autograd.grad(ref, h)

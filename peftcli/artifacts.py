@@ -16,13 +16,9 @@ every reader here accepts either. Writes are atomic: a reader never sees half an
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pydantic import ValidationError
 from torch import nn
@@ -31,81 +27,11 @@ import peftcli
 from peftcli import methods, models
 from peftcli.errors import UserError
 from peftcli.recipe import MethodConfig, ModelConfig, Recipe, read_yaml, validate
+from peftcli.rundir import RunDir, atomic_dir
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
-
-
-# ---------------------------------------------------------------------------------------------
-# atomic directory writes
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file (or, where the OS allows, a dir entry) to disk."""
-    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() and hasattr(os, "O_DIRECTORY") else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:  # dirs cannot be opened on some platforms
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
-    """Write a directory atomically: yields an empty temporary sibling of ``out_dir`` to fill;
-    on success its files are fsynced and it is renamed to ``out_dir`` (an existing ``out_dir`` is
-    renamed aside first, then deleted; if the swap fails the old one is put back). On any
-    exception the temporary dir is removed and ``out_dir`` is left as it was.
-
-    Raises:
-        UserError: ``out_dir`` exists and is not a directory.
-    """
-    out_dir = Path(os.path.abspath(out_dir))  # "x/." and "x/../y" get a real name and parent
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir}: exists and is not a directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700); give it a plain dir's mode
-        yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                _fsync(f)
-        _fsync(tmp)
-        _swap_in(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync(out_dir.parent)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _swap_in(new: Path, out_dir: Path) -> None:
-    """Rename ``new`` to ``out_dir``, replacing an existing dir without a moment where neither
-    the old nor the new one is complete on disk."""
-    if not out_dir.exists():
-        os.replace(new, out_dir)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    os.rmdir(old)  # only the unique name is wanted
-    os.replace(out_dir, old)
-    try:
-        os.replace(new, out_dir)
-    except BaseException:
-        os.replace(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,9 +98,10 @@ def find_adapter_dir(path: str | Path) -> Path:
         raise UserError(f"{path}: no such run dir or adapter dir")
     if (path / CONFIG_NAME).is_file():
         return path
-    if (path / "adapter" / CONFIG_NAME).is_file():
-        return path / "adapter"
-    raise UserError(f"{path}: not a run dir or adapter dir (no {CONFIG_NAME} in it or in {path / 'adapter'})")
+    adapter = RunDir(path).adapter
+    if (adapter / CONFIG_NAME).is_file():
+        return adapter
+    raise UserError(f"{path}: not a run dir or adapter dir (no {CONFIG_NAME} in it or in {adapter})")
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict:
@@ -309,12 +236,8 @@ def _method_config(method, cfg: dict):
 def _run_dir(adapter_dir: Path) -> Path | None:
     """The run dir that holds ``adapter_dir`` as ``RUN/adapter`` or
     ``RUN/checkpoints/step-N/adapter`` and has a ``recipe.yaml``; else None (a bare adapter dir)."""
-    if adapter_dir.name != "adapter":
-        return None
-    run_dir = adapter_dir.parent
-    if run_dir.parent.name == "checkpoints":
-        run_dir = run_dir.parent.parent
-    return run_dir if (run_dir / "recipe.yaml").is_file() else None
+    run = RunDir.owning(adapter_dir)
+    return run.path if run is not None and run.recipe.is_file() else None
 
 
 def _run_recipe(run_dir: Path | None) -> Recipe | None:
@@ -325,7 +248,7 @@ def _run_recipe(run_dir: Path | None) -> Recipe | None:
     """
     if run_dir is None:
         return None
-    file = run_dir / "recipe.yaml"
+    file = RunDir(run_dir).recipe
     raw = read_yaml(file)  # a UserError that names the file
     try:
         return validate(raw)

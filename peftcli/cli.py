@@ -212,37 +212,28 @@ def validate(
     set_: List[str] = typer.Option([], "--set"),
 ):
     """Resolve a recipe; list matched modules, trainable parameters and a peak-memory estimate."""
-    from peftcli import data, memory, methods, models
+    from peftcli import memory, methods, prepare
     from peftcli import recipe as recipes
-    from peftcli.trainer import choose_loss_path, parameter_counts, resolve_mixed_precision
 
     r = recipes.load_recipe(recipe, set_)
     out.print(recipes.dump(r), highlight=False, markup=False)
-    model, tok, path = models.load_base(**r.model.model_dump())
-    ds = data.build(r.data, tok, r.train.seed)
-    s = ds.train_stats
+    p = prepare.load(r)  # data is read before the model loads, as in train
+    s = p.datasets.train_stats
     out.print(f"data: {s.kept} of {s.rows} train rows kept ({s.dropped_empty_answer} empty answers, "
-              f"{s.dropped_truncated} prompts over max_seq_len), {len(ds.eval)} eval examples")
-    method = methods.get(r.method.name)
-    targets = method.apply(model, r.method)
-    trainable, total = parameter_counts(model)
-    out.print(f"base: {path}")
-    out.print(f"matched {len(targets)} modules: {', '.join(targets[:6])}{' ...' if len(targets) > 6 else ''}")
-    out.print(f"trainable parameters: {trainable:,} = {100 * trainable / (total - trainable):.3f}% of the base's {total - trainable:,}")
-    out.print(f"trainable by kind: {methods.kinds_line(model)}")
-    mixed = resolve_mixed_precision(r.train.mixed_precision)
-    path = choose_loss_path(model, r, method, ds.train, tok.pad_token_id, mixed, console=out)
+              f"{s.dropped_truncated} prompts over max_seq_len), {len(p.datasets.eval)} eval examples")
+    out.print(f"base: {p.base_path}")
+    out.print(f"matched {len(p.targets)} modules: {', '.join(p.targets[:6])}{' ...' if len(p.targets) > 6 else ''}")
+    out.print(f"trainable parameters: {p.trainable:,} = {100 * p.trainable / p.base_params:.3f}% of the base's {p.base_params:,}")
+    out.print(f"trainable by kind: {methods.kinds_line(p.model)}")
+    path = prepare.loss_path(p, console=out)
     out.print(path.describe(), highlight=False, markup=False)
-    padding_free = path.padding_free
-    batch = memory.largest_micro_batch(ds.train, r.train.micro_batch_size, padding_free, tok.pad_token_id,
-                                       r.data.pad_to_multiple_of)
+    batch = memory.largest_micro_batch(p.datasets.train, r.train.micro_batch_size, path.padding_free,
+                                       p.tokenizer.pad_token_id, r.data.pad_to_multiple_of)
     if r.train.gradient_checkpointing:
-        from peftcli.trainer import enable_gradient_checkpointing
-
-        enable_gradient_checkpointing(model)
-    peak = memory.dry_step_peak(model, batch, mixed, path.loss_sum)
+        prepare.enable_gradient_checkpointing(p.model)
+    peak = memory.dry_step_peak(p.model, batch, p.mixed, path.loss_sum)
     out.print(f"peak memory estimate: {peak / 2**30:.2f} GiB (one dry step on the largest micro-batch, "
-              f"{batch['input_ids'].numel()} tokens{' padding-free' if padding_free else ' padded'})")
+              f"{batch['input_ids'].numel()} tokens{' padding-free' if path.padding_free else ' padded'})")
 
 
 @app.command("methods")

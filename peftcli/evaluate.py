@@ -149,7 +149,7 @@ def score(model: nn.Module, tokenizer, examples: list[dict], rows: list[dict], f
           labels: list[str] | None = None, max_seq_len: int = data.DEFAULT_MAX_SEQ_LEN, generate_answers: bool = True) -> dict:
     """Loss (nats per supervised token), perplexity and exact match of one model (float32, eval mode)."""
     from peftcli.guard import choose_loss_path
-    from peftcli.trainer import eval_loss, make_collate
+    from peftcli.loss import eval_loss, make_collate
 
     model.eval()
     result = {"loss": None, "perplexity": None, "supervised_tokens": 0}

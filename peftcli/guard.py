@@ -1,6 +1,6 @@
 """The fast loss path proves itself against the model's own forward before it is trusted.
 
-The trainer's fast path (:func:`peftcli.trainer.supervised_loss_sum`: the decoder body, then our
+The trainer's fast path (:func:`peftcli.loss.supervised_loss_sum`: the decoder body, then our
 own blockwise head cross-entropy at the supervised positions only, padding-free rows with
 per-example attention, LoRA's hand-written backward) never computes the model's logits. It is
 right only if the model's logits are ``lm_head(body(x))`` and nothing else — and families differ:
@@ -33,6 +33,7 @@ from torch import nn
 
 from peftcli.data import IGNORE_INDEX
 from peftcli.errors import UserError
+from peftcli.loss import supervised_loss_sum
 
 # (loss relative to max(1, loss) in nats, gradient relative L2 norm) the fast path may differ by.
 # float32: the reduction-order noise of padded vs padding-free attention and of the blockwise head
@@ -100,8 +101,6 @@ class LossPath:
         """(summed loss, supervised tokens) of a micro-batch on this path."""
         if self.name == "reference":
             return reference_loss_sum(model, batch)
-        from peftcli.trainer import supervised_loss_sum
-
         return supervised_loss_sum(model, batch)
 
     def describe(self) -> str:
@@ -182,7 +181,7 @@ def choose_loss_path(model: nn.Module, examples: list[dict], pad_id: int, paddin
         model: the base with the method applied; its mode, gradients and torch's RNG state are
             left as they were.
         padding_free: whether padding-free rows may be used (recipe, method and
-            :func:`peftcli.trainer.prepare_padding_free` allow them).
+            :func:`peftcli.loss.prepare_padding_free` allow them).
         autocast, autocast_dtype: the run's autocast context and its dtype (None: off).
         gradients: also compare trainable-parameter gradients (off for scoring only).
     Returns:

@@ -16,13 +16,14 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from peftcli.loss import make_collate, supervised_loss_sum
+from peftcli.prepare import AUTOCAST_DTYPES
+
 
 def largest_micro_batch(examples: list[dict], micro_batch_size: int, padding_free: bool, pad_id: int,
                         multiple_of: int = 1) -> dict:
     """The micro-batch of the ``micro_batch_size`` longest examples, collated as training would
     (one padding-free row, or right-padded rows; length rounded up to ``multiple_of``)."""
-    from peftcli.trainer import make_collate
-
     longest = sorted(examples, key=lambda e: len(e["input_ids"]), reverse=True)[:micro_batch_size]
     return make_collate(padding_free, pad_id, multiple_of)(longest)
 
@@ -45,8 +46,6 @@ def dry_step_peak(model: nn.Module, batch: dict[str, torch.Tensor], mixed_precis
     Returns:
         the process's peak memory afterwards, bytes (:func:`peak_bytes`).
     """
-    from peftcli.trainer import AUTOCAST_DTYPES, supervised_loss_sum
-
     loss_sum = loss_sum or supervised_loss_sum
     device = next(p.device for p in model.parameters())
     dtype = AUTOCAST_DTYPES.get(mixed_precision)

@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from peftcli import data, methods, models, tokens
-from peftcli.artifacts import atomic_dir, find_adapter_dir, load_adapted, method_name, read_adapter_config
+from peftcli.artifacts import find_adapter_dir, load_adapted, method_name, read_adapter_config
 from peftcli.errors import UserError
+from peftcli.rundir import atomic_dir
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ class SmokeReport:
 def check(result) -> SmokeReport:
     """Check a finished smoke run (a :class:`peftcli.trainer.TrainResult`)."""
     from peftcli import artifacts, data
-    from peftcli.trainer import read_events
+    from peftcli.rundir import read_events
 
     report = SmokeReport()
     losses = [e["loss"] for e in read_events(result.run_dir / "metrics.jsonl") if e.get("event") == "train"]

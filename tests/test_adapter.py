@@ -146,7 +146,8 @@ def test_gradient_step_changes_logits():
 
 
 def test_tiny_training_run_and_reload(tmp_path, tiny_dir):
-    from peftcli.trainer import read_events, train
+    from peftcli.rundir import read_events
+    from peftcli.trainer import train
 
     recipe = tiny_run_recipe(tmp_path, tiny_dir, {"name": "adapter", "variant": "houlsby", "reduction_factor": 8, "non_linearity": "gelu"})
 

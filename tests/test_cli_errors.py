@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from peftcli.cli import app
 from peftcli.errors import UserError
-from peftcli.trainer import latest_checkpoint, train
+from peftcli.rundir import RunDir
+from peftcli.trainer import train
 
 
 def _one_line_error(result, *needles):
@@ -51,7 +52,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_p
         train(recipe)
     step = int(str(err.value).split("at step ")[1].split(";")[0])
     assert step >= 2  # step 1 is finite (it starts from the base), so a checkpoint was written before
-    assert latest_checkpoint(tmp_path / "run").name == f"step-{step - 1}"
+    assert RunDir(tmp_path / "run").latest_checkpoint().name == f"step-{step - 1}"
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000  # the curve up to the divergence
 
 

@@ -19,7 +19,8 @@ from transformers.pytorch_utils import Conv1D
 from peftcli import artifacts, merge, methods, models
 from peftcli.methods import adapter, ia3, lora
 from peftcli.recipe import validate
-from peftcli.trainer import read_events, train
+from peftcli.rundir import read_events
+from peftcli.trainer import train
 
 IDS = torch.tensor([[1, 17, 42, 99, 7, 250, 3], [1, 5, 6, 200, 201, 2, 8]])
 BLOCK = [f"transformer.h.{i}.{p}" for i in range(2) for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]

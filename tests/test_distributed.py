@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import load_file
 from tiny import SORT_ROWS
 
-from peftcli.trainer import read_events
+from peftcli.rundir import read_events
 
 
 def _recipe(tmp_path, tiny_dir) -> str:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from tiny import SORT_ROWS, tiny_llama, tiny_run_recipe, tiny_tokenizer
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
-from peftcli import data, guard, methods, models, trainer
+from peftcli import data, guard, loss, methods, models, prepare, trainer
 from peftcli.errors import UserError
 from peftcli.methods import lora
 
@@ -46,7 +46,7 @@ def test_C12_fast_path_agrees_with_the_model_on_llama(tmp_path):
     tok = tiny_tokenizer()
     model = tiny_llama(tok)
     recipe, module, examples = adapted(model, tok, tmp_path)
-    path = trainer.choose_loss_path(model, recipe, module, examples, tok.pad_token_id, "no")
+    path = prepare.choose_loss_path(model, recipe, module, examples, tok.pad_token_id, "no")
     assert path.name == "fast" and path.padding_free
     assert path.loss_diff <= 1e-6 and path.grad_diff <= 1e-5
     assert model.training is False  # mode left as it was
@@ -60,7 +60,7 @@ def test_C12_guard_catches_a_logit_transform_nobody_listed(tmp_path, kind):
           "shift-per-token": lambda z: z + torch.linspace(0, 4, z.shape[-1])}[kind]
     model = transform_logits(tiny_llama(tok), fn)
     recipe, module, examples = adapted(model, tok, tmp_path)
-    path = trainer.choose_loss_path(model, recipe, module, examples, tok.pad_token_id, "no")
+    path = prepare.choose_loss_path(model, recipe, module, examples, tok.pad_token_id, "no")
     assert path.name == "reference"
     assert [t["agrees"] for t in path.tried] == [False, False]
     # the chosen path's loss is the model's own (hand reference above)
@@ -77,7 +77,7 @@ def test_C12_gemma2_final_softcap_is_caught(tmp_path):
                           pad_token_id=tok.pad_token_id)
     model = Gemma2ForCausalLM(config).eval()
     recipe, module, examples = adapted(model, tok, tmp_path)
-    path = trainer.choose_loss_path(model, recipe, module, examples, tok.pad_token_id, "no")
+    path = prepare.choose_loss_path(model, recipe, module, examples, tok.pad_token_id, "no")
     assert path.name == "reference"
     assert path.tried[0]["grad_diff"] > 1e-2
 
@@ -94,7 +94,7 @@ def test_C12_a_wrong_hand_written_backward_is_not_trusted(tmp_path, monkeypatch)
         return tuple(grads)
 
     monkeypatch.setattr(lora.LoRABranch, "backward", staticmethod(doubled))
-    path = trainer.choose_loss_path(model, recipe, module, examples, tok.pad_token_id, "no")
+    path = prepare.choose_loss_path(model, recipe, module, examples, tok.pad_token_id, "no")
     assert path.name == "reference" and all(not t["agrees"] and t["loss_diff"] < 1e-6 for t in path.tried)
     # the reference path trains through the plain formula: its gradients are autograd's
     layer = next(iter(module.lora_layers(model).values()))
@@ -106,7 +106,7 @@ def test_C12_a_wrong_hand_written_backward_is_not_trusted(tmp_path, monkeypatch)
     layer.lora_B.weight.grad = None
     monkeypatch.setattr(lora.LoRABranch, "backward", staticmethod(right))
     guard.set_fused_backward(model, True)
-    s, n = trainer.supervised_loss_sum(model, data.collate(examples[:2], tok.pad_token_id))
+    s, n = loss.supervised_loss_sum(model, data.collate(examples[:2], tok.pad_token_id))
     (s / n).backward()
     assert torch.allclose(got, layer.lora_B.weight.grad, atol=1e-7)
 
@@ -141,7 +141,7 @@ def test_C12_a_method_the_forward_never_reaches_is_refused(tmp_path):
         p.requires_grad_(False)
     model.forward_bypass.weight.requires_grad_(True)
     with pytest.raises(UserError, match="gradient through LlamaForCausalLM's own forward.*not on the forward's way"):
-        trainer.choose_loss_path(model, recipe, module, examples, tok.pad_token_id, "no")
+        prepare.choose_loss_path(model, recipe, module, examples, tok.pad_token_id, "no")
 
 
 def test_C12_the_path_line_names_only_kernels_the_method_has(tmp_path):
@@ -151,8 +151,8 @@ def test_C12_the_path_line_names_only_kernels_the_method_has(tmp_path):
     module = methods.get("ia3")
     module.apply(model, recipe.method)
     examples, _ = data.tokenize_rows(SORT_ROWS, "alpaca", tok, 128, False, "rows")
-    path = trainer.choose_loss_path(model, recipe, module, examples, tok.pad_token_id, "no")
+    path = prepare.choose_loss_path(model, recipe, module, examples, tok.pad_token_id, "no")
     assert path.name == "fast" and not path.fused and "LoRA" not in path.describe()
     lora_model = tiny_llama(tok)
     recipe, module, examples = adapted(lora_model, tok, tmp_path)
-    assert "hand-written LoRA backward" in trainer.choose_loss_path(lora_model, recipe, module, examples, tok.pad_token_id, "no").describe()
+    assert "hand-written LoRA backward" in prepare.choose_loss_path(lora_model, recipe, module, examples, tok.pad_token_id, "no").describe()

@@ -217,7 +217,8 @@ def test_nf4_base_merges_into_dequantized_weight_times_vector(tiny_dir, tmp_path
 
 
 def test_tiny_training_run_and_reload(tmp_path, tiny_dir):
-    from peftcli.trainer import read_events, train
+    from peftcli.rundir import read_events
+    from peftcli.trainer import train
 
     recipe = tiny_run_recipe(tmp_path, tiny_dir, {"name": "ia3"})
 

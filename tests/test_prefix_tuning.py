@@ -15,9 +15,9 @@ from transformers import AutoModelForCausalLM
 
 from peftcli import artifacts, evaluate, merge, models
 from peftcli.errors import UserError
+from peftcli.loss import supervised_loss_sum
 from peftcli.methods import prefix_tuning as pt
 from peftcli.recipe import validate
-from peftcli.trainer import supervised_loss_sum
 
 # C5's model: hidden 64, 4 heads, 2 key/value heads, head_dim 32 (not 64 / 4)
 GQA = {"head_dim": 32}
@@ -265,7 +265,8 @@ def test_refusals():
 
 
 def test_tiny_training_run_reload_and_merge_refused(tmp_path, gqa_dir):
-    from peftcli.trainer import read_events, train
+    from peftcli.rundir import read_events
+    from peftcli.trainer import train
 
     recipe = tiny_run_recipe(tmp_path, gqa_dir, {"name": "prefix_tuning", "num_virtual_tokens": N, "projection": True}, save_every=1)
 

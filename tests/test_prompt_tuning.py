@@ -15,9 +15,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peftcli import artifacts, data, evaluate, merge, methods, models
 from peftcli.errors import UserError
+from peftcli.loss import supervised_loss_sum
 from peftcli.methods import p_tuning, prompt_tuning
 from peftcli.recipe import validate
-from peftcli.trainer import supervised_loss_sum
 
 N = 8  # virtual tokens
 IDS = torch.tensor([[1, 17, 42, 99, 7, 250, 3], [1, 5, 6, 200, 201, 2, 8]])
@@ -329,7 +329,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradient():
 
 @pytest.mark.parametrize("key", ["prompt_tuning", "p_tuning-mlp"])
 def test_tiny_training_run_reload_and_merge_refused(tmp_path, tiny_dir, key):
-    from peftcli.trainer import read_events, seed_everything, train
+    from peftcli.rundir import read_events
+    from peftcli.trainer import seed_everything, train
 
     recipe = tiny_run_recipe(tmp_path, tiny_dir, METHOD_KEYS[key], save_every=2, warmup_steps=0)
     seed_everything(recipe.train.seed)  # the trainer's own steps before training: seed, load, apply

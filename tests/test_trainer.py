@@ -10,8 +10,10 @@ from tiny import tiny_llama, tiny_run_recipe, tiny_tokenizer
 from peftcli import data, recipe, varlen
 from peftcli.data import IGNORE_INDEX
 from peftcli.errors import UserError
+from peftcli.loss import prepare_padding_free, supervised_loss_sum
 from peftcli.methods import lora
-from peftcli.trainer import accumulate_gradients, prepare_padding_free, read_events, supervised_loss_sum, train
+from peftcli.rundir import read_events
+from peftcli.trainer import accumulate_gradients, train
 
 
 def _lora_model(tok, dropout=0.0, seed=0):
@@ -324,7 +326,7 @@ def test_fresh_run_replaces_an_earlier_run(tmp_path, tiny_dir):
 @pytest.mark.parametrize("reentrant", [False, True])
 @pytest.mark.parametrize("order", ["before", "after"])
 def test_C6_gradient_checkpointing_with_a_frozen_base(order, reentrant):
-    from peftcli.trainer import enable_gradient_checkpointing
+    from peftcli.prepare import enable_gradient_checkpointing
 
     tok = tiny_tokenizer()
     batch = data.collate([_example(9, 3, 7), _example(14, 5, 8)], tok.pad_token_id)
@@ -431,7 +433,7 @@ def test_optimizer_is_adamw_by_hand():
 def test_chunked_head_cross_entropy_equals_the_full_logits_formula(n):
     """Loss and gradient of h: the block-wise pass (gradient formed in the forward) against autograd
     on the full (n, vocab) logits; n spans one block, a block and a bit, and several blocks."""
-    from peftcli.trainer import LOSS_CHUNK, head_cross_entropy
+    from peftcli.loss import LOSS_CHUNK, head_cross_entropy
 
     assert n < LOSS_CHUNK or n > LOSS_CHUNK
     g = torch.Generator().manual_seed(0)

@@ -21,8 +21,8 @@ from transformers import (
 
 from peftcli import data, varlen
 from peftcli.data import IGNORE_INDEX
+from peftcli.loss import prepare_padding_free, supervised_loss_sum
 from peftcli.methods import lora
-from peftcli.trainer import prepare_padding_free, supervised_loss_sum
 
 WINDOW = 4  # shorter than every example below
 COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

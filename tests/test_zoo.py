@@ -262,7 +262,7 @@ def trained_checks(check: Checks, variant, result, model_dir: Path, logit_batch:
     """The checks of a finished run (see the module docstring)."""
     from peftcli import artifacts, evaluate, merge, methods
     from peftcli.data import render_prompt
-    from peftcli.trainer import read_events
+    from peftcli.rundir import read_events
 
     cell, run, mask = check.cell, result.run_dir, logit_batch["attention_mask"]
     cell.loss_path, cell.padding_free = result.summary.get("loss_path"), result.summary.get("padding_free")
@@ -326,9 +326,9 @@ def test_zoo_covers_every_registered_method():
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("family", list(families()))
 def test_zoo(family, variant, family_dir, tmp_path, record, monkeypatch):
-    from peftcli import trainer
+    from peftcli import rundir
 
-    monkeypatch.setattr(trainer, "plot_loss", lambda *a, **k: None)  # loss.png: 0.7 s of matplotlib, tested elsewhere
+    monkeypatch.setattr(rundir, "plot_loss", lambda *a, **k: None)  # loss.png: 0.7 s of matplotlib, tested elsewhere
     t0 = time.perf_counter()
     try:
         model_dir = family_dir(family)

@@ -1,0 +1,162 @@
+"""The one setup path from a recipe to a model ready to train: ``peft train``, ``peft validate``
+and ``--smoke`` all go through it, in this order:
+
+    resolve the base -> tokenizer -> data (so a bad data file is reported before the model
+    loads) -> model (+ tokenizer fitted to it, base fingerprint) -> method -> parameter counts
+
+(:func:`load`), then, once the caller has placed the model where it will run, the loss path
+(:func:`choose_loss_path`). Also the precision and memory settings a run resolves once:
+:func:`resolve_mixed_precision`, :data:`AUTOCAST_DTYPES`, :func:`enable_gradient_checkpointing`.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from peftcli import data, guard, methods, models
+from peftcli.loss import model_device, prepare_padding_free
+from peftcli.recipe import Recipe
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.mixed_precision -> autocast dtype
+
+
+@dataclass
+class Prepared:
+    """A recipe's base, data and method, loaded and applied (:func:`load`).
+
+    ``base_path``: the resolved base dir / hub id; ``datasets``: :class:`peftcli.data.Datasets`;
+    ``eval_examples``: the eval examples the run scores (``train.eval_max_samples`` of them);
+    ``method``: the method module; ``targets``: the module names it wrapped; ``fingerprint``:
+    :func:`peftcli.models.fingerprint` of the base before the method; ``trainable`` / ``total``:
+    parameter counts (:func:`parameter_counts`); ``mixed``: the resolved mixed precision.
+    """
+
+    recipe: Recipe
+    base_path: str
+    tokenizer: object = field(repr=False)
+    datasets: data.Datasets = field(repr=False)
+    eval_examples: list[dict] = field(repr=False)
+    model: nn.Module = field(repr=False)
+    method: object = field(repr=False)
+    targets: list[str]
+    fingerprint: str
+    trainable: int
+    total: int
+    mixed: str
+
+    @property
+    def base_params(self) -> int:
+        """The frozen base's parameter count (the method's parameters are the trainable ones)."""
+        return self.total - self.trainable
+
+
+def load(recipe: Recipe, check_base: Callable[[nn.Module], object] | None = None) -> Prepared:
+    """Load what ``recipe`` names and apply its method, on the CPU (4/8-bit weights where
+    bitsandbytes places them at load).
+
+    Args:
+        check_base: called with the loaded base before the method is applied (``--resume``
+            refuses a checkpoint of another base there).
+    Raises:
+        UserError: a bad data file (before the model loads), a base that cannot be loaded, a
+            method that cannot apply to it, or what ``check_base`` raises.
+    """
+    m, t = recipe.model, recipe.train
+    base_path = models.resolve(m.name_or_path)
+    tok = models.load_tokenizer(base_path, m.trust_remote_code)
+    ds = data.build(recipe.data, tok, t.seed)
+    model = models.load_model(base_path, m.quantization, m.dtype, m.double_quant, m.trust_remote_code)
+    tok = models.fit_tokenizer(tok, model)
+    if check_base is not None:
+        check_base(model)
+    fingerprint = models.fingerprint(model)
+    method = methods.get(recipe.method.name)
+    targets = method.apply(model, recipe.method, tokenizer=tok)  # writes the model's default target_modules into recipe.method
+    trainable, total = parameter_counts(model)
+    return Prepared(recipe=recipe, base_path=base_path, tokenizer=tok, datasets=ds,
+                    eval_examples=ds.eval[: t.eval_max_samples] if t.eval_max_samples else ds.eval,
+                    model=model, method=method, targets=targets, fingerprint=fingerprint,
+                    trainable=trainable, total=total, mixed=resolve_mixed_precision(t.mixed_precision))
+
+
+def choose_loss_path(model: nn.Module, recipe: Recipe, method, examples: list[dict], pad_id: int, mixed: str,
+                     autocast=None, console=None) -> guard.LossPath:
+    """The loss path this run trains and evaluates on, proven on its first micro-batch
+    (:func:`peftcli.guard.choose_loss_path`): padding-free rows where the recipe
+    (``data.padding_free``), the method and the model allow them, else right-padded rows.
+    Runs on the model's device: place the model first.
+
+    Args:
+        examples: the tokenized train examples; mixed: the resolved mixed precision.
+        autocast: the run's autocast context factory (default: torch.autocast for ``mixed`` on
+            the model's device, or none).
+        console: where the note that padding-free rows are off goes (a rich Console; None: nowhere).
+    Raises:
+        UserError: from :func:`peftcli.guard.choose_loss_path` (the method is off the forward's way).
+    """
+    dtype = AUTOCAST_DTYPES.get(mixed)
+    if autocast is None:
+        device = model_device(model).type
+        autocast = (lambda: torch.autocast(device, dtype=dtype)) if dtype else nullcontext
+    padding_free = recipe.data.padding_free and method.PADDING_FREE
+    if padding_free and not prepare_padding_free(model):
+        if console is not None:
+            console.print("note: this model class attends across examples in a padding-free row; using padded rows")
+        padding_free = False
+    t = recipe.train
+    first = [examples[i] for i in data.batches(examples, t.micro_batch_size, t.seed, 0)[0]]
+    return guard.choose_loss_path(model, first, pad_id, padding_free, autocast, dtype)
+
+
+def loss_path(prepared: Prepared, autocast=None, console=None) -> guard.LossPath:
+    """:func:`choose_loss_path` for a prepared run (its model, recipe, method, train examples, pad
+    id and mixed precision). Place the model where it will run first."""
+    p = prepared
+    return choose_loss_path(p.model, p.recipe, p.method, p.datasets.train, p.tokenizer.pad_token_id, p.mixed,
+                            autocast, console)
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit packed weights count 2 values per byte."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel() * (2 if p.dtype == torch.uint8 and hasattr(p, "quant_state") else 1)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def enable_gradient_checkpointing(model: nn.Module, reentrant: bool = False) -> None:
+    """Recompute block activations in the backward pass (transformers' activation checkpointing).
+
+    With a frozen base, no input of a checkpointed block requires grad, and reentrant
+    checkpointing would then drop the adapter's gradients silently (CASES C6); making the input
+    embeddings' output require grad keeps them, for either flavour and whether the method was
+    applied before or after this call. (Recent transformers do this themselves for the reentrant
+    flavour; doing it here too keeps the guarantee independent of the version.)
+    """
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.enable_input_require_grads()
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU has native bfloat16 matmuls (AVX512-BF16 / AMX), where autocast pays."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    """``auto`` -> bf16 where the device has fast bfloat16 (CUDA with bf16, or such a CPU), else no;
+    any other setting ("no" | "bf16" | "fp16") as is."""
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_supports_bf16() else "no"

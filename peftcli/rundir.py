@@ -1,0 +1,375 @@
+"""The run dir: what ``peft train`` writes, where, and how, known here only.
+
+    RUN/
+      recipe.yaml             the resolved recipe (written once data, model and method are good)
+      adapter/                the trained adapter (:mod:`peftcli.artifacts` writes its files)
+      metrics.jsonl           one JSON event per line (:class:`RunLog`, :func:`read_events`)
+      summary.json            the run's summary (:func:`write_json_atomic`)
+      loss.png                train and eval loss against step (:func:`plot_loss`)
+      checkpoints/step-N/     adapter/, optimizer.pt, scheduler.pt, rng.pt, state.json
+      tensorboard/            tracker logs (``train.report_to``)
+
+Every directory peft writes appears whole or not at all (:func:`atomic_dir`), and peft writes
+only inside the run dir (:meth:`RunDir.refuse_links`). This module knows no method and no adapter
+format: a checkpoint's adapter is written by a callable the trainer passes in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from peftcli.errors import UserError
+
+# ---------------------------------------------------------------------------------------------
+# atomic writes
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or, where the OS allows, a dir entry) to disk."""
+    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() and hasattr(os, "O_DIRECTORY") else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # dirs cannot be opened on some platforms
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
+    """Write a directory atomically: yields an empty temporary sibling of ``out_dir`` to fill;
+    on success its files are fsynced and it is renamed to ``out_dir`` (an existing ``out_dir`` is
+    renamed aside first, then deleted; if the swap fails the old one is put back). On any
+    exception the temporary dir is removed and ``out_dir`` is left as it was.
+
+    Raises:
+        UserError: ``out_dir`` exists and is not a directory.
+    """
+    out_dir = Path(os.path.abspath(out_dir))  # "x/." and "x/../y" get a real name and parent
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700); give it a plain dir's mode
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync(f)
+        _fsync(tmp)
+        _swap_in(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync(out_dir.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _swap_in(new: Path, out_dir: Path) -> None:
+    """Rename ``new`` to ``out_dir``, replacing an existing dir without a moment where neither
+    the old nor the new one is complete on disk."""
+    if not out_dir.exists():
+        os.replace(new, out_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    os.rmdir(old)  # only the unique name is wanted
+    os.replace(out_dir, old)
+    try:
+        os.replace(new, out_dir)
+    except BaseException:
+        os.replace(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write ``obj`` as indented JSON through a temporary file + fsync + rename: a reader sees
+    the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# the metrics log
+
+
+def read_events(path: Path) -> list[dict]:
+    """The events of a ``metrics.jsonl``. A torn last line (the process was killed while
+    appending it) is skipped; a bad line elsewhere is an error.
+
+    Raises:
+        UserError: a line other than the last is not JSON (names the file and line).
+    """
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    events = []
+    for i, line in enumerate(lines):
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise UserError(f"{path}:{i + 1}: not a JSON line") from None
+    return events
+
+
+class RunLog:
+    """Appends one JSON object per event to ``metrics.jsonl``.
+
+    ``upto_step``: keep the file's events up to that step (a resumed run drops what the
+    interrupted run logged after its checkpoint); None starts an empty file. ``enabled=False``
+    (processes other than the first) writes nothing.
+    """
+
+    def __init__(self, path: Path, upto_step: int | None = None, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+        self.accelerator = None  # set to an Accelerator with trackers to mirror train/eval events
+        self.events = [] if upto_step is None or not path.exists() else [
+            e for e in read_events(path) if e.get("step", 0) <= upto_step]
+        if enabled:
+            path.write_text("".join(json.dumps(e) + "\n" for e in self.events), encoding="utf-8")
+
+    def write(self, event: dict) -> None:
+        """Append ``event`` (and mirror a train/eval event's numbers to the trackers, if any)."""
+        self.events.append(event)
+        if not self.enabled:  # a process other than the first keeps events in memory only
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(event) + "\n")
+        if self.accelerator is not None and event.get("event") in ("train", "eval"):
+            kind = event["event"]
+            values = {f"{kind}/{k}": v for k, v in event.items() if k not in ("event", "step") and isinstance(v, (int, float))}
+            self.accelerator.log(values, step=event["step"])
+
+
+def plot_loss(events: list[dict], path: Path) -> None:
+    """``loss.png``: train and eval loss (nats per supervised token) against optimizer step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(e["step"], e["loss"]) for e in events if e.get("event") == "train"]
+    evals = [(e["step"], e["eval_loss"]) for e in events if e.get("event") == "eval"]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss per supervised token (nats)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+@dataclass
+class Checkpoint:
+    """What a ``checkpoints/step-N`` dir holds, read back (:meth:`RunDir.read_checkpoint`).
+
+    ``adapter``: its adapter dir (the caller loads the weights through the method);
+    ``optimizer`` / ``scheduler``: their ``state_dict``s; ``rng``: torch's CPU RNG state of each
+    process (index = process rank); ``position``: the data stream's ``{"epoch", "index"}``;
+    ``progress``: the loop's counters as saved (empty for checkpoints written before they were).
+    """
+
+    path: Path
+    step: int
+    adapter: Path
+    optimizer: dict
+    scheduler: dict
+    rng: list[torch.Tensor]
+    position: dict
+    progress: dict
+
+
+class RunDir:
+    """A run dir's layout (see the module docstring): the paths of its files, its checkpoints,
+    and the rules for writing into it."""
+
+    FILES = ("recipe.yaml", "metrics.jsonl", "summary.json", "loss.png", "adapter", "checkpoints", "tensorboard")
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    @property
+    def recipe(self) -> Path:
+        return self.path / "recipe.yaml"
+
+    @property
+    def adapter(self) -> Path:
+        return self.path / "adapter"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.path / "loss.png"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / "tensorboard"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    def checkpoint(self, step: int) -> Path:
+        """The dir of the checkpoint after optimizer step ``step``: ``checkpoints/step-N``."""
+        return self.checkpoints_dir / f"step-{step}"
+
+    @staticmethod
+    def adapter_of(checkpoint: Path) -> Path:
+        """The adapter dir inside a ``checkpoints/step-N`` dir."""
+        return checkpoint / "adapter"
+
+    @staticmethod
+    def step_of(checkpoint: Path) -> int:
+        """The step of a ``checkpoints/step-N`` dir: N."""
+        return int(checkpoint.name.removeprefix("step-"))
+
+    @classmethod
+    def owning(cls, adapter_dir: str | Path) -> RunDir | None:
+        """The run dir an adapter dir belongs to: RUN for ``RUN/adapter`` or
+        ``RUN/checkpoints/step-N/adapter``; None for an adapter dir elsewhere (the dir may not
+        hold a run: check :attr:`recipe` before reading it)."""
+        adapter_dir = Path(adapter_dir)
+        if adapter_dir.name != "adapter":
+            return None
+        run = adapter_dir.parent
+        if run.parent.name == "checkpoints":
+            run = run.parent.parent
+        return cls(run)
+
+    # ------------------------------------------------------------------ writing rules
+
+    def refuse_links(self) -> None:
+        """peft writes only inside the run dir: a symbolic link in place of one of its files or dirs
+        (which would send the write elsewhere) is refused. The run dir itself may be a link.
+
+        Raises:
+            UserError: names the link.
+        """
+        for name in self.FILES:
+            if (self.path / name).is_symlink():
+                raise UserError(f"output.dir: {self.path / name} is a symbolic link; peft writes only inside the run dir, "
+                                "not through links (remove it)")
+
+    def holds_run(self) -> bool:
+        """Whether an earlier run wrote here (its metrics or any checkpoint, even a partial one)."""
+        return self.metrics.exists() or bool(self.checkpoints(complete=False))
+
+    def remove_checkpoints(self) -> None:
+        """Delete every checkpoint peft wrote here (partial ones too), and ``checkpoints/`` itself
+        when nothing else is in it; other files a user keeps there stay."""
+        for old in self.checkpoints(complete=False):
+            shutil.rmtree(old, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.checkpoints_dir.rmdir()  # only when nothing else is in it
+
+    def write_summary(self, summary: dict) -> None:
+        """``summary.json``, atomically (:func:`write_json_atomic`)."""
+        write_json_atomic(self.summary, summary)
+
+    def plot_loss(self, events: list[dict]) -> None:
+        """``loss.png`` from the metrics events (:func:`plot_loss`)."""
+        plot_loss(events, self.loss_plot)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoints(self, complete: bool = True) -> list[Path]:
+        """The complete ``checkpoints/step-N`` dirs, oldest first; with ``complete=False`` also the
+        partial ones (a temporary ``.step-N.tmp-*`` or ``.step-N.old-*`` left by a kill) — only
+        names peft writes, never other files a user keeps in ``checkpoints/``."""
+        found = []
+        for p in self.checkpoints_dir.glob("*step-*"):
+            name = p.name.removeprefix("step-")
+            if name.isdigit() and (p / "state.json").is_file():
+                found.append((int(name), p))
+            elif not complete and (name.isdigit() or re.fullmatch(r"\.step-\d+\.(tmp|old)-.+", p.name)):
+                found.append((-1, p))
+        return [p for _, p in sorted(found)]
+
+    def latest_checkpoint(self) -> Path | None:
+        """The highest complete ``checkpoints/step-N`` dir, or None."""
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def prune_checkpoints(self, keep: int | None) -> None:
+        """Delete all but the newest ``keep`` checkpoints (None keeps all). The newest is written
+        (atomically) before any older one is removed, so a complete checkpoint always exists."""
+        if keep:
+            for old in self.checkpoints()[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def save_checkpoint(self, step: int, write_adapter: Callable[[Path], object], optimizer, scheduler,
+                        rng: list[torch.Tensor], position: dict, progress: dict | None = None) -> Path:
+        """Write ``checkpoints/step-N/`` through :func:`atomic_dir`, so a checkpoint on disk is
+        never partial (call it on the first process only).
+
+        Args:
+            write_adapter: writes the adapter dir it is given (``adapter/`` of the checkpoint).
+            optimizer, scheduler: anything with ``state_dict()``; saved as optimizer.pt / scheduler.pt.
+            rng: torch's CPU RNG state of every process (dropout draws from it only).
+            position: the data stream's ``{"epoch", "index"}``; progress: the loop's counters
+                (losses not logged yet, tokens seen, elapsed seconds).
+        Returns:
+            the checkpoint dir.
+        """
+        final = self.checkpoint(step)
+        with atomic_dir(final) as tmp:
+            write_adapter(RunDir.adapter_of(tmp))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save({"torch": rng}, tmp / "rng.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, "data": position, "progress": progress or {}}))
+        return final
+
+    @staticmethod
+    def read_checkpoint(checkpoint: Path) -> Checkpoint:
+        """The states a checkpoint dir holds (:class:`Checkpoint`); the adapter weights are left
+        to the caller. A checkpoint of one process holds one RNG state (older ones a bare tensor)."""
+        rng = torch.load(checkpoint / "rng.pt", weights_only=True)["torch"]
+        state = json.loads((checkpoint / "state.json").read_text())
+        return Checkpoint(path=checkpoint, step=int(state["step"]), adapter=RunDir.adapter_of(checkpoint),
+                          optimizer=torch.load(checkpoint / "optimizer.pt", weights_only=True),
+                          scheduler=torch.load(checkpoint / "scheduler.pt", weights_only=True),
+                          rng=rng if isinstance(rng, list) else [rng],
+                          position=state["data"], progress=state.get("progress", {}))
