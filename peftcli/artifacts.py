@@ -16,7 +16,7 @@ every reader here accepts either. Writes are atomic: a reader never sees half an
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -257,15 +257,10 @@ def _run_recipe(run_dir: Path | None) -> Recipe | None:
 
 
 @dataclass
-class LoadedAdapter:
-    """An adapter applied to the base it was trained on, in eval mode, with what was read to
-    build it (:func:`load_adapted`)."""
+class AdapterFiles:
+    """What an adapter dir (and the run dir around it) holds, read and validated, before any
+    model is loaded (:func:`read_adapter`)."""
 
-    model: nn.Module
-    """The base with the method applied and the adapter weights loaded, in eval mode."""
-    tokenizer: Any
-    """The base's tokenizer (pad id fitted to the model, :func:`peftcli.models.fit_tokenizer`);
-    the run's chat template is not applied yet (:func:`peftcli.data.use_recipe_chat`)."""
     adapter_dir: Path
     """The dir holding ``adapter_config.json`` and ``adapter_model.safetensors``."""
     run_dir: Path | None
@@ -276,16 +271,51 @@ class LoadedAdapter:
     method_config: MethodConfig
     """The method's validated ``Config`` (the recorded section, else read from HF fields)."""
     model_config: ModelConfig
-    """How the base was loaded: the recorded ``model`` section (or HF's fields), with overrides."""
-    base_path: str
-    """The resolved base dir or hub id the weights were loaded from."""
+    """How to load the base: the recorded ``model`` section (or HF's fields), with overrides."""
     recipe: Recipe | None
     """The run's ``recipe.yaml`` validated; None for a bare adapter dir (e.g. HF peft's)."""
     config: dict
     """The ``adapter_config.json`` as read (HF peft fields and the ``"peftcli"`` block)."""
+    weights: dict = field(repr=False)
+    """The tensors of ``adapter_model.safetensors``, on the CPU, in HF peft key naming."""
 
 
-def load_adapted(path: str | Path, model_overrides: dict | None = None, check_fingerprint: bool = True) -> LoadedAdapter:
+def read_adapter(path: str | Path, model_overrides: dict | None = None) -> AdapterFiles:
+    """Read an adapter dir (and its run's ``recipe.yaml``) without loading any model, so a bad
+    file is reported before the slow load.
+
+    Args:
+        path: a run dir or an adapter dir.
+        model_overrides: ``ModelConfig`` keys to change, e.g. ``{"dtype": "bfloat16"}``.
+    Raises:
+        UserError: no adapter here, an unsupported ``peft_type``, a malformed or invalid
+        ``recipe.yaml`` in the run dir, unreadable weights.
+    """
+    adapter_dir = find_adapter_dir(path)
+    cfg = read_adapter_config(adapter_dir)
+    name = method_name(cfg)
+    run_dir = _run_dir(adapter_dir)
+    return AdapterFiles(adapter_dir=adapter_dir, run_dir=run_dir, method=name,
+                        method_config=_method_config(methods.get(name), cfg), model_config=_model_config(cfg, model_overrides),
+                        recipe=_run_recipe(run_dir), config=cfg, weights=read_adapter_weights(adapter_dir))
+
+
+@dataclass
+class LoadedAdapter(AdapterFiles):
+    """An adapter applied to the base it was trained on, in eval mode, with what was read to
+    build it (:func:`load_adapted`)."""
+
+    model: nn.Module = field(default=None, repr=False)
+    """The base with the method applied and the adapter weights loaded, in eval mode."""
+    tokenizer: Any = field(default=None, repr=False)
+    """The base's tokenizer (pad id fitted to the model, :func:`peftcli.models.fit_tokenizer`);
+    the run's chat template is not applied yet (:func:`peftcli.data.use_recipe_chat`)."""
+    base_path: str = ""
+    """The resolved base dir or hub id the weights were loaded from."""
+
+
+def load_adapted(source: str | Path | AdapterFiles, model_overrides: dict | None = None,
+                 check_fingerprint: bool = True) -> LoadedAdapter:
     """Load the base an adapter was trained on and apply the adapter, in eval mode.
 
     The base is loaded as recorded in ``peftcli.model`` (alias, quantisation, dtype, double
@@ -294,34 +324,23 @@ def load_adapted(path: str | Path, model_overrides: dict | None = None, check_fi
     ``adapter_model.safetensors`` only.
 
     Args:
-        path: a run dir or an adapter dir.
-        model_overrides: ``ModelConfig`` keys to change, e.g. ``{"dtype": "bfloat16"}``.
+        source: a run dir or an adapter dir, or what :func:`read_adapter` read from one.
+        model_overrides: ``ModelConfig`` keys to change (with a path ``source`` only).
         check_fingerprint: compare the recorded base fingerprint with the loaded base's
             (:func:`check_base`).
 
     Returns a :class:`LoadedAdapter`.
 
     Raises:
-        UserError: no adapter here, an unsupported ``peft_type``, a run dir whose
-        ``recipe.yaml`` is malformed or invalid, a base that cannot be loaded, weights that do not
-        fit, or a base whose fingerprint differs from the recorded one.
+        UserError: what :func:`read_adapter` raises, a base that cannot be loaded, weights that
+        do not fit, or a base whose fingerprint differs from the recorded one.
     """
-    adapter_dir = find_adapter_dir(path)
-    cfg = read_adapter_config(adapter_dir)
-    name = method_name(cfg)
-    method = methods.get(name)
-    method_cfg = _method_config(method, cfg)
-    model_cfg = _model_config(cfg, model_overrides)
-    run_dir = _run_dir(adapter_dir)
-    recipe = _run_recipe(run_dir)  # before the slow load: a bad recipe.yaml is reported at once
-    weights = read_adapter_weights(adapter_dir)
-
-    model, tok, base_path = models.load_base(**model_cfg.model_dump())
+    files = source if isinstance(source, AdapterFiles) else read_adapter(source, model_overrides)
+    model, tok, base_path = models.load_base(**files.model_config.model_dump())
     if check_fingerprint:
-        check_base(recorded_fingerprint(cfg), model, f"adapter {adapter_dir}")
-    method.apply(model, method_cfg, tokenizer=tok)
-    method.load_state_dict(model, weights)
+        check_base(recorded_fingerprint(files.config), model, f"adapter {files.adapter_dir}")
+    method = methods.get(files.method)
+    method.apply(model, files.method_config, tokenizer=tok)
+    method.load_state_dict(model, files.weights)
     model.eval()
-    return LoadedAdapter(model=model, tokenizer=tok, adapter_dir=adapter_dir, run_dir=run_dir, method=name,
-                         method_config=method_cfg, model_config=model_cfg, base_path=base_path, recipe=recipe,
-                         config=cfg)
+    return LoadedAdapter(**vars(files), model=model, tokenizer=tok, base_path=base_path)

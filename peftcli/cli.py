@@ -101,12 +101,7 @@ def train(
         recipes.load_recipe(recipe, list(set_), output_dir)  # a bad recipe fails here, once, not in N processes
         launcher.check_devices(num_processes)
         raise typer.Exit(launcher.launch(num_processes))
-    overrides = list(set_)
-    if smoke:
-        overrides = smoke_check.SMOKE_OVERRIDES + overrides
-    r = recipes.load_recipe(recipe, overrides, output_dir)
-    if smoke and not output_dir:
-        r.output.dir = r.output.dir.rstrip("/") + "-smoke"
+    r = smoke_check.load_recipe(recipe, set_, output_dir) if smoke else recipes.load_recipe(recipe, set_, output_dir)
     result = run_training(r, resume=resume, console=err)
     if os.environ.get("RANK", "0") != "0":
         return  # the first process reports
@@ -227,13 +222,9 @@ def validate(
     out.print(f"trainable by kind: {methods.kinds_line(p.model)}")
     path = prepare.loss_path(p, console=out)
     out.print(path.describe(), highlight=False, markup=False)
-    batch = memory.largest_micro_batch(p.datasets.train, r.train.micro_batch_size, path.padding_free,
-                                       p.tokenizer.pad_token_id, r.data.pad_to_multiple_of)
-    if r.train.gradient_checkpointing:
-        prepare.enable_gradient_checkpointing(p.model)
-    peak = memory.dry_step_peak(p.model, batch, p.mixed, path.loss_sum)
+    peak, n_tokens = memory.estimate(p, path)
     out.print(f"peak memory estimate: {peak / 2**30:.2f} GiB (one dry step on the largest micro-batch, "
-              f"{batch['input_ids'].numel()} tokens{' padding-free' if path.padding_free else ' padded'})")
+              f"{n_tokens} tokens{' padding-free' if path.padding_free else ' padded'})")
 
 
 @app.command("methods")

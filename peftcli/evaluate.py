@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftcli import artifacts, data, models, tokens
+from peftcli import artifacts, data, models, prepare, tokens
 from peftcli.errors import UserError
 from peftcli.recipe import DataSource, Recipe, load_recipe
+from peftcli.rundir import RunDir
 
 
 @torch.no_grad()
@@ -191,7 +192,9 @@ def evaluate(target: str, data_path: str | None = None, fmt: str | None = None, 
     """Score the base model and the adapted one on held-out data.
 
     ``target`` is a run dir, an adapter dir, or a recipe (whose ``output.dir`` holds the run;
-    with no adapter there yet, only the base is scored).
+    with no adapter there yet, only the base is scored). The setup path's order: the adapter's
+    files, the tokenizer and the eval data are read before any model loads, so a bad file is
+    reported at once; the base is scored and freed before the adapted model loads.
 
     With ``labels`` (e.g. ["negative", "positive"]) each model is also scored as a classifier
     (:func:`classify`: label likelihood and greedy answer), under ``"classification"``.
@@ -202,39 +205,45 @@ def evaluate(target: str, data_path: str | None = None, fmt: str | None = None, 
     Raises:
         UserError: nothing at ``target``, no eval data, adapter/base mismatch.
     """
-    path = Path(target)
-    recipe, adapter_source = None, None
-    if path.is_file():
-        recipe = load_recipe(path)
-        if (Path(recipe.output.dir) / "adapter" / "adapter_config.json").is_file():
-            adapter_source = recipe.output.dir
-    elif path.is_dir():
-        adapter_source = str(path)
-    else:
-        raise UserError(f"{target}: no such run dir, adapter dir or recipe")
-
-    loaded = artifacts.load_adapted(adapter_source) if adapter_source is not None else None
-    if loaded is not None:
-        recipe = recipe or loaded.recipe
-        model_cfg, tokenizer = loaded.model_config, loaded.tokenizer
-    else:
-        model_cfg = recipe.model
-    score_base = score_base or loaded is None
-    if score_base:
-        base, tok, _ = models.load_base(**model_cfg.model_dump())
-        tokenizer = tok if loaded is None else tokenizer
+    recipe, files = _eval_target(target)
+    model_cfg = files.model_config if files is not None else recipe.model
+    # the setup path's order (peftcli.prepare): the tokenizer, then the data, then the models
+    _, tokenizer = prepare.load_tokenizer(model_cfg)
     system_prompt = data.use_recipe_chat(tokenizer, recipe)  # the template the run trained with
     max_len = recipe.data.max_seq_len if recipe else data.DEFAULT_MAX_SEQ_LEN
     examples, rows, eval_fmt = _eval_data(recipe, data_path, fmt, tokenizer, max_samples, max_len, system_prompt)
     if not rows:
         raise UserError("eval data is empty")
-    result = {"data": data_path or "recipe eval set", "rows": len(rows), "format": eval_fmt, "base": None}
-    if score_base:
+    result = {"data": data_path or "recipe eval set", "rows": len(rows), "format": eval_fmt, "base": None, "adapted": None}
+    if score_base or files is None:
+        base, tokenizer, _ = models.load_base(**model_cfg.model_dump())
+        data.use_recipe_chat(tokenizer, recipe)
         result["base"] = score(base, tokenizer, examples, rows, eval_fmt, labels=labels, max_seq_len=max_len,
                                generate_answers=generate_answers)
         del base
-    result["adapted"] = score(loaded.model, tokenizer, examples, rows, eval_fmt, labels=labels, max_seq_len=max_len,
-                              generate_answers=generate_answers) if loaded is not None else None
-    if loaded is not None:
+    if files is not None:
+        loaded = artifacts.load_adapted(files)
+        data.use_recipe_chat(loaded.tokenizer, recipe)
+        result["adapted"] = score(loaded.model, loaded.tokenizer, examples, rows, eval_fmt, labels=labels,
+                                  max_seq_len=max_len, generate_answers=generate_answers)
         result["adapter"] = str(loaded.adapter_dir)
     return result
+
+
+def _eval_target(target: str) -> tuple[Recipe | None, artifacts.AdapterFiles | None]:
+    """The recipe and the adapter's files ``peft eval TARGET`` scores: a recipe (its run dir's
+    adapter when there is one yet), a run dir or an adapter dir.
+
+    Raises:
+        UserError: nothing at ``target``, or what :func:`peftcli.artifacts.read_adapter` raises.
+    """
+    path = Path(target)
+    if path.is_file():
+        recipe = load_recipe(path)
+        run = RunDir(recipe.output.dir)
+        has_adapter = (run.adapter / artifacts.CONFIG_NAME).is_file()
+        return recipe, artifacts.read_adapter(run.path) if has_adapter else None
+    if path.is_dir():
+        files = artifacts.read_adapter(path)
+        return files.recipe, files
+    raise UserError(f"{target}: no such run dir, adapter dir or recipe")

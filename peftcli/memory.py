@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from peftcli.loss import make_collate, supervised_loss_sum
-from peftcli.prepare import AUTOCAST_DTYPES
+from peftcli.prepare import AUTOCAST_DTYPES, enable_gradient_checkpointing
 
 
 def largest_micro_batch(examples: list[dict], micro_batch_size: int, padding_free: bool, pad_id: int,
@@ -64,3 +64,16 @@ def dry_step_peak(model: nn.Module, batch: dict[str, torch.Tensor], mixed_precis
         p.grad = None
     model.train(was_training)
     return peak
+
+
+def estimate(prepared, path) -> tuple[int, int]:
+    """``peft validate``'s estimate for a prepared run (:func:`peftcli.prepare.load`) on its loss
+    path (:class:`peftcli.guard.LossPath`): gradient checkpointing as the recipe sets it, then
+    :func:`dry_step_peak` on :func:`largest_micro_batch`. Returns (peak bytes, tokens in that
+    micro-batch)."""
+    r = prepared.recipe
+    batch = largest_micro_batch(prepared.datasets.train, r.train.micro_batch_size, path.padding_free,
+                                prepared.tokenizer.pad_token_id, r.data.pad_to_multiple_of)
+    if r.train.gradient_checkpointing:
+        enable_gradient_checkpointing(prepared.model)
+    return dry_step_peak(prepared.model, batch, prepared.mixed, path.loss_sum), batch["input_ids"].numel()

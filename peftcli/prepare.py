@@ -1,5 +1,5 @@
 """The one setup path from a recipe to a model ready to train: ``peft train``, ``peft validate``
-and ``--smoke`` all go through it, in this order:
+``--smoke`` and ``peft eval`` all go through it, in this order:
 
     resolve the base -> tokenizer -> data (so a bad data file is reported before the model
     loads) -> model (+ tokenizer fitted to it, base fingerprint) -> method -> parameter counts
@@ -20,7 +20,7 @@ from torch import nn
 
 from peftcli import data, guard, methods, models
 from peftcli.loss import model_device, prepare_padding_free
-from peftcli.recipe import Recipe
+from peftcli.recipe import ModelConfig, Recipe
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.mixed_precision -> autocast dtype
 
@@ -67,8 +67,7 @@ def load(recipe: Recipe, check_base: Callable[[nn.Module], object] | None = None
             method that cannot apply to it, or what ``check_base`` raises.
     """
     m, t = recipe.model, recipe.train
-    base_path = models.resolve(m.name_or_path)
-    tok = models.load_tokenizer(base_path, m.trust_remote_code)
+    base_path, tok = load_tokenizer(m)
     ds = data.build(recipe.data, tok, t.seed)
     model = models.load_model(base_path, m.quantization, m.dtype, m.double_quant, m.trust_remote_code)
     tok = models.fit_tokenizer(tok, model)
@@ -82,6 +81,17 @@ def load(recipe: Recipe, check_base: Callable[[nn.Module], object] | None = None
                     eval_examples=ds.eval[: t.eval_max_samples] if t.eval_max_samples else ds.eval,
                     model=model, method=method, targets=targets, fingerprint=fingerprint,
                     trainable=trainable, total=total, mixed=resolve_mixed_precision(t.mixed_precision))
+
+
+def load_tokenizer(model_config: ModelConfig) -> tuple[str, object]:
+    """The first step of every setup: (the resolved base dir / hub id, its tokenizer). The
+    tokenizer is all reading the data needs, so the data is checked before any model loads.
+
+    Raises:
+        UserError: the base cannot be resolved, or has no tokenizer.
+    """
+    base_path = models.resolve(model_config.name_or_path)
+    return base_path, models.load_tokenizer(base_path, model_config.trust_remote_code)
 
 
 def choose_loss_path(model: nn.Module, recipe: Recipe, method, examples: list[dict], pad_id: int, mixed: str,

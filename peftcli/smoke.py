@@ -15,6 +15,21 @@ SMOKE_OVERRIDES = [
 ]
 
 
+def load_recipe(path, overrides: list[str] = (), output_dir: str | None = None):
+    """The recipe at ``path`` as ``--smoke`` runs it: :data:`SMOKE_OVERRIDES` first (the user's
+    ``--set`` wins over them), into ``OUTPUT.DIR-smoke`` unless ``--output-dir`` names one.
+
+    Raises:
+        UserError: as :func:`peftcli.recipe.load_recipe`.
+    """
+    from peftcli.recipe import load_recipe as load
+
+    recipe = load(path, SMOKE_OVERRIDES + list(overrides), output_dir)
+    if not output_dir:
+        recipe.output.dir = recipe.output.dir.rstrip("/") + "-smoke"
+    return recipe
+
+
 @dataclass
 class SmokeReport:
     ok: bool = True
@@ -29,10 +44,10 @@ class SmokeReport:
 def check(result) -> SmokeReport:
     """Check a finished smoke run (a :class:`peftcli.trainer.TrainResult`)."""
     from peftcli import artifacts, data
-    from peftcli.rundir import read_events
+    from peftcli.rundir import RunDir, read_events
 
     report = SmokeReport()
-    losses = [e["loss"] for e in read_events(result.run_dir / "metrics.jsonl") if e.get("event") == "train"]
+    losses = [e["loss"] for e in read_events(RunDir(result.run_dir).metrics) if e.get("event") == "train"]
     report.record(bool(losses) and all(math.isfinite(x) for x in losses),
                   f"loss finite over {len(losses)} steps (first {losses[0]:.4f}, last {losses[-1]:.4f})" if losses else "no loss logged")
     reloaded = artifacts.load_adapted(result.run_dir)
