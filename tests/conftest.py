@@ -17,3 +17,11 @@ def tiny_dir(tmp_path_factory):
     from tiny import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """tiny's byte-level BPE tokenizer (pad = EOS, like SmolLM2), one per test module."""
+    from tiny import tiny_tokenizer
+
+    return tiny_tokenizer(pad="eos")

@@ -13,48 +13,25 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import logits, method_recipe, perturb, saved_adapter
 from safetensors.torch import load_file
 from tiny import tiny_llama, tiny_run_recipe
 from torch import nn
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from peftcli import artifacts, merge, models
+from peftcli import artifacts, merge
 from peftcli.errors import UserError
 from peftcli.methods import adapter
-from peftcli.recipe import validate
 
 IDS = torch.tensor([[1, 17, 42, 99, 7, 250, 3], [1, 5, 6, 200, 201, 2, 8]])
 PEFT = str(Path(sys.executable).with_name("peft"))
 
 
-def make_recipe(base_dir=None, **method_keys):
-    return validate({"model": {"name_or_path": str(base_dir or "unused")},
-                     "method": {"name": "adapter", **method_keys},
-                     "data": {"train": {"path": "unused.jsonl"}}})
-
-
-def randomize_up(model, seed: int = 1) -> None:
-    """Non-zero up-projections (as if trained; zeros is the init)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in adapter.adapter_layers(model).values():
-            for p in layer.adapter_up.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-
-
-def logits(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(IDS).logits.float()
-
-
 def trained(base_dir, adapter_dir, **method_keys):
-    recipe = make_recipe(base_dir, **method_keys)
-    model, _, base_path = models.load_base(str(base_dir))
-    fp = models.fingerprint(model)
-    adapter.apply(model, recipe.method)
-    randomize_up(model)
-    artifacts.save_adapter(adapter_dir, model, recipe, base_path, fp)
-    return model.eval()
+    """Our adapter on the base, up-projections non-zero (as if trained; zeros is the init),
+    saved to ``adapter_dir``; returns the model (eval)."""
+    recipe = method_recipe("adapter", base_dir, **method_keys)
+    return saved_adapter(recipe, adapter_dir, lambda model: perturb(model, ["adapter_up"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,13 +40,13 @@ def trained(base_dir, adapter_dir, **method_keys):
 
 @pytest.mark.parametrize("variant", ["houlsby", "pfeiffer"])
 def test_identity_at_init(variant):
-    expected = logits(tiny_llama())
+    expected = logits(tiny_llama(), IDS)
     model = tiny_llama()  # same seed: same weights
-    adapter.apply(model, make_recipe(variant=variant).method)
+    adapter.apply(model, method_recipe("adapter", variant=variant).method)
     for layer in adapter.adapter_layers(model).values():
         assert torch.count_nonzero(layer.adapter_up.weight) == 0 and torch.count_nonzero(layer.adapter_up.bias) == 0
         assert torch.count_nonzero(layer.adapter_down.weight) > 0
-    assert torch.equal(logits(model), expected)  # y + 0: bit-identical
+    assert torch.equal(logits(model, IDS), expected)  # y + 0: bit-identical
 
 
 @pytest.mark.parametrize("variant,expected", [
@@ -78,7 +55,7 @@ def test_identity_at_init(variant):
 ])
 def test_houlsby_wraps_two_per_block_pfeiffer_one(variant, expected):
     model = tiny_llama()
-    names = adapter.apply(model, make_recipe(variant=variant).method)
+    names = adapter.apply(model, method_recipe("adapter", variant=variant).method)
     assert names == expected and sorted(adapter.adapter_layers(model)) == sorted(expected)
     assert isinstance(model.model.layers[0].self_attn.o_proj, adapter.BottleneckAdapter) == (variant == "houlsby")
 
@@ -92,7 +69,7 @@ def test_houlsby_wraps_two_per_block_pfeiffer_one(variant, expected):
 ])
 def test_trainable_parameter_count(variant, rf, count):
     model = tiny_llama()
-    adapter.apply(model, make_recipe(variant=variant, reduction_factor=rf).method)
+    adapter.apply(model, method_recipe("adapter", variant=variant, reduction_factor=rf).method)
     trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
     assert all(".adapter_down." in n or ".adapter_up." in n for n in trainable)
     assert sum(trainable.values()) == count
@@ -115,15 +92,16 @@ def test_forward_by_hand(non_linearity, act):
 
 def test_layers_option_and_bad_values():
     model = tiny_llama()
-    assert adapter.apply(model, make_recipe(layers=[1]).method) == ["model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj"]
+    names = adapter.apply(model, method_recipe("adapter", layers=[1]).method)
+    assert names == ["model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj"]
     with pytest.raises(UserError, match=r"method.layers: 5 is out of range \(the model has blocks 0..1\)"):
-        adapter.apply(tiny_llama(), make_recipe(layers=[5]).method)
+        adapter.apply(tiny_llama(), method_recipe("adapter", layers=[5]).method)
     with pytest.raises(UserError, match="reduction_factor: 128 exceeds the hidden size 64"):
-        adapter.apply(tiny_llama(), make_recipe(reduction_factor=128).method)
+        adapter.apply(tiny_llama(), method_recipe("adapter", reduction_factor=128).method)
     with pytest.raises(UserError, match="method.non_linearity"):
-        make_recipe(non_linearity="softmax")
+        method_recipe("adapter", non_linearity="softmax")
     with pytest.raises(UserError, match="method.reduction_factor"):
-        make_recipe(reduction_factor=0)
+        method_recipe("adapter", reduction_factor=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,8 +110,8 @@ def test_layers_option_and_bad_values():
 
 def test_gradient_step_changes_logits():
     model = tiny_llama()
-    adapter.apply(model, make_recipe().method)
-    before = logits(model)
+    adapter.apply(model, method_recipe("adapter").method)
+    before = logits(model, IDS)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.1)
@@ -142,7 +120,7 @@ def test_gradient_step_changes_logits():
     assert layer.adapter_up.weight.grad.abs().sum() > 0
     assert layer.adapter_down.weight.grad.abs().sum() == 0  # up is zero at init, as LoRA's B
     optimizer.step()
-    assert (logits(model.eval()) - before).abs().max() > 1e-4
+    assert (logits(model.eval(), IDS) - before).abs().max() > 1e-4
 
 
 def test_tiny_training_run_and_reload(tmp_path, tiny_dir):
@@ -159,7 +137,7 @@ def test_tiny_training_run_and_reload(tmp_path, tiny_dir):
     loaded = artifacts.load_adapted(result.run_dir)
     reloaded = loaded.model
     assert loaded.method == "adapter"
-    assert torch.equal(logits(reloaded), logits(result.model))
+    assert torch.equal(logits(reloaded, IDS), logits(result.model, IDS))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +146,7 @@ def test_tiny_training_run_and_reload(tmp_path, tiny_dir):
 
 def test_save_load_round_trip_and_file_layout(tiny_dir, tmp_path):
     model = trained(tiny_dir, tmp_path / "adapter", variant="pfeiffer", reduction_factor=8, non_linearity="silu")
-    ours = logits(model)
+    ours = logits(model, IDS)
 
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert {k: cfg[k] for k in ("peft_type", "task_type", "variant", "reduction_factor", "non_linearity", "layers_to_transform")} == \
@@ -183,26 +161,27 @@ def test_save_load_round_trip_and_file_layout(tiny_dir, tmp_path):
     loaded = artifacts.load_adapted(tmp_path / "adapter")
     reloaded = loaded.model
     assert loaded.method == "adapter"
-    assert torch.equal(logits(reloaded), ours)
+    assert torch.equal(logits(reloaded, IDS), ours)
 
     # without our peftcli block the BOTTLENECK fields alone rebuild it
     hf_only = {k: v for k, v in cfg.items() if k != "peftcli"}
-    assert adapter.config_from_adapter(hf_only) == make_recipe(variant="pfeiffer", reduction_factor=8, non_linearity="silu").method
+    expected = method_recipe("adapter", variant="pfeiffer", reduction_factor=8, non_linearity="silu").method
+    assert adapter.config_from_adapter(hf_only) == expected
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(hf_only))
     loaded = artifacts.load_adapted(tmp_path / "adapter")
     reloaded = loaded.model
     assert loaded.method == "adapter"
-    assert torch.equal(logits(reloaded), ours)
+    assert torch.equal(logits(reloaded, IDS), ours)
 
 
 def test_weights_for_another_shape_are_refused(tiny_dir, tmp_path):
     trained(tiny_dir, tmp_path / "adapter", reduction_factor=8)
     model = tiny_llama()
-    adapter.apply(model, make_recipe(reduction_factor=16).method)
+    adapter.apply(model, method_recipe("adapter", reduction_factor=16).method)
     with pytest.raises(UserError, match=r"has shape \(8, 64\), the model needs \(4, 64\)"):
         adapter.load_state_dict(model, load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
     model = tiny_llama()
-    adapter.apply(model, make_recipe(variant="pfeiffer", reduction_factor=8).method)
+    adapter.apply(model, method_recipe("adapter", variant="pfeiffer", reduction_factor=8).method)
     with pytest.raises(UserError, match="unexpected model.layers.0.self_attn.o_proj.adapter_down.bias"):
         adapter.load_state_dict(model, load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
 
@@ -226,10 +205,10 @@ def test_merge_is_refused_with_the_reason(tiny_dir, tmp_path):
 def test_blocks_found_by_structure_in_gpt_neox():
     model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                                              intermediate_size=64, vocab_size=320)).eval()
-    expected = logits(model)
-    names = adapter.apply(model, make_recipe(reduction_factor=4).method)
+    expected = logits(model, IDS)
+    names = adapter.apply(model, method_recipe("adapter", reduction_factor=4).method)
     assert names == [f"gpt_neox.layers.{i}.{p}" for i in range(3) for p in ("attention.dense", "mlp.dense_4h_to_h")]
-    assert torch.equal(logits(model), expected)
+    assert torch.equal(logits(model, IDS), expected)
 
 
 class _Toy(nn.Module):
@@ -247,6 +226,6 @@ class _Toy(nn.Module):
 @pytest.mark.parametrize("model", [_Toy()], ids=["sequential"])
 def test_architecture_without_recognisable_blocks_is_a_user_error(model):
     with pytest.raises(UserError, match=f"cannot find the transformer blocks of this {type(model).__name__}") as err:
-        adapter.apply(model, make_recipe().method)
+        adapter.apply(model, method_recipe("adapter").method)
     assert "\n" not in str(err.value)
     assert not any(isinstance(m, adapter.BottleneckAdapter) for m in model.modules())  # nothing half-applied

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 
 import pytest
 import safetensors.torch
 import torch
 import yaml
+from helpers import logits, method_recipe, perturb, saved_adapter
 from peft import LoraConfig, PeftModel, get_peft_model
 from tiny import save_tiny
 from transformers import AutoModelForCausalLM
@@ -16,39 +18,15 @@ from transformers import AutoModelForCausalLM
 from peftcli import artifacts, models
 from peftcli.errors import UserError
 from peftcli.methods import lora
-from peftcli.recipe import dump, validate
+from peftcli.recipe import dump
 
 IDS = torch.tensor([[1, 17, 42, 99, 7, 250, 3], [1, 5, 6, 200, 201, 2, 8]])
-
-
-def make_recipe(base_dir, **method_keys):
-    return validate({"model": {"name_or_path": str(base_dir)},
-                     "method": {"name": "lora", "r": 4, "alpha": 8, **method_keys},
-                     "data": {"train": {"path": "unused.jsonl"}}})
-
-
-def randomize_B(model, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+make_recipe = partial(method_recipe, "lora", r=4, alpha=8)
 
 
 def trained(base_dir, out_dir, **method_keys):
     """Our LoRA on the base with random non-zero B, saved to ``out_dir``; returns the model."""
-    recipe = make_recipe(base_dir, **method_keys)
-    model, _, base_path = models.load_base(str(base_dir))
-    fp = models.fingerprint(model)
-    lora.apply(model, recipe.method)
-    randomize_B(model)
-    artifacts.save_adapter(out_dir, model, recipe, base_path, fp)
-    return model
-
-
-def logits(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(IDS).logits
+    return saved_adapter(make_recipe(base_dir, **method_keys), out_dir, lambda model: perturb(model, ["lora_B"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,7 +43,7 @@ def logits(model) -> torch.Tensor:
 ], ids=["names", "regex", "all-linear", "rslora", "names+layers", "all-linear+layers"])
 def test_our_adapter_loads_in_hf_peft(tiny_dir, tmp_path, method_keys):
     model = trained(tiny_dir, tmp_path / "adapter", dropout=0.1, **method_keys)
-    ours = logits(model.eval())
+    ours = logits(model.eval(), IDS)
     cfg = artifacts.read_adapter_config(tmp_path / "adapter")
 
     # HF peft on the same files; it warns that it ignores our "peftcli" block and loads anyway
@@ -77,13 +55,13 @@ def test_our_adapter_loads_in_hf_peft(tiny_dir, tmp_path, method_keys):
     assert hf_wrapped == sorted(lora.lora_layers(model))
     if method_keys.get("rslora"):
         assert hf.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"] == 4.0
-    torch.testing.assert_close(logits(hf), ours, atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits(hf, IDS), ours, atol=1e-4, rtol=0)
 
     # and our own reload of the same files
     loaded = artifacts.load_adapted(tmp_path / "adapter")
     reloaded = loaded.model
     assert loaded.method == "lora" and sorted(lora.lora_layers(reloaded)) == hf_wrapped
-    torch.testing.assert_close(logits(reloaded), ours, atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(reloaded, IDS), ours, atol=1e-6, rtol=0)
 
 
 def test_adapter_config_fields(tiny_dir, tmp_path):
@@ -108,9 +86,9 @@ def test_hf_peft_adapter_loads_with_load_adapted(tiny_dir, tmp_path, target_modu
     # HF peft trains (random B) and saves an adapter
     hf = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir),
                         LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=target_modules, use_rslora=rslora))
-    randomize_B(hf)
+    perturb(hf, ["lora_B"])
     hf.eval()
-    expected = logits(hf)
+    expected = logits(hf, IDS)
     hf.save_pretrained(tmp_path / "hf_adapter")
     assert "peftcli" not in json.loads((tmp_path / "hf_adapter" / "adapter_config.json").read_text())
 
@@ -119,7 +97,7 @@ def test_hf_peft_adapter_loads_with_load_adapted(tiny_dir, tmp_path, target_modu
     assert loaded.method == "lora" and loaded.recipe is None and loaded.run_dir is None and loaded.base_path == str(tiny_dir)
     assert loaded.model_config.quantization == "none" and loaded.model_config.dtype == "float32"
     assert tok.pad_token_id is not None
-    torch.testing.assert_close(logits(model), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits(model, IDS), expected, atol=1e-4, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +208,7 @@ def test_interrupted_save_leaves_the_old_adapter_intact(tiny_dir, tmp_path, monk
     model = trained(tiny_dir, out, target_modules=["q_proj"])
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     recipe = make_recipe(tiny_dir, target_modules=["q_proj"])
-    randomize_B(model, seed=2)  # a later step's weights
+    perturb(model, ["lora_B"], seed=2)  # a later step's weights
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # killed mid-write

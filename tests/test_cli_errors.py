@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from test_artifacts import trained
+from helpers import method_recipe, perturb, saved_adapter, write_jsonl
 from tiny import SORT_ROWS, save_tiny, tiny_run_recipe
 from typer.testing import CliRunner
 
@@ -26,13 +26,13 @@ def foreign_adapter(tiny_dir, tmp_path_factory):
     """An adapter trained on tiny_dir whose config names another base with the same shapes."""
     tmp = tmp_path_factory.mktemp("foreign")
     other = save_tiny(tmp / "other", seed=1)
-    trained(tiny_dir, tmp / "adapter", target_modules=["q_proj"])
+    recipe = method_recipe("lora", tiny_dir, r=4, alpha=8, target_modules=["q_proj"])
+    saved_adapter(recipe, tmp / "adapter", lambda model: perturb(model, ["lora_B"]))
     file = tmp / "adapter" / "adapter_config.json"
     cfg = json.loads(file.read_text())
     cfg["base_model_name_or_path"] = cfg["peftcli"]["model"]["name_or_path"] = str(other)
     file.write_text(json.dumps(cfg))
-    data = tmp / "eval.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in SORT_ROWS))
+    write_jsonl(tmp / "eval.jsonl", SORT_ROWS)
     return tmp
 
 

@@ -10,6 +10,7 @@ import math
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
+from helpers import logits, method_recipe, perturb, saved_adapter
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from tiny import tiny_run_recipe, tiny_tokenizer
@@ -18,7 +19,6 @@ from transformers.pytorch_utils import Conv1D
 
 from peftcli import artifacts, merge, methods, models
 from peftcli.methods import adapter, ia3, lora
-from peftcli.recipe import validate
 from peftcli.rundir import read_events
 from peftcli.trainer import train
 
@@ -65,11 +65,6 @@ def runs(gpt2_dir, tmp_path_factory):
 
 def gpt2(path) -> GPT2LMHeadModel:
     return AutoModelForCausalLM.from_pretrained(path).eval()
-
-
-def logits(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(IDS).logits.float()
 
 
 def trainable_grads(model) -> dict[str, torch.Tensor]:
@@ -132,7 +127,7 @@ def test_C14_every_method_trains_on_gpt2(runs, key):
     assert grads and all(g is not None and g.abs().max() > 0 for g in grads.values()), \
         [n for n, g in grads.items() if g is None or not g.abs().max() > 0]
     reloaded = artifacts.load_adapted(result.run_dir).model
-    torch.testing.assert_close(logits(reloaded), logits(result.model), atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(reloaded, IDS), logits(result.model, IDS), atol=1e-6, rtol=0)
 
 
 def test_C14_lora_layer_on_conv1d_is_hand_formula():
@@ -150,11 +145,11 @@ def test_C14_lora_layer_on_conv1d_is_hand_formula():
 
 def test_C14_pissa_on_conv1d_starts_at_the_base(gpt2_dir):
     model = gpt2(gpt2_dir)
-    expected = logits(model)
+    expected = logits(model, IDS)
     lora.apply(model, lora.Config(r=4, target_modules="all-linear", init="pissa", dropout=0.0))
     c_attn = model.transformer.h[0].attn.c_attn
     assert c_attn.base_layer.weight.shape == (64, 192)  # the residual keeps the Conv1D layout
-    torch.testing.assert_close(logits(model), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(model, IDS), expected, atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,27 +160,27 @@ def test_C14_pissa_on_conv1d_starts_at_the_base(gpt2_dir):
 def test_C14_hf_peft_loads_our_gpt2_adapters(gpt2_dir, runs, key):
     run = runs(key).run_dir
     ours = artifacts.load_adapted(run).model
-    expected = logits(ours)
-    assert (expected - logits(gpt2(gpt2_dir))).abs().max() > 1e-4  # the adapter changes the output
+    expected = logits(ours, IDS)
+    assert (expected - logits(gpt2(gpt2_dir), IDS)).abs().max() > 1e-4  # the adapter changes the output
     cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert cfg["fan_in_fan_out"] is True  # what HF peft writes for Conv1D targets
 
     hf = PeftModel.from_pretrained(gpt2(gpt2_dir), run / "adapter").eval()  # HF peft on the same files
-    torch.testing.assert_close(logits(hf), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits(hf, IDS), expected, atol=1e-4, rtol=0)
 
 
 def test_C14_we_load_hf_peft_gpt2_lora(gpt2_dir, tmp_path):
     hf = get_peft_model(gpt2(gpt2_dir), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                    init_lora_weights=False, task_type="CAUSAL_LM"))  # random A and B
     hf.eval()
-    expected = logits(hf)
+    expected = logits(hf, IDS)
     hf.save_pretrained(tmp_path / "hf")
     assert json.loads((tmp_path / "hf" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
 
     loaded = artifacts.load_adapted(tmp_path / "hf")
     model = loaded.model
     assert loaded.method == "lora" and sorted(lora.lora_layers(model)) == sorted(BLOCK)
-    torch.testing.assert_close(logits(model), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(model, IDS), expected, atol=1e-5, rtol=0)
 
     # the same keys and shapes as our own file for the same config
     ours = gpt2(gpt2_dir)
@@ -211,12 +206,12 @@ def _assert_conv1d_files(merged_dir, base_dir):
 def test_C14_merge_writes_conv1d_layout_and_reloads(gpt2_dir, runs, tmp_path, key):
     run = runs(key).run_dir
     adapted_model = artifacts.load_adapted(run).model
-    adapted = logits(adapted_model)
+    adapted = logits(adapted_model, IDS)
 
     out = merge.merge_adapter(run, tmp_path / "merged", dtype="float32")
 
     saved, original, reloaded = _assert_conv1d_files(out, gpt2_dir)
-    torch.testing.assert_close(logits(reloaded), adapted, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(reloaded, IDS), adapted, atol=1e-5, rtol=0)
     if key == "lora":  # hand computation, in the file's (in, out) layout: W' = W + s·(B A)ᵀ with s = 8/4
         layer = lora.lora_layers(adapted_model)["transformer.h.0.attn.c_proj"]  # square: a layout slip would load silently
         delta = 2.0 * (layer.lora_B.weight @ layer.lora_A.weight).detach()
@@ -226,22 +221,12 @@ def test_C14_merge_writes_conv1d_layout_and_reloads(gpt2_dir, runs, tmp_path, ke
 
 
 def test_C14_merge_from_nf4_writes_conv1d_layout(gpt2_dir, tmp_path):
-    recipe = validate({"model": {"name_or_path": str(gpt2_dir), "quantization": "nf4"},
-                       "method": {"name": "qlora", "r": 4, "alpha": 8, "target_modules": ["c_attn", "attn.c_proj"]},
-                       "data": {"train": {"path": "unused.jsonl"}}})
-    model, _, base_path = models.load_base(str(gpt2_dir), "nf4")
-    c_fc = model.transformer.h[0].mlp.c_fc  # transformers holds a Conv1D as a transposed 4-bit Linear
+    recipe = method_recipe("qlora", gpt2_dir, "nf4", r=4, alpha=8, target_modules=["c_attn", "attn.c_proj"])
+    model = saved_adapter(recipe, tmp_path / "adapter", lambda m: perturb(m, ["lora_B"]))  # B as if trained
+    c_fc = model.transformer.h[0].mlp.c_fc  # not targeted: transformers holds a Conv1D as a transposed 4-bit Linear
     assert models.is_quantized_linear(c_fc) and c_fc.source_cls is Conv1D and (c_fc.in_features, c_fc.out_features) == (64, 256)
-    fp = models.fingerprint(model)
-    methods.get("qlora").apply(model, recipe.method)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in lora.lora_layers(model).values():
-            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.1)  # as if trained
-    artifacts.save_adapter(tmp_path / "adapter", model, recipe, base_path, fp)
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["fan_in_fan_out"] is False  # as HF peft on 4-bit
-    model.eval()
-    adapted = logits(model)
+    adapted = logits(model, IDS)
     # reference, with bitsandbytes directly, in the file's (in, out) layout: dequant(W_nf4)ᵀ + s·(B A)ᵀ
     expected = {}
     for name, layer in lora.lora_layers(model).items():
@@ -258,14 +243,13 @@ def test_C14_merge_from_nf4_writes_conv1d_layout(gpt2_dir, tmp_path):
     w = "transformer.h.0.mlp.c_fc.weight"  # the unadapted layer: the base's W up to the NF4 rounding
     assert 0 < (saved[w] - original[w]).abs().max() < 0.02
     assert not any(type(m).__module__.startswith("bitsandbytes") for m in reloaded.modules())
-    torch.testing.assert_close(logits(reloaded), adapted, atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits(reloaded, IDS), adapted, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("method", [{"name": "qlora", "r": 4, "alpha": 8, "dora": True, "target_modules": "all-linear"},
                                     {"name": "ia3", **GPT2_IA3}], ids=["dora", "ia3"])
 def test_C14_dora_and_ia3_merge_from_nf4_reload(gpt2_dir, tmp_path, method):
-    recipe = validate({"model": {"name_or_path": str(gpt2_dir), "quantization": "nf4"}, "method": method,
-                       "data": {"train": {"path": "unused.jsonl"}}})
+    recipe = method_recipe(**method, base_dir=gpt2_dir, quantization="nf4")
     model, _, base_path = models.load_base(str(gpt2_dir), "nf4")
     fp = models.fingerprint(model)
     methods.get(method["name"]).apply(model, recipe.method)
@@ -274,10 +258,10 @@ def test_C14_dora_and_ia3_merge_from_nf4_reload(gpt2_dir, tmp_path, method):
         for p in (p for p in model.parameters() if p.requires_grad):
             p.add_(torch.randn_like(p) * 0.1)
     artifacts.save_adapter(tmp_path / "adapter", model, recipe, base_path, fp)
-    adapted = logits(model.eval())
-    assert (adapted - logits(gpt2(gpt2_dir))).abs().max() > 1e-3
+    adapted = logits(model.eval(), IDS)
+    assert (adapted - logits(gpt2(gpt2_dir), IDS)).abs().max() > 1e-3
 
     out = merge.merge_adapter(tmp_path / "adapter", tmp_path / "merged")
 
     _, _, reloaded = _assert_conv1d_files(out, gpt2_dir)
-    torch.testing.assert_close(logits(reloaded), adapted, atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits(reloaded, IDS), adapted, atol=1e-4, rtol=0)

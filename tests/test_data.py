@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from helpers import write_jsonl
 from tiny import tiny_llama, tiny_tokenizer
 
 from peftcli import data
@@ -24,18 +25,8 @@ ALPACA_HEAD_INPUT = ("Below is an instruction that describes a task, paired with
                      "context. Write a response that appropriately completes the request.\n\n")
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer(pad="eos")  # pad == eos, like SmolLM2
-
-
 def ids(tok, text, special=False):
     return tok(text, add_special_tokens=special)["input_ids"]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 # ---------------------------------------------------------------------------------------------

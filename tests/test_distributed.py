@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-import yaml
+from helpers import write_jsonl, write_recipe
 from safetensors.torch import load_file
 from tiny import SORT_ROWS
 
@@ -17,8 +17,7 @@ from peftcli.rundir import read_events
 
 
 def _recipe(tmp_path, tiny_dir) -> str:
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in SORT_ROWS * 2))
+    data = write_jsonl(tmp_path / "train.jsonl", SORT_ROWS * 2)
     recipe = {
         "model": {"name_or_path": str(tiny_dir)},
         "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
@@ -27,9 +26,7 @@ def _recipe(tmp_path, tiny_dir) -> str:
                   "eval_every": 0, "save_every": 2, "mixed_precision": "no"},
         "output": {"dir": str(tmp_path / "unused")},
     }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return str(path)
+    return str(write_recipe(tmp_path / "recipe.yaml", recipe))
 
 
 def _train(*args):

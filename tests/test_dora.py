@@ -8,14 +8,14 @@ import json
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
+from helpers import logits, method_recipe, saved_adapter
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from tiny import tiny_llama, tiny_run_recipe
 from transformers import AutoModelForCausalLM
 
-from peftcli import artifacts, merge, models
+from peftcli import artifacts, merge
 from peftcli.methods import lora
-from peftcli.recipe import validate
 
 IDS = torch.tensor([[1, 17, 42, 99, 7, 250, 3], [1, 5, 6, 200, 201, 2, 8]])
 QVO = ["q_proj", "v_proj", "o_proj"]
@@ -24,9 +24,7 @@ pytestmark = pytest.mark.filterwarnings(r"ignore:Unexpected keyword arguments \[
 
 
 def dora_recipe(base_dir, quantization="none", method="lora", **keys):
-    return validate({"model": {"name_or_path": str(base_dir), "quantization": quantization},
-                     "method": {"name": method, "r": 4, "alpha": 8, "dora": True, **keys},
-                     "data": {"train": {"path": "unused.jsonl"}}})
+    return method_recipe(method, base_dir, quantization, r=4, alpha=8, dora=True, **keys)
 
 
 def perturb(named_parameters, seed: int = 1) -> None:
@@ -43,17 +41,7 @@ def perturb(named_parameters, seed: int = 1) -> None:
 def trained(base_dir, out_dir, quantization="none", method="lora", **keys):
     """Our DoRA on the base, perturbed, saved to ``out_dir``; returns the model in eval mode."""
     recipe = dora_recipe(base_dir, quantization, method, **keys)
-    model, _, base_path = models.load_base(str(base_dir), quantization)
-    fp = models.fingerprint(model)
-    lora.apply(model, recipe.method)
-    perturb(model.named_parameters())
-    artifacts.save_adapter(out_dir, model, recipe, base_path, fp)
-    return model.eval()
-
-
-def logits(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(IDS).logits.float()
+    return saved_adapter(recipe, out_dir, lambda model: perturb(model.named_parameters()))
 
 
 def hf_dora(dropout: float = 0.0, target_modules=QVO):
@@ -90,7 +78,7 @@ def copy_lora_weights(ours, hf) -> None:
 
 def test_magnitude_starts_at_the_row_norm_of_W_and_output_is_unchanged():
     base = tiny_llama()
-    expected = logits(base)
+    expected = logits(base, IDS)
     model = our_dora()
     layers = lora.lora_layers(model)
     assert all(isinstance(layer, lora.DoRALinear) for layer in layers.values())
@@ -103,7 +91,7 @@ def test_magnitude_starts_at_the_row_norm_of_W_and_output_is_unchanged():
     hq = hf_dora().base_model.model.model.layers[0].self_attn.q_proj
     torch.testing.assert_close(q.lora_magnitude_vector.detach(), hq.lora_magnitude_vector["default"].weight.detach(),
                                atol=1e-6, rtol=0)
-    torch.testing.assert_close(logits(model), expected, atol=1e-5, rtol=0)  # m / ||W|| = 1 at init
+    torch.testing.assert_close(logits(model, IDS), expected, atol=1e-5, rtol=0)  # m / ||W|| = 1 at init
     trainable = {param_key(n).rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"lora_A", "lora_B", "lora_magnitude_vector"}
 
@@ -151,8 +139,8 @@ def test_train_mode_forward_and_gradients_match_hf_peft(dropout):
 
 def test_our_dora_adapter_loads_in_hf_peft(tiny_dir, tmp_path):
     model = trained(tiny_dir, tmp_path / "adapter", target_modules=QVO, dropout=0.1)
-    ours = logits(model)
-    assert (ours - logits(AutoModelForCausalLM.from_pretrained(tiny_dir))).abs().max() > 1e-3
+    ours = logits(model, IDS)
+    assert (ours - logits(AutoModelForCausalLM.from_pretrained(tiny_dir), IDS)).abs().max() > 1e-3
 
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["use_dora"] is True and cfg["peftcli"]["method"]["dora"] is True
@@ -161,13 +149,13 @@ def test_our_dora_adapter_loads_in_hf_peft(tiny_dir, tmp_path):
     assert weights[key].shape == (64,) and len(weights) == 3 * 2 * 3
 
     hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "adapter").eval()
-    torch.testing.assert_close(logits(hf), ours, atol=1e-5, rtol=0)  # HF peft on the same files
+    torch.testing.assert_close(logits(hf, IDS), ours, atol=1e-5, rtol=0)  # HF peft on the same files
 
     loaded = artifacts.load_adapted(tmp_path / "adapter")
     reloaded = loaded.model
     assert loaded.method == "lora"
     assert all(isinstance(layer, lora.DoRALinear) for layer in lora.lora_layers(reloaded).values())
-    torch.testing.assert_close(logits(reloaded), ours, atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(reloaded, IDS), ours, atol=1e-6, rtol=0)
 
 
 def test_hf_dora_adapter_loads_with_load_adapted(tiny_dir, tmp_path):
@@ -175,7 +163,7 @@ def test_hf_dora_adapter_loads_with_load_adapted(tiny_dir, tmp_path):
                         LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, use_dora=True, target_modules="all-linear"))
     perturb(hf.named_parameters())
     hf.eval()
-    expected = logits(hf)
+    expected = logits(hf, IDS)
     hf.save_pretrained(tmp_path / "hf_adapter")
 
     cfg = artifacts.read_adapter_config(tmp_path / "hf_adapter")
@@ -183,7 +171,7 @@ def test_hf_dora_adapter_loads_with_load_adapted(tiny_dir, tmp_path):
     loaded = artifacts.load_adapted(tmp_path / "hf_adapter")
     model = loaded.model
     assert loaded.method == "lora" and len(lora.lora_layers(model)) == 14
-    torch.testing.assert_close(logits(model), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(model, IDS), expected, atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,13 +180,13 @@ def test_hf_dora_adapter_loads_with_load_adapted(tiny_dir, tmp_path):
 
 def test_dora_merge_parity_in_memory_and_end_to_end(tiny_dir, tmp_path):
     model = trained(tiny_dir, tmp_path / "adapter", target_modules=QVO, dropout=0.1)
-    adapted = logits(model)
+    adapted = logits(model, IDS)
     q = lora.lora_layers(model)["model.layers.1.self_attn.q_proj"]
     W, A, B, m = (t.detach().clone() for t in (q.base_layer.weight, q.lora_A.weight, q.lora_B.weight, q.lora_magnitude_vector))
 
     lora.merge(model)
     assert not lora.lora_layers(model)
-    torch.testing.assert_close(logits(model), adapted, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(model, IDS), adapted, atol=1e-5, rtol=0)
     # hand computation: W' = m ⊙ (W + 2·B A) / ||W + 2·B A||_row
     V = W + 2.0 * B @ A
     torch.testing.assert_close(model.model.layers[1].self_attn.q_proj.weight, m.unsqueeze(1) * V / V.norm(dim=1, keepdim=True),
@@ -206,7 +194,7 @@ def test_dora_merge_parity_in_memory_and_end_to_end(tiny_dir, tmp_path):
 
     out = merge.merge_adapter(tmp_path / "adapter", tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(out)
-    torch.testing.assert_close(logits(merged), adapted, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(merged, IDS), adapted, atol=1e-5, rtol=0)
     # HF peft's merge_and_unload of the same adapter on the same base
     hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "adapter").merge_and_unload()
     ours = merged.state_dict()
@@ -229,7 +217,7 @@ def test_dora_on_nf4_base_trains_and_merges(tiny_dir, tmp_path):
     assert torch.isfinite(loss)
     assert all(layer.lora_magnitude_vector.grad.abs().max() > 0 for layer in layers.values())
     model.eval()
-    adapted = logits(model)
+    adapted = logits(model, IDS)
     expected = q.lora_magnitude_vector.detach().unsqueeze(1) * (V := dequant + 2.0 * (q.lora_B.weight @ q.lora_A.weight).detach()) \
         / V.norm(dim=1, keepdim=True)
 
@@ -238,7 +226,7 @@ def test_dora_on_nf4_base_trains_and_merges(tiny_dir, tmp_path):
     torch.testing.assert_close(saved["model.layers.0.self_attn.q_proj.weight"], expected, atol=1e-6, rtol=1e-5)
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert not any(type(m).__module__.startswith("bitsandbytes") for m in merged.modules())
-    torch.testing.assert_close(logits(merged), adapted, atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits(merged, IDS), adapted, atol=1e-4, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,4 +250,4 @@ def test_dora_pissa_train_resume_and_reload(tmp_path, tiny_dir):
     assert full.keys() == again.keys() and all(torch.equal(full[k], again[k]) for k in full)
 
     reloaded = artifacts.load_adapted(tmp_path / "run").model
-    torch.testing.assert_close(logits(reloaded), logits(resumed.model.eval()), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(reloaded, IDS), logits(resumed.model.eval(), IDS), atol=1e-5, rtol=0)

@@ -4,54 +4,31 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
+from helpers import logits, method_recipe, perturb, saved_adapter
 from peft import IA3Config, PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
 from tiny import tiny_llama, tiny_run_recipe
 from transformers import AutoModelForCausalLM
 
-from peftcli import artifacts, merge, models
+from peftcli import artifacts, merge
 from peftcli.errors import UserError
 from peftcli.methods import ia3
-from peftcli.recipe import validate
 
 IDS = torch.tensor([[1, 17, 42, 99, 7, 250, 3], [1, 5, 6, 200, 201, 2, 8]])
+# vectors away from ones, as if trained (ones is the init); names work for ours and HF peft's
+randomize = partial(perturb, names=["ia3_l"], scale=0.5, shift=1.0)
 # HF peft (the reference) warns that it ignores our "peftcli" block in adapter_config.json
 pytestmark = pytest.mark.filterwarnings(r"ignore:Unexpected keyword arguments \['peftcli'\]")
 
 
-def make_recipe(base_dir=None, quantization="none", **method_keys):
-    return validate({"model": {"name_or_path": str(base_dir or "unused"), "quantization": quantization},
-                     "method": {"name": "ia3", **method_keys},
-                     "data": {"train": {"path": "unused.jsonl"}}})
-
-
-def randomize(model, seed: int = 1) -> None:
-    """Vectors away from ones (as if trained; ones is the init)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ia3_l" in name:
-                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
-
-
-def logits(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(IDS).logits.float()
-
-
 def trained(base_dir, adapter_dir, quantization="none", **method_keys):
     """Our IA3 on the base with random vectors, saved to ``adapter_dir``; returns the model (eval)."""
-    recipe = make_recipe(base_dir, quantization, **method_keys)
-    model, _, base_path = models.load_base(str(base_dir), recipe.model.quantization)
-    fp = models.fingerprint(model)
-    ia3.apply(model, recipe.method)
-    randomize(model)
-    artifacts.save_adapter(adapter_dir, model, recipe, base_path, fp)
-    return model.eval()
+    return saved_adapter(method_recipe("ia3", base_dir, quantization, **method_keys), adapter_dir, randomize)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,9 +36,9 @@ def trained(base_dir, adapter_dir, quantization="none", **method_keys):
 
 
 def test_ones_init_gives_base_logits_and_only_vectors_train():
-    expected = logits(tiny_llama())
+    expected = logits(tiny_llama(), IDS)
     model = tiny_llama()  # same seed: same weights
-    names = ia3.apply(model, make_recipe().method)
+    names = ia3.apply(model, method_recipe("ia3").method)
     assert names == [f"model.layers.{i}.{p}" for i in (0, 1) for p in ("self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")]
     layers = ia3.ia3_layers(model)
     assert all(torch.equal(m.ia3_l, torch.ones_like(m.ia3_l)) for m in layers.values())
@@ -69,12 +46,12 @@ def test_ones_init_gives_base_logits_and_only_vectors_train():
     assert all(n.endswith(".ia3_l") for n in trainable)
     # hand computation: per block k (32 outputs) + v (32 outputs) + down_proj input (128) = 192
     assert sum(trainable.values()) == 2 * (32 + 32 + 128)
-    assert torch.equal(logits(model), expected)  # x · 1: bit-identical
+    assert torch.equal(logits(model, IDS), expected)  # x · 1: bit-identical
 
 
 def test_output_and_input_scaling_by_hand():
     model = tiny_llama()
-    ia3.apply(model, make_recipe().method)
+    ia3.apply(model, method_recipe("ia3").method)
     randomize(model)
     k = model.model.layers[0].self_attn.k_proj
     down = model.model.layers[0].mlp.down_proj
@@ -89,7 +66,7 @@ def test_output_and_input_scaling_by_hand():
 
 def test_saved_keys_and_shapes_equal_hf_peft():
     model = tiny_llama()
-    ia3.apply(model, make_recipe().method)
+    ia3.apply(model, method_recipe("ia3").method)
     ours = {k: tuple(v.shape) for k, v in ia3.state_dict(model).items()}
     # HF peft on the same spec (its Llama defaults are the same): keys and layouts
     hf = get_peft_model(tiny_llama(), IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj", "down_proj"],
@@ -101,11 +78,11 @@ def test_saved_keys_and_shapes_equal_hf_peft():
 
 def test_feedforward_must_be_within_targets():
     with pytest.raises(UserError, match=r"feedforward_modules \['up_proj'\] are not in target_modules"):
-        make_recipe(target_modules=["k_proj", "v_proj"], feedforward_modules=["up_proj"])
+        method_recipe("ia3", target_modules=["k_proj", "v_proj"], feedforward_modules=["up_proj"])
     with pytest.raises(UserError, match="feedforward_modules"):
         ia3.config_from_adapter({"peft_type": "IA3", "target_modules": ["k_proj"], "feedforward_modules": ["down_proj"]})
     with pytest.raises(UserError, match="matched no module"):
-        ia3.apply(tiny_llama(), make_recipe(target_modules=["query"], feedforward_modules=[]).method)
+        ia3.apply(tiny_llama(), method_recipe("ia3", target_modules=["query"], feedforward_modules=[]).method)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,8 +96,8 @@ def test_feedforward_must_be_within_targets():
 ], ids=["defaults", "names", "regex"])
 def test_our_adapter_loads_in_hf_peft(tiny_dir, tmp_path, method_keys):
     model = trained(tiny_dir, tmp_path / "adapter", **method_keys)
-    ours = logits(model)
-    assert (ours - logits(AutoModelForCausalLM.from_pretrained(tiny_dir))).abs().max() > 1e-3  # vectors really changed it
+    ours = logits(model, IDS)
+    assert (ours - logits(AutoModelForCausalLM.from_pretrained(tiny_dir), IDS)).abs().max() > 1e-3  # vectors really changed it
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert (cfg["peft_type"], cfg["task_type"], cfg["init_ia3_weights"], cfg["fan_in_fan_out"], cfg["modules_to_save"]) == \
         ("IA3", "CAUSAL_LM", True, False, None)
@@ -131,19 +108,19 @@ def test_our_adapter_loads_in_hf_peft(tiny_dir, tmp_path, method_keys):
     hf_layers = {n.removeprefix("base_model.model."): m for n, m in hf.named_modules()
                  if hasattr(m, "ia3_l") and hasattr(m, "base_layer")}
     assert {n: m.is_feedforward for n, m in hf_layers.items()} == {n: m.is_feedforward for n, m in ia3.ia3_layers(model).items()}
-    torch.testing.assert_close(logits(hf), ours, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(hf, IDS), ours, atol=1e-5, rtol=0)
 
     loaded = artifacts.load_adapted(tmp_path / "adapter")
     reloaded = loaded.model
     assert loaded.method == "ia3"
-    assert torch.equal(logits(reloaded), ours)
+    assert torch.equal(logits(reloaded, IDS), ours)
 
 
 def test_hf_peft_adapter_loads_with_load_adapted(tiny_dir, tmp_path):
     # HF peft "trains" (random vectors) and saves an IA3 adapter
     hf = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir), IA3Config(task_type="CAUSAL_LM"))
     randomize(hf, seed=3)
-    expected = logits(hf.eval())
+    expected = logits(hf.eval(), IDS)
     hf.save_pretrained(tmp_path / "hf_adapter")
     assert "peftcli" not in json.loads((tmp_path / "hf_adapter" / "adapter_config.json").read_text())
 
@@ -152,7 +129,7 @@ def test_hf_peft_adapter_loads_with_load_adapted(tiny_dir, tmp_path):
     assert loaded.method == "ia3" and loaded.base_path == str(tiny_dir)
     assert sorted(ia3.ia3_layers(model)) == sorted(f"model.layers.{i}.{p}" for i in (0, 1)
                                                    for p in ("self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj"))
-    torch.testing.assert_close(logits(model), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(model, IDS), expected, atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +138,7 @@ def test_hf_peft_adapter_loads_with_load_adapted(tiny_dir, tmp_path):
 
 def test_merge_end_to_end(tiny_dir, tmp_path):
     model = trained(tiny_dir, tmp_path / "adapter", target_modules=["k_proj", "v_proj", "o_proj", "down_proj"])
-    adapted = logits(model)
+    adapted = logits(model, IDS)
     layers = ia3.ia3_layers(model)
     k, down = layers["model.layers.0.self_attn.k_proj"], layers["model.layers.1.mlp.down_proj"]
     # hand computation, float32: l[:, None] · W for an output vector, W · l[None, :] for an input one
@@ -174,7 +151,7 @@ def test_merge_end_to_end(tiny_dir, tmp_path):
     assert torch.equal(saved["model.layers.0.self_attn.k_proj.weight"], expected_k)
     assert torch.equal(saved["model.layers.1.mlp.down_proj.weight"], expected_down)
     merged = AutoModelForCausalLM.from_pretrained(out)
-    torch.testing.assert_close(logits(merged), adapted, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(merged, IDS), adapted, atol=1e-5, rtol=0)
 
 
 def test_merge_scales_the_bias_of_an_output_vector_only():
@@ -195,7 +172,7 @@ def test_merge_scales_the_bias_of_an_output_vector_only():
 
 def test_nf4_base_merges_into_dequantized_weight_times_vector(tiny_dir, tmp_path):
     model = trained(tiny_dir, tmp_path / "adapter", quantization="nf4")
-    adapted = logits(model)
+    adapted = logits(model, IDS)
     expected = {}
     for name, layer in ia3.ia3_layers(model).items():
         w4 = layer.base_layer.weight
@@ -209,7 +186,7 @@ def test_nf4_base_merges_into_dequantized_weight_times_vector(tiny_dir, tmp_path
     assert {t.dtype for t in saved.values()} == {torch.float32}
     for name, want in expected.items():
         torch.testing.assert_close(saved[name + ".weight"], want, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out)), adapted, atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out), IDS), adapted, atol=1e-4, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,4 +206,4 @@ def test_tiny_training_run_and_reload(tmp_path, tiny_dir):
     assert result.summary["trainable_params"] == 2 * (32 + 32 + 128)
     assert any(not torch.equal(m.ia3_l, torch.ones_like(m.ia3_l)) for m in ia3.ia3_layers(result.model).values())
     reloaded = artifacts.load_adapted(result.run_dir).model
-    assert torch.equal(logits(reloaded), logits(result.model))
+    assert torch.equal(logits(reloaded, IDS), logits(result.model, IDS))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from helpers import write_jsonl, write_recipe
 from safetensors.torch import load_file
 from tiny import SORT_ROWS
 
@@ -26,7 +26,7 @@ STEPS = 12
 def _recipe(tmp_path: Path, tiny_dir, name: str, **train) -> Path:
     data = tmp_path / "train.jsonl"
     if not data.exists():
-        data.write_text("".join(json.dumps(r) + "\n" for r in SORT_ROWS * 3))
+        write_jsonl(data, SORT_ROWS * 3)
     recipe = {
         "model": {"name_or_path": str(tiny_dir)},
         "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
@@ -35,9 +35,7 @@ def _recipe(tmp_path: Path, tiny_dir, name: str, **train) -> Path:
                   "log_every": 3, "eval_every": 0, "save_every": 1, "mixed_precision": "no", **train},
         "output": {"dir": str(tmp_path / name)},
     }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    return write_recipe(tmp_path / f"{name}.yaml", recipe)
 
 
 def _peft(*args) -> list[str]:

@@ -9,6 +9,7 @@ import math
 import pytest
 import safetensors.torch
 import torch
+from helpers import method_recipe, perturb, saved_adapter
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from tiny import tiny_llama
@@ -23,15 +24,7 @@ IDS = torch.tensor([[1, 17, 42, 99, 7, 250, 3], [1, 5, 6, 200, 201, 2, 8]])
 
 
 def lora_cfg(**keys) -> lora.Config:
-    return validate({"method": {"name": "lora", **keys}, "data": {"train": {"path": "unused.jsonl"}}}).method
-
-
-def randomize_B(model, seed: int = 1) -> None:
-    """Non-zero B so the update is visible (training would get there; zeros is the init)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lora.lora_layers(model).values():
-            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.1)
+    return method_recipe("lora", **keys).method
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,7 +39,7 @@ def test_C9_rslora_scale_at_creation_reload_and_merge(tiny_dir, tmp_path):
     model, _, base_path = models.load_base(str(tiny_dir))
     fp = models.fingerprint(model)
     lora.apply(model, recipe.method)
-    randomize_B(model)
+    perturb(model, ["lora_B"])  # non-zero B so the update is visible (zeros is the init)
 
     # at creation: hand computation alpha/sqrt(r) = 16/4 = 4 (plain LoRA would give alpha/r = 1)
     layers = lora.lora_layers(model)
@@ -189,7 +182,7 @@ def test_C1_apply_keeps_eval_mode():
     """LoRA dropout must be off on a model in eval mode (C1 runs with dropout 0.1, eval mode)."""
     model = tiny_llama()  # eval mode
     lora.apply(model, lora_cfg(dropout=0.1))
-    randomize_B(model)
+    perturb(model, ["lora_B"])
     assert not any(m.training for m in model.modules())
     with torch.no_grad():
         assert torch.equal(model(IDS).logits, model(IDS).logits)  # deterministic: dropout off
@@ -250,19 +243,15 @@ def test_pissa_init_principal_part_residual_and_unchanged_output():
 
 def pissa_trained(base_dir, out_dir, **keys):
     """Our PiSSA on the base, A and B moved as a few training steps would, saved; returns the model."""
-    recipe = validate({"model": {"name_or_path": str(base_dir)},
-                       "method": {"name": "lora", "r": 4, "alpha": 8, "init": "pissa", "target_modules": QV, **keys},
-                       "data": {"train": {"path": "unused.jsonl"}}})
-    model, _, base_path = models.load_base(str(base_dir))
-    fp = models.fingerprint(model)
-    lora.apply(model, recipe.method)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.02 * torch.randn(p.shape, generator=g) * p.abs().mean())
-    artifacts.save_adapter(out_dir, model, recipe, base_path, fp)
-    return model.eval()
+    def as_trained(model):  # each trainable tensor moved by 2% of its mean magnitude
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.02 * torch.randn(p.shape, generator=g) * p.abs().mean())
+
+    recipe = method_recipe("lora", base_dir, r=4, alpha=8, init="pissa", target_modules=QV, **keys)
+    return saved_adapter(recipe, out_dir, as_trained)
 
 
 @pytest.mark.filterwarnings(r"ignore:Unexpected keyword arguments \['peftcli'\]")
@@ -406,7 +395,7 @@ def test_rank_and_alpha_patterns_size_each_layer_and_load_in_hf_peft(tiny_dir, t
                 for n, m in hf_own.named_modules() if isinstance(m, LoraLayer)}
     assert hf_sizes == PATTERN_LAYERS
 
-    randomize_B(model)
+    perturb(model, ["lora_B"])
     with torch.no_grad():
         ours = model(IDS).logits
     out = artifacts.save_adapter(tmp_path / "adapter", model, recipe, base_path, fp)

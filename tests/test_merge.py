@@ -7,15 +7,15 @@ import json
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
+from helpers import logits, method_recipe, perturb, saved_adapter
 from peft import PeftModel
 from safetensors.torch import load_file
 from tiny import save_tiny
 from transformers import AutoModelForCausalLM
 
-from peftcli import artifacts, merge, methods, models
+from peftcli import merge, models
 from peftcli.errors import UserError
 from peftcli.methods import lora
-from peftcli.recipe import validate
 
 IDS = torch.tensor([[1, 17, 42, 99, 7, 250, 3], [1, 5, 6, 200, 201, 2, 8]])
 QVO = ["q_proj", "v_proj", "o_proj"]
@@ -31,23 +31,8 @@ def tied_dir(tmp_path_factory):
 def train_adapter(base_dir, run_dir, quantization="none", dtype="float32", method="lora", **method_keys):
     """Load the base as a recipe says, apply LoRA with random non-zero B (as if trained), save
     the adapter into ``run_dir/adapter``; return the adapted model (eval mode)."""
-    recipe = validate({"model": {"name_or_path": str(base_dir), "quantization": quantization, "dtype": dtype},
-                       "method": {"name": method, "r": 4, "alpha": 8, **method_keys},
-                       "data": {"train": {"path": "unused.jsonl"}}})
-    model, _, base_path = models.load_base(str(base_dir), quantization, dtype)
-    fp = models.fingerprint(model)
-    methods.get(method).apply(model, recipe.method)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in lora.lora_layers(model).values():
-            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.1)
-    artifacts.save_adapter(run_dir / "adapter", model, recipe, base_path, fp)
-    return model.eval()
-
-
-def logits(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(IDS).logits.float()
+    recipe = method_recipe(method, base_dir, quantization, dtype, r=4, alpha=8, **method_keys)
+    return saved_adapter(recipe, run_dir / "adapter", lambda model: perturb(model, ["lora_B"]))
 
 
 def base_weights(base_dir) -> dict[str, torch.Tensor]:
@@ -61,12 +46,12 @@ def base_weights(base_dir) -> dict[str, torch.Tensor]:
 def test_C1_merge_parity_fp32(tiny_dir, tmp_path):
     model = train_adapter(tiny_dir, tmp_path, target_modules=QVO, dropout=0.1)
     assert not any(m.training for m in model.modules())  # eval mode: dropout 0.1 is off
-    adapted = logits(model)
-    assert (adapted - logits(AutoModelForCausalLM.from_pretrained(tiny_dir))).abs().max() > 1e-3  # B really is non-zero
+    adapted = logits(model, IDS)
+    assert (adapted - logits(AutoModelForCausalLM.from_pretrained(tiny_dir), IDS)).abs().max() > 1e-3  # B really is non-zero
 
     lora.merge(model)  # in memory
     assert not lora.lora_layers(model)
-    torch.testing.assert_close(logits(model), adapted, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(model, IDS), adapted, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -88,7 +73,7 @@ def test_C1_merge_half_base_on_cpu(tiny_dir, tmp_path, dtype):
     assert torch.equal(saved["model.layers.0.self_attn.k_proj.weight"], k_before)  # untouched layer unchanged
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.dtype == torch_dtype
-    assert torch.isfinite(logits(reloaded)).all()
+    assert torch.isfinite(logits(reloaded, IDS)).all()
 
 
 def test_C1_merge_half_base_into_float32(tiny_dir, tmp_path):
@@ -120,7 +105,7 @@ def test_C2_merge_from_4bit_base(tiny_dir, tmp_path, quantization):
         expected[name] = bnbf.dequantize_4bit(w4.data, w4.quant_state).float() + 2.0 * (layer.lora_B.weight @ layer.lora_A.weight).detach()
     k = model.model.layers[0].self_attn.k_proj  # a 4-bit layer the adapter does not touch
     expected_k = bnbf.dequantize_4bit(k.weight.data, k.weight.quant_state).float()
-    adapted = logits(model)
+    adapted = logits(model, IDS)
 
     messages = []
     out = merge.merge_adapter(tmp_path, tmp_path / "merged", log=messages.append)
@@ -140,7 +125,7 @@ def test_C2_merge_from_4bit_base(tiny_dir, tmp_path, quantization):
 
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert not any(type(m).__module__.startswith("bitsandbytes") for m in merged.modules())
-    torch.testing.assert_close(logits(merged), adapted, atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits(merged, IDS), adapted, atol=1e-4, rtol=0)
 
 
 def test_C2_merged_weight_is_not_the_unchanged_base(tiny_dir, tmp_path):
@@ -162,7 +147,7 @@ def test_pissa_merge_is_original_weight_plus_trained_update(tiny_dir, tmp_path):
     model = train_adapter(tiny_dir, tmp_path, target_modules=["q_proj", "v_proj"], init="pissa", dropout=0.0)
     q = lora.lora_layers(model)["model.layers.0.self_attn.q_proj"]
     A, B, A0, B0 = (t.detach().clone() for t in (q.lora_A.weight, q.lora_B.weight, q.init_A, q.init_B))
-    adapted = logits(model)
+    adapted = logits(model, IDS)
 
     out = merge.merge_adapter(tmp_path, tmp_path / "merged")
 
@@ -170,7 +155,7 @@ def test_pissa_merge_is_original_weight_plus_trained_update(tiny_dir, tmp_path):
     W = base_weights(tiny_dir)["model.layers.0.self_attn.q_proj.weight"]
     saved = load_file(str(out / "model.safetensors"))
     torch.testing.assert_close(saved["model.layers.0.self_attn.q_proj.weight"], W + 2.0 * (B @ A - B0 @ A0), atol=1e-5, rtol=0)
-    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out)), adapted, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out), IDS), adapted, atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,14 +166,14 @@ def test_C3_tied_head_lora_merge_and_reload(tied_dir, tmp_path):
     model = train_adapter(tied_dir, tmp_path, target_modules=["lm_head"])
     assert model.get_input_embeddings().weight is model.lm_head.base_layer.weight  # tied base
     embedding = model.get_input_embeddings().weight.detach().clone()
-    adapted = logits(model)
+    adapted = logits(model, IDS)
 
     # (a) merge in memory: the embedding stays bit-identical, logits equal the adapted model's
     lora.merge(model)
     assert torch.equal(model.get_input_embeddings().weight, embedding)
     assert model.lm_head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
-    torch.testing.assert_close(logits(model), adapted, atol=1e-5, rtol=0)
-    merged_logits = logits(model)
+    torch.testing.assert_close(logits(model, IDS), adapted, atol=1e-5, rtol=0)
+    merged_logits = logits(model, IDS)
 
     # (b) write with merge_adapter, reload from disk: same logits, still untied
     out = merge.merge_adapter(tmp_path, tmp_path / "merged")
@@ -197,19 +182,19 @@ def test_C3_tied_head_lora_merge_and_reload(tied_dir, tmp_path):
     assert reloaded.lm_head.weight.data_ptr() != reloaded.get_input_embeddings().weight.data_ptr()
     assert torch.equal(reloaded.get_input_embeddings().weight, embedding)
     assert not torch.equal(reloaded.lm_head.weight, embedding)
-    torch.testing.assert_close(logits(reloaded), merged_logits, atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(reloaded, IDS), merged_logits, atol=1e-6, rtol=0)
 
 
 def test_C3_tied_model_with_lora_elsewhere_stays_tied(tied_dir, tmp_path):
     model = train_adapter(tied_dir, tmp_path, target_modules=["q_proj", "v_proj"])
     embedding = model.get_input_embeddings().weight.detach().clone()
-    adapted = logits(model)
+    adapted = logits(model, IDS)
     out = merge.merge_adapter(tmp_path, tmp_path / "merged")
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.lm_head.weight.data_ptr() == reloaded.get_input_embeddings().weight.data_ptr()
     assert torch.equal(reloaded.get_input_embeddings().weight, embedding)
-    torch.testing.assert_close(logits(reloaded), adapted, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(reloaded, IDS), adapted, atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,11 +203,11 @@ def test_C3_tied_model_with_lora_elsewhere_stays_tied(tied_dir, tmp_path):
 
 def test_merged_dir_logits_equal_adapted_model(tiny_dir, tmp_path):
     model = train_adapter(tiny_dir, tmp_path, target_modules="all-linear", dropout=0.1)
-    adapted = logits(model)
+    adapted = logits(model, IDS)
     out = merge.merge_adapter(tmp_path, tmp_path / "merged")
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= {p.name for p in out.iterdir()}
     merged = AutoModelForCausalLM.from_pretrained(out)
-    torch.testing.assert_close(logits(merged), adapted, atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits(merged, IDS), adapted, atol=1e-4, rtol=0)
 
     # HF peft's merge_and_unload of the same adapter on the same base
     hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "adapter").merge_and_unload()

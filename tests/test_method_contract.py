@@ -12,6 +12,7 @@ import types
 
 import pytest
 import torch
+from helpers import logits, nudge
 from transformers import AutoTokenizer
 
 from peftcli import methods, models
@@ -41,17 +42,8 @@ def adapted(tiny_dir, tok, name: str, seed: int = 0):
     model, cfg = base(tiny_dir, name), module.Config()
     torch.manual_seed(seed)
     targets = module.apply(model, cfg, tokenizer=tok)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    nudge(model, seed=seed + 1, scale=0.1)
     return model.eval(), cfg, targets
-
-
-def logits(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(IDS).logits.float()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,11 +138,11 @@ def test_state_dict_round_trips_exactly_into_a_fresh_model(tiny_dir, tok, name):
     model, _, _ = adapted(tiny_dir, tok, name)
     sd = module.state_dict(model)
     fresh, _, _ = adapted(tiny_dir, tok, name, seed=5)  # other trainable values
-    assert not torch.equal(logits(fresh), logits(model))
+    assert not torch.equal(logits(fresh, IDS), logits(model, IDS))
     module.load_state_dict(fresh, sd)
     again = module.state_dict(fresh)
     assert sorted(again) == sorted(sd) and all(torch.equal(again[k], sd[k]) for k in sd)
-    assert torch.equal(logits(fresh), logits(model))
+    assert torch.equal(logits(fresh, IDS), logits(model, IDS))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -189,13 +181,13 @@ def test_adapter_config_round_trips_the_config_and_is_read_by_this_method_alone(
 def test_merge_is_exact_where_the_method_merges_and_refused_with_its_reason_where_not(tiny_dir, tok, name):
     module = methods.get(name)
     model, _, _ = adapted(tiny_dir, tok, name)
-    adapted_logits = logits(model)
-    assert not torch.allclose(adapted_logits, logits(base(tiny_dir, name)), atol=1e-3)  # the method changes them
+    adapted_logits = logits(model, IDS)
+    assert not torch.allclose(adapted_logits, logits(base(tiny_dir, name), IDS), atol=1e-3)  # the method changes them
     if module.CANNOT_MERGE is None:
         assert module.merge(model) is model
         assert module.state_dict(model) == {}  # nothing of the method is left
-        torch.testing.assert_close(logits(model), adapted_logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(logits(model, IDS), adapted_logits, atol=1e-5, rtol=0)
     else:
         with pytest.raises(UserError, match=f"^method {name} cannot be merged: {re.escape(module.CANNOT_MERGE)}$"):
             module.merge(model)
-        assert torch.equal(logits(model), adapted_logits)  # refused before touching anything
+        assert torch.equal(logits(model, IDS), adapted_logits)  # refused before touching anything

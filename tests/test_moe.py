@@ -11,6 +11,7 @@ import json
 import pytest
 import safetensors.torch
 import torch
+from helpers import logits, method_recipe, perturb, saved_adapter
 from peft import LoraConfig, PeftModel, get_peft_model
 from rich.console import Console
 from tiny import tiny_run_recipe, tiny_tokenizer
@@ -48,34 +49,10 @@ def moe_dir(request, tmp_path_factory):
     return path
 
 
-def recipe_for(base_dir, **method_keys):
-    return validate({"model": {"name_or_path": str(base_dir)},
-                     "method": {"name": "lora", "r": 4, "alpha": 8, **method_keys},
-                     "data": {"train": {"path": "unused.jsonl"}}})
-
-
-def randomize(model, part: str = "lora_B", seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if part in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-
-
-def logits(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(IDS).logits
-
-
 def adapted(base_dir, out_dir, **method_keys):
     """Our LoRA on the saved base, random non-zero B, saved to ``out_dir``; returns the model."""
-    recipe = recipe_for(base_dir, **method_keys)
-    model, _, base_path = models.load_base(str(base_dir))
-    fp = models.fingerprint(model)
-    lora.apply(model, recipe.method)
-    randomize(model)
-    artifacts.save_adapter(out_dir, model, recipe, base_path, fp)
-    return model.eval()
+    recipe = method_recipe("lora", base_dir, r=4, alpha=8, **method_keys)
+    return saved_adapter(recipe, out_dir, lambda model: perturb(model, ["lora_B"]))
 
 
 def router_names(model) -> list[str]:
@@ -93,7 +70,7 @@ def router_names(model) -> list[str]:
 ], ids=["names+parameters", "all-linear", "parameters+layers"])
 def test_C15_hf_peft_loads_our_moe_adapter_with_equal_logits(moe_dir, tmp_path, method_keys):
     model = adapted(moe_dir, tmp_path / "adapter", dropout=0.1, **method_keys)
-    ours = logits(model)
+    ours = logits(model, IDS)
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     # explicit names, never a pattern HF peft would expand its own way; dropout 0 for HF, 0.1 for us
     assert isinstance(cfg["target_modules"], list) and all(t.startswith("model.layers.") for t in cfg["target_modules"])
@@ -106,10 +83,10 @@ def test_C15_hf_peft_loads_our_moe_adapter_with_equal_logits(moe_dir, tmp_path, 
     hf_keys = {k.replace(".default", "") for k in hf.state_dict() if "lora_" in k}
     assert hf_keys == set(lora.state_dict(model))  # same wrapped set (and nesting) as ours
     assert not any("lora_" in n for n in router_names(hf.base_model.model))  # HF's all-linear would add it
-    torch.testing.assert_close(logits(hf), ours, atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits(hf, IDS), ours, atol=1e-4, rtol=0)
 
     reloaded = artifacts.load_adapted(tmp_path / "adapter").model
-    torch.testing.assert_close(logits(reloaded), ours, atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(reloaded, IDS), ours, atol=1e-6, rtol=0)
 
 
 def test_C15_all_linear_is_hf_peft_all_linear_without_the_router(moe_dir):
@@ -132,14 +109,14 @@ def test_C15_we_load_hf_peft_moe_adapter(moe_dir, tmp_path):
     hf = get_peft_model(AutoModelForCausalLM.from_pretrained(moe_dir),
                         LoraConfig(r=2, lora_alpha=8, target_modules=None, target_parameters=EXPERTS,
                                    init_lora_weights="gaussian"))
-    randomize(hf)
+    perturb(hf, ["lora_B"])
     hf.eval()
-    expected = logits(hf)
+    expected = logits(hf, IDS)
     hf.save_pretrained(tmp_path / "hf")
     loaded = artifacts.load_adapted(tmp_path / "hf")
     model = loaded.model
     assert loaded.method == "lora" and not lora.lora_layers(model) and len(lora_params.param_layers(model)) == 2 * LAYERS
-    torch.testing.assert_close(logits(model), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits(model, IDS), expected, atol=1e-4, rtol=0)
 
 
 def test_C15_we_load_hf_peft_all_linear_adapter_with_its_rank_pattern(moe_dir, tmp_path):
@@ -148,9 +125,9 @@ def test_C15_we_load_hf_peft_all_linear_adapter_with_its_rank_pattern(moe_dir, t
     rank_pattern / alpha_pattern; ours reads them and sizes each layer the same."""
     arch = "mixtral" if "mixtral" in str(moe_dir) else "qwen3_moe"
     hf = get_peft_model(AutoModelForCausalLM.from_pretrained(moe_dir), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    randomize(hf)
+    perturb(hf, ["lora_B"])
     hf.eval()
-    expected = logits(hf)
+    expected = logits(hf, IDS)
     hf.save_pretrained(tmp_path / "hf")
     cfg = json.loads((tmp_path / "hf" / "adapter_config.json").read_text())
     assert (cfg["rank_pattern"], cfg["alpha_pattern"]) == ({r".*\.gate_up_proj": 8}, {r".*\.gate_up_proj": 16})
@@ -161,7 +138,7 @@ def test_C15_we_load_hf_peft_all_linear_adapter_with_its_rank_pattern(moe_dir, t
     inter = INTERMEDIATE[arch]  # hand computation: gate_up (E, 2I, H) at r 8, down (E, H, I) at r 4, both scale 2
     assert sizes == {"model.layers.0.mlp.experts.base_layer": (8, 2.0, (8 * E, H), (2 * inter, 8 * E)),
                      "model.layers.0.mlp.experts": (4, 2.0, (4 * E, inter), (H, 4 * E))}
-    torch.testing.assert_close(logits(model), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits(model, IDS), expected, atol=1e-4, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,9 +190,9 @@ def test_C15_one_training_step_moves_expert_lora_and_counts_it(moe_dir, tmp_path
 
 def test_C15_router_is_adapted_when_named(moe_dir):
     model = AutoModelForCausalLM.from_pretrained(moe_dir).eval()
-    expected = logits(model)
+    expected = logits(model, IDS)
     lora.apply(model, lora.Config(r=2, target_modules=[], target_parameters=["mlp.gate.weight"]))
-    torch.testing.assert_close(logits(model), expected, atol=0, rtol=0)  # B = 0: starts as the base
+    torch.testing.assert_close(logits(model, IDS), expected, atol=0, rtol=0)  # B = 0: starts as the base
     assert methods.trainable_by_kind(model) == {"router": LAYERS * 2 * (H + E)}
     layer = lora_params.param_layers(model)["model.layers.0.mlp.gate"]
     assert (layer.lora_A.weight.shape, layer.lora_B.weight.shape) == ((2, H), (E, 2))
@@ -227,10 +204,10 @@ def test_C15_router_is_adapted_when_named(moe_dir):
 
 def test_C15_merged_moe_model_equals_the_adapted_one(moe_dir, tmp_path):
     model = adapted(moe_dir, tmp_path / "adapter", target_modules=["q_proj", "o_proj"], target_parameters=EXPERTS)
-    expected = logits(model)
+    expected = logits(model, IDS)
     out = merge.merge_adapter(tmp_path / "adapter", tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
-    torch.testing.assert_close(logits(merged), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(merged, IDS), expected, atol=1e-5, rtol=0)
     # the fused weights themselves hold W + scale·B_e A_e (hand computation from the saved factors)
     base = AutoModelForCausalLM.from_pretrained(moe_dir)
     sd = safetensors.torch.load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
@@ -250,13 +227,13 @@ def test_C15_bottleneck_adapters_attach_after_the_moe_block_and_train(moe_dir, v
     x = torch.randn(2, 5, H)
     with torch.no_grad():
         block_out = model.model.layers[0].mlp(x)  # the MoE block's own forward
-    expected = logits(model)
+    expected = logits(model, IDS)
     targets = adapter.apply(model, adapter.Config(variant=variant, reduction_factor=8))
     per_block = (["self_attn.o_proj"] if variant == "houlsby" else []) + ["mlp"]
     assert targets == [f"model.layers.{i}.{t}" for i in range(LAYERS) for t in per_block]
-    torch.testing.assert_close(logits(model), expected, atol=0, rtol=0)  # identity at init
+    torch.testing.assert_close(logits(model, IDS), expected, atol=0, rtol=0)  # identity at init
 
-    randomize(model, "adapter_up")
+    perturb(model, ["adapter_up"])
     wrapped = model.model.layers[0].mlp
     with torch.no_grad():
         hand = block_out + wrapped.adapter_up(torch.relu(wrapped.adapter_down(block_out)))  # Houlsby §2.1

@@ -5,25 +5,27 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 
 import pytest
 import torch
+from helpers import logits, method_recipe, perturb, saved_adapter
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 from safetensors.torch import load_file
-from tiny import save_tiny, tiny_llama, tiny_run_recipe, tiny_tokenizer
+from tiny import save_tiny, tiny_llama, tiny_run_recipe
 from transformers import AutoModelForCausalLM
 
-from peftcli import artifacts, evaluate, merge, models
+from peftcli import artifacts, evaluate, merge
 from peftcli.errors import UserError
 from peftcli.loss import supervised_loss_sum
 from peftcli.methods import prefix_tuning as pt
-from peftcli.recipe import validate
 
 # C5's model: hidden 64, 4 heads, 2 key/value heads, head_dim 32 (not 64 / 4)
 GQA = {"head_dim": 32}
 N = 5
 IDS = torch.tensor([[1, 17, 42, 99, 7, 250, 3], [1, 5, 6, 200, 201, 2, 2]])
 MASK = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]])  # row 2 right-padded
+make_recipe = partial(method_recipe, "prefix_tuning", num_virtual_tokens=N)
 PROMPTS = ["the quick brown fox", "hello world answer question user"]  # different lengths: left padding
 # HF peft (the reference) warns that it ignores our "peftcli" block in adapter_config.json
 pytestmark = pytest.mark.filterwarnings(r"ignore:Unexpected keyword arguments \['peftcli'\]",
@@ -36,38 +38,18 @@ def gqa_dir(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("gqa") / "model", **GQA)
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-def make_recipe(base_dir=None, **method_keys):
-    return validate({"model": {"name_or_path": str(base_dir or "unused")},
-                     "method": {"name": "prefix_tuning", "num_virtual_tokens": N, **method_keys},
-                     "data": {"train": {"path": "unused.jsonl"}}})
-
-
-def randomize(module, seed: int = 1) -> None:
-    """Every trainable parameter (the prefix, or its MLP) redrawn from a seeded N(0, 1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g))
-
-
 def prefixed(tokenizer=None, seed: int = 1, **method_keys):
     """The C5 tiny Llama with a random prefix (eval mode)."""
     model = tiny_llama(tokenizer, **GQA)
     pt.apply(model, make_recipe(**method_keys).method)
-    randomize(model.prefix_encoder, seed)
+    perturb(model.prefix_encoder, seed=seed, scale=1.0)  # the prefix (or its MLP) from N(0, 1)
     return model
 
 
-def logits(model, ids=IDS, mask=MASK) -> torch.Tensor:
-    """(B, T, V) float32; positions with attention mask 0 are zeroed (their values are arbitrary)."""
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask).logits.float() * mask[..., None]
+def masked_logits(model) -> torch.Tensor:
+    """The logits of IDS under MASK, (B, T, V) float32; positions with attention mask 0 are
+    zeroed (their values are arbitrary)."""
+    return logits(model, IDS, MASK) * MASK[..., None]
 
 
 def record_prefix_shapes(model) -> list:
@@ -85,13 +67,8 @@ def record_prefix_shapes(model) -> list:
 
 def trained(base_dir, adapter_dir, **method_keys):
     """Our prefix (random) on the base, saved to ``adapter_dir``; returns the model (eval)."""
-    recipe = make_recipe(base_dir, **method_keys)
-    model, _, base_path = models.load_base(str(base_dir))
-    fp = models.fingerprint(model)
-    pt.apply(model, recipe.method)
-    randomize(model.prefix_encoder)
-    artifacts.save_adapter(adapter_dir, model, recipe, base_path, fp)
-    return model.eval()
+    return saved_adapter(make_recipe(base_dir, **method_keys), adapter_dir,
+                         lambda model: perturb(model.prefix_encoder, scale=1.0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +82,7 @@ def test_C5_prefix_tuning_gqa_explicit_head_dim():
     seen = record_prefix_shapes(model)
 
     # padded forward
-    out = logits(model)
+    out = masked_logits(model)
     assert out.shape == (2, 7, 320) and torch.isfinite(out).all()
     assert seen[-1] == [((2, 2, N, 32), (2, 2, N, 32))] * 2  # per layer [batch, kv heads, n, head_dim]
 
@@ -167,8 +144,8 @@ def test_first_step_and_positions_follow_hf_forward(tok):
 @pytest.mark.parametrize("projection", [False, True], ids=["plain", "projection"])
 def test_our_adapter_loads_in_hf_peft(gqa_dir, tmp_path, projection):
     model = trained(gqa_dir, tmp_path / "adapter", projection=projection)
-    ours = logits(model)
-    assert (ours - logits(AutoModelForCausalLM.from_pretrained(gqa_dir))).abs().max() > 1e-2  # the prefix changes it
+    ours = masked_logits(model)
+    assert (ours - masked_logits(AutoModelForCausalLM.from_pretrained(gqa_dir))).abs().max() > 1e-2  # the prefix changes it
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert (cfg["peft_type"], cfg["task_type"], cfg["num_virtual_tokens"], cfg["prefix_projection"]) == \
         ("PREFIX_TUNING", "CAUSAL_LM", N, False)  # the file holds the folded prefix, no MLP
@@ -180,12 +157,12 @@ def test_our_adapter_loads_in_hf_peft(gqa_dir, tmp_path, projection):
                                    tmp_path / "adapter").eval()
     hf_cfg = hf.peft_config["default"]
     assert (hf_cfg.num_layers, hf_cfg.num_attention_heads, hf_cfg.token_dim) == (2, 2, 2 * 32)
-    torch.testing.assert_close(logits(hf), ours, atol=1e-5, rtol=0)
+    torch.testing.assert_close(masked_logits(hf), ours, atol=1e-5, rtol=0)
 
     loaded = artifacts.load_adapted(tmp_path / "adapter")
     reloaded = loaded.model
     assert loaded.method == "prefix_tuning"
-    assert torch.equal(logits(reloaded), ours)
+    assert torch.equal(masked_logits(reloaded), ours)
 
 
 @pytest.mark.parametrize("projection", [False, True], ids=["plain", "projection"])
@@ -193,15 +170,15 @@ def test_hf_peft_adapter_loads_with_load_adapted(gqa_dir, tmp_path, projection):
     # HF peft "trains" (random prefix, or random MLP) and saves a PrefixTuning adapter
     hf = get_peft_model(AutoModelForCausalLM.from_pretrained(gqa_dir),
                         PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N, prefix_projection=projection))
-    randomize(hf.prompt_encoder, seed=3)
-    expected = logits(hf.eval())
+    perturb(hf.prompt_encoder, seed=3, scale=1.0)
+    expected = masked_logits(hf.eval())
     hf.save_pretrained(tmp_path / "hf_adapter")
 
     loaded = artifacts.load_adapted(tmp_path / "hf_adapter")
     model = loaded.model
     assert loaded.method == "prefix_tuning" and loaded.base_path == str(gqa_dir)
     assert model.prefix_encoder.folded is projection  # an MLP adapter arrives folded
-    torch.testing.assert_close(logits(model), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(masked_logits(model), expected, atol=1e-5, rtol=0)
 
 
 def test_loss_equals_hf_peft_loss(gqa_dir, tmp_path):
@@ -239,7 +216,7 @@ def test_projection_folds_into_the_saved_prefix(gqa_dir, tmp_path):
     reloaded = artifacts.load_adapted(tmp_path / "adapter").model
     assert reloaded.prefix_encoder.folded and reloaded.prefix_encoder.transform is None
     assert torch.equal(reloaded.prefix_encoder(), saved)
-    assert torch.equal(logits(reloaded), logits(model))
+    assert torch.equal(masked_logits(reloaded), masked_logits(model))
     reloaded.train()  # e.g. --resume: the MLP is gone, training further is refused in one line
     with pytest.raises(UserError, match="folded prefix only"):
         supervised_loss_sum(reloaded, {"input_ids": IDS, "attention_mask": MASK, "labels": IDS})
@@ -278,7 +255,7 @@ def test_tiny_training_run_reload_and_merge_refused(tmp_path, gqa_dir):
                 for d in ("checkpoints/step-1/adapter", "checkpoints/step-2/adapter", "adapter")]
     assert not torch.equal(prefixes[0], prefixes[1]) and not torch.equal(prefixes[1], prefixes[2])  # it trains
     reloaded = artifacts.load_adapted(result.run_dir).model
-    torch.testing.assert_close(logits(reloaded), logits(result.model), atol=1e-6, rtol=0)
+    torch.testing.assert_close(masked_logits(reloaded), masked_logits(result.model), atol=1e-6, rtol=0)
     with pytest.raises(UserError, match="method prefix_tuning cannot be merged: a prefix adds virtual key/value"):
         merge.merge_adapter(result.run_dir, tmp_path / "merged")
 
@@ -293,5 +270,5 @@ def test_C5_prefix_shape_is_the_cache_the_model_builds_not_its_config():
     model = FalconForCausalLM(config).eval()
     assert pt.attention_shape(model) == (2, 1, 16)
     pt.apply(model, pt.Config(num_virtual_tokens=N))
-    out = logits(model)
+    out = masked_logits(model)
     assert out.shape == (2, 7, 320) and torch.isfinite(out).all()

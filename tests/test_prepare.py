@@ -1,9 +1,8 @@
 """The one setup path (peftcli.prepare): data before the model, what a run gets, `peft validate`."""
 
-import json
 
 import pytest
-import yaml
+from helpers import write_jsonl, write_recipe
 from tiny import SORT_ROWS, tiny_run_recipe
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
@@ -62,13 +61,11 @@ def test_check_base_runs_before_the_method(tmp_path, tiny_dir):
 
 
 def _recipe_file(tmp_path, tiny_dir, rows) -> str:
-    rows_file = tmp_path / "rows.jsonl"
-    rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows_file = write_jsonl(tmp_path / "rows.jsonl", rows)
     recipe = {"model": {"name_or_path": str(tiny_dir)}, "method": LORA_QV,
               "data": {"train": {"path": str(rows_file), "format": "alpaca"}},
               "train": {"micro_batch_size": 2, "mixed_precision": "no"}, "output": {"dir": str(tmp_path / "run")}}
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    return str(tmp_path / "recipe.yaml")
+    return str(write_recipe(tmp_path / "recipe.yaml", recipe))
 
 
 def test_validate_prints_what_the_run_would_train(tmp_path, tiny_dir):

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from helpers import logits, method_recipe, saved_adapter
 from peft import PeftModel, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 from safetensors.torch import load_file
 from tiny import tiny_llama, tiny_run_recipe, tiny_tokenizer
@@ -17,7 +18,6 @@ from peftcli import artifacts, data, evaluate, merge, methods, models
 from peftcli.errors import UserError
 from peftcli.loss import supervised_loss_sum
 from peftcli.methods import p_tuning, prompt_tuning
-from peftcli.recipe import validate
 
 N = 8  # virtual tokens
 IDS = torch.tensor([[1, 17, 42, 99, 7, 250, 3], [1, 5, 6, 200, 201, 2, 8]])
@@ -31,16 +31,11 @@ METHOD_KEYS = {
 pytestmark = pytest.mark.filterwarnings(r"ignore:Unexpected keyword arguments \['peftcli'\]")
 
 
-def make_recipe(method_keys: dict, base_dir=None):
-    return validate({"model": {"name_or_path": str(base_dir or "unused")}, "method": method_keys,
-                     "data": {"train": {"path": "unused.jsonl"}}})
-
-
 def adapted(key: str, tok=None):
     """A tiny Llama (seed 0) with the method applied: random prompt, random encoder weights."""
     torch.manual_seed(1)
     model = tiny_llama(tok or tiny_tokenizer())
-    cfg = make_recipe(METHOD_KEYS[key]).method
+    cfg = method_recipe(**METHOD_KEYS[key]).method
     methods.get(cfg.name).apply(model, cfg)
     return model.eval()
 
@@ -62,11 +57,6 @@ def greedy(model, tok, prompts: list[str], use_cache: bool = True, new: int = 10
                          min_new_tokens=new, pad_token_id=tok.pad_token_id, use_cache=use_cache,
                          output_logits=True, return_dict_in_generate=True)
     return out.sequences[:, input_ids.shape[1]:].tolist(), out.logits[0]
-
-
-@torch.no_grad()
-def logits(model, ids=IDS, mask=None) -> torch.Tensor:
-    return model(input_ids=ids, attention_mask=mask).logits.float()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +167,7 @@ def test_encoder_parameters_are_named_and_shaped_as_hf_peft(encoder):
 def test_text_init_equals_hf_peft_and_vocab_init_samples_embedding_rows(tiny_dir):
     text = "hello world"
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    text_init = make_recipe({"name": "prompt_tuning", "num_virtual_tokens": N, "init": "text", "init_text": text}).method
+    text_init = method_recipe("prompt_tuning", num_virtual_tokens=N, init="text", init_text=text).method
     with pytest.raises(UserError, match=r"^method.init: text needs the base model's tokenizer.*tokenizer=\)$"):
         prompt_tuning.apply(AutoModelForCausalLM.from_pretrained(tiny_dir), text_init)  # no tokenizer given: no reload
     prompt_tuning.apply(model, text_init, tokenizer=AutoTokenizer.from_pretrained(tiny_dir))
@@ -191,7 +181,7 @@ def test_text_init_equals_hf_peft_and_vocab_init_samples_embedding_rows(tiny_dir
     rows = model.get_input_embeddings().weight[(ids * N)[:N]]
     assert torch.equal(model.prompt_encoder.embedding.weight, rows)
 
-    vocab = make_recipe({"name": "prompt_tuning", "num_virtual_tokens": N, "init": "vocab"}).method
+    vocab = method_recipe("prompt_tuning", num_virtual_tokens=N, init="vocab").method
     samples = []
     for _ in range(2):
         torch.manual_seed(7)
@@ -205,13 +195,13 @@ def test_text_init_equals_hf_peft_and_vocab_init_samples_embedding_rows(tiny_dir
 
 def test_bad_config_values_are_user_errors():
     with pytest.raises(UserError, match="init: text needs init_text"):
-        make_recipe({"name": "prompt_tuning", "init": "text"})
+        method_recipe("prompt_tuning", init="text")
     with pytest.raises(UserError, match="init_text is only used with init: text"):
-        make_recipe({"name": "prompt_tuning", "init_text": "hello"})
+        method_recipe("prompt_tuning", init_text="hello")
     with pytest.raises(UserError, match="method.num_virtual_tokens"):
-        make_recipe({"name": "p_tuning", "num_virtual_tokens": 0})
+        method_recipe("p_tuning", num_virtual_tokens=0)
     with pytest.raises(UserError, match="method.encoder"):
-        make_recipe({"name": "p_tuning", "encoder": "gru"})
+        method_recipe("p_tuning", encoder="gru")
     model = adapted("prompt_tuning")
     with pytest.raises(UserError, match="already has a prompt method"):
         prompt_tuning.apply(model, prompt_tuning.Config())
@@ -223,19 +213,13 @@ def test_bad_config_values_are_user_errors():
 
 def saved(base_dir, adapter_dir, key):
     """Our method on the base (random prompt / encoder), saved to ``adapter_dir``; returns the model (eval)."""
-    recipe = make_recipe(METHOD_KEYS[key], base_dir)
-    model, _, base_path = models.load_base(str(base_dir))
-    fp = models.fingerprint(model)
-    torch.manual_seed(2)
-    methods.get(recipe.method.name).apply(model, recipe.method)
-    artifacts.save_adapter(adapter_dir, model, recipe, base_path, fp)
-    return model.eval()
+    return saved_adapter(method_recipe(**METHOD_KEYS[key], base_dir=base_dir), adapter_dir, seed=2)
 
 
 @pytest.mark.parametrize("key", list(METHOD_KEYS))
 def test_our_adapter_loads_in_hf_peft_with_the_same_logits_and_loss(tiny_dir, tmp_path, key):
     model = saved(tiny_dir, tmp_path / "adapter", key)
-    ours = logits(model)
+    ours = logits(model, IDS)
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     weights = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     with torch.no_grad():
@@ -246,7 +230,7 @@ def test_our_adapter_loads_in_hf_peft_with_the_same_logits_and_loss(tiny_dir, tm
     # HF peft on the same files: it returns n + T positions; the last T are the real ones
     hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"]),
                                    tmp_path / "adapter").eval()
-    hf_logits = logits(hf)
+    hf_logits = logits(hf, IDS)
     assert hf_logits.shape[1] == N + IDS.shape[1]
     torch.testing.assert_close(hf_logits[:, N:], ours, atol=1e-5, rtol=0)
 
@@ -263,7 +247,7 @@ def test_our_adapter_loads_in_hf_peft_with_the_same_logits_and_loss(tiny_dir, tm
     loaded = artifacts.load_adapted(tmp_path / "adapter")
     reloaded = loaded.model
     assert loaded.method == METHOD_KEYS[key]["name"]
-    assert torch.equal(logits(reloaded), ours)
+    assert torch.equal(logits(reloaded, IDS), ours)
 
 
 @pytest.mark.parametrize("key", list(METHOD_KEYS))
@@ -277,7 +261,7 @@ def test_hf_peft_adapter_loads_with_load_adapted(tiny_dir, tmp_path, key):
     # HF peft "trains" (its random init) and saves
     torch.manual_seed(3)
     hf = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir), config).eval()
-    expected = logits(hf)[:, N:]
+    expected = logits(hf, IDS)[:, N:]
     hf.save_pretrained(tmp_path / "hf_adapter")
     assert "peftcli" not in json.loads((tmp_path / "hf_adapter" / "adapter_config.json").read_text())
 
@@ -285,7 +269,7 @@ def test_hf_peft_adapter_loads_with_load_adapted(tiny_dir, tmp_path, key):
     model = loaded.model
 
     assert loaded.method == keys["name"] and loaded.base_path == str(tiny_dir)
-    torch.testing.assert_close(logits(model), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(model, IDS), expected, atol=1e-5, rtol=0)
     if keys["name"] == "p_tuning":  # only the encoder's output is in HF's file: a fixed table
         assert model.prompt_encoder.table is not None
         assert not any(p.requires_grad for p in model.parameters())
@@ -345,7 +329,7 @@ def test_tiny_training_run_reload_and_merge_refused(tmp_path, tiny_dir, key):
         step = (p - initial.prompt_encoder.get_parameter(name)).abs().max()
         assert 0 < step <= 3 * 1e-2 * 1.5, name  # moved, by at most ~lr per Adam step: the start was reproduced
     reloaded = artifacts.load_adapted(result.run_dir).model
-    torch.testing.assert_close(logits(reloaded), logits(result.model), atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(reloaded, IDS), logits(result.model, IDS), atol=1e-6, rtol=0)
     # resume from the step-2 checkpoint: the adapter file holds everything that trains
     resumed = train(recipe, resume=True)
     assert resumed.summary["steps"] == 3

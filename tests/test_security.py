@@ -5,6 +5,7 @@ import ast
 from pathlib import Path
 
 import yaml
+from helpers import write_recipe
 from typer.testing import CliRunner
 
 from peftcli.cli import app
@@ -47,12 +48,9 @@ def test_pickle_is_never_imported():
 
 def test_remote_code_is_off_unless_the_recipe_sets_it(tmp_path):
     recipe = yaml.safe_load((Path(__file__).parent.parent / "recipes" / "lora-llama.yaml").read_text())
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    assert load_recipe(path).model.trust_remote_code is False
+    assert load_recipe(write_recipe(tmp_path / "r.yaml", recipe)).model.trust_remote_code is False
     recipe["model"]["trust_remote_code"] = True
-    path.write_text(yaml.safe_dump(recipe))
-    assert load_recipe(path).model.trust_remote_code is True
+    assert load_recipe(write_recipe(tmp_path / "r.yaml", recipe)).model.trust_remote_code is True
 
 
 def test_init_takes_a_recipe_name_not_a_path(tmp_path):

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 import yaml
+from helpers import write_jsonl, write_recipe
 from test_cli_errors import _one_line_error
 from tiny import save_tiny, tiny_llama, tiny_tokenizer
 from transformers import GenerationConfig
@@ -142,8 +143,7 @@ def chat_run(tmp_path_factory):
     data.chat_template: chatml and a system prompt through `peft train` on one short example."""
     tmp = tmp_path_factory.mktemp("chat_run")
     model_dir = drop_chat_template(save_tiny(tmp / "model"))
-    rows = tmp / "chat.jsonl"
-    rows.write_text(json.dumps({"messages": CHAT["messages"][1:3]}) + "\n")
+    rows = write_jsonl(tmp / "chat.jsonl", [{"messages": CHAT["messages"][1:3]}])
     source = {"path": str(rows), "format": "chat"}
     recipe = {"model": {"name_or_path": str(model_dir)},
               "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0,
@@ -153,8 +153,7 @@ def chat_run(tmp_path_factory):
               "train": {"max_steps": 30, "micro_batch_size": 1, "lr": 1e-2, "scheduler": "constant", "log_every": 10,
                         "eval_every": 0, "save_every": 0, "mixed_precision": "no"},
               "output": {"dir": str(tmp / "run")}}
-    (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    result = CliRunner().invoke(app, ["train", str(tmp / "recipe.yaml")])
+    result = CliRunner().invoke(app, ["train", str(write_recipe(tmp / "recipe.yaml", recipe))])
     assert result.exit_code == 0, result.output
     return tmp
 
@@ -277,8 +276,7 @@ BAD_TEMPLATES = {"no template": None, "rejects the system role": REJECTS_SYSTEM}
 
 
 def _chat_recipe(tmp_path, model_dir, **data_keys) -> dict:
-    rows = tmp_path / "chat.jsonl"
-    rows.write_text(json.dumps(CHAT) + "\n")
+    rows = write_jsonl(tmp_path / "chat.jsonl", [CHAT])
     return {"model": {"name_or_path": str(model_dir)}, "method": {"name": "lora", "r": 4, "alpha": 8},
             "data": {"train": {"path": str(rows), "format": "chat"}, **data_keys},
             "train": {"max_steps": 1, "mixed_precision": "no"}, "output": {"dir": str(tmp_path / "run")}}
@@ -301,8 +299,8 @@ def test_C19_chat_the_template_cannot_render_is_one_line_naming_data_chat_templa
     assert data.build(recipe.data, tok, 0).train_stats.kept == 1
 
     # through the CLI: exit 2, one line, no traceback
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(_chat_recipe(tmp_path, model_dir)))
-    _one_line_error(CliRunner().invoke(app, ["train", str(tmp_path / "recipe.yaml")]), "data.chat_template", "(row 1)")
+    path = write_recipe(tmp_path / "recipe.yaml", _chat_recipe(tmp_path, model_dir))
+    _one_line_error(CliRunner().invoke(app, ["train", str(path)]), "data.chat_template", "(row 1)")
     assert not (tmp_path / "run" / "adapter").exists()
 
 
@@ -312,8 +310,8 @@ def test_C19_chat_the_template_cannot_render_is_one_line_naming_data_chat_templa
     ("{% for m in messages %}", "data.chat_template: not a valid Jinja template"),
 ])
 def test_C19_bad_chat_template_values_exit_2(value, needle, tmp_path, tiny_dir):
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(_chat_recipe(tmp_path, tiny_dir, chat_template=value)))
-    result = CliRunner().invoke(app, ["train", str(tmp_path / "recipe.yaml")])
+    path = write_recipe(tmp_path / "recipe.yaml", _chat_recipe(tmp_path, tiny_dir, chat_template=value))
+    result = CliRunner().invoke(app, ["train", str(path)])
     _one_line_error(result, needle)
     if value == "llama3":
         assert "choose one that fits (chatml, mistral)" in result.output

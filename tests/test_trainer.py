@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from helpers import random_example
 from tiny import tiny_llama, tiny_run_recipe, tiny_tokenizer
 
 from peftcli import data, recipe, varlen
@@ -25,12 +26,6 @@ def _lora_model(tok, dropout=0.0, seed=0):
     return model.train()
 
 
-def _example(length, prompt_len, seed):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, 300, (length,), generator=g).tolist()
-    return {"input_ids": ids, "labels": [IGNORE_INDEX] * prompt_len + ids[prompt_len:]}
-
-
 def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -38,7 +33,7 @@ def _grads(model):
 def test_C8a_extra_padding_changes_nothing():
     tok = tiny_tokenizer()
     model = _lora_model(tok)
-    examples = [_example(7, 3, 0), _example(12, 4, 1)]
+    examples = [random_example(7, 3, 0), random_example(12, 4, 1)]
     batch = data.collate(examples, tok.pad_token_id)
     loss, n = accumulate_gradients(model, [batch], "cpu")
     g = _grads(model)
@@ -58,7 +53,7 @@ def test_C8a_extra_padding_changes_nothing():
 
 def test_C8b_micro_batch_vs_accumulation_same_gradients():
     tok = tiny_tokenizer()
-    short, long = _example(5, 2, 3), _example(40, 10, 4)
+    short, long = random_example(5, 2, 3), random_example(40, 10, 4)
     model = _lora_model(tok)
     loss_a, n_a = accumulate_gradients(model, [data.collate([short, long], tok.pad_token_id)], "cpu")
     g_a = _grads(model)
@@ -121,8 +116,8 @@ def test_padding_free_rows_same_loss_and_gradients_as_padded(method, attn):
     model.train()
     # the third example is fully supervised (text format: its first token has a label), which the
     # padding-free row must not predict from the previous example's last token
-    ids = _example(11, 0, 9)["input_ids"]
-    examples = [_example(7, 3, 0), _example(19, 4, 1), {"input_ids": ids, "labels": list(ids)}, _example(2, 1, 2)]
+    ids = random_example(11, 0, 9)["input_ids"]
+    examples = [random_example(7, 3, 0), random_example(19, 4, 1), {"input_ids": ids, "labels": list(ids)}, random_example(2, 1, 2)]
     free = data.collate_padding_free(examples)
     assert free["input_ids"].shape == (1, 7 + 19 + 11 + 2) and "attention_mask" not in free
     assert free["position_ids"][0].tolist() == [*range(7), *range(19), *range(11), *range(2)]
@@ -157,7 +152,7 @@ def test_rounding_lengths_up_changes_no_loss_or_gradient():
     # data.pad_to_multiple_of: padded rows get extra padding, a padding-free row a filler segment
     tok = tiny_tokenizer()
     model = _lora_model(tok)
-    examples = [_example(7, 3, 0), _example(19, 4, 1), _example(2, 1, 2)]
+    examples = [random_example(7, 3, 0), random_example(19, 4, 1), random_example(2, 1, 2)]
     ref_loss, ref_n = accumulate_gradients(model, [data.collate(examples, tok.pad_token_id)], "cpu")
     ref = _grads(model)
     padded = data.collate(examples, tok.pad_token_id, multiple_of=16)
@@ -193,7 +188,7 @@ def test_supervised_loss_equals_hf_shifted_loss():
     # reference: transformers' own causal-LM loss (mean over shifted labels != -100)
     tok = tiny_tokenizer()
     model = _lora_model(tok).eval()
-    batch = data.collate([_example(9, 3, 5), _example(6, 1, 6)], tok.pad_token_id)
+    batch = data.collate([random_example(9, 3, 5), random_example(6, 1, 6)], tok.pad_token_id)
     with torch.no_grad():
         s, n = supervised_loss_sum(model, batch)
         ref = model(**batch).loss
@@ -329,7 +324,7 @@ def test_C6_gradient_checkpointing_with_a_frozen_base(order, reentrant):
     from peftcli.prepare import enable_gradient_checkpointing
 
     tok = tiny_tokenizer()
-    batch = data.collate([_example(9, 3, 7), _example(14, 5, 8)], tok.pad_token_id)
+    batch = data.collate([random_example(9, 3, 7), random_example(14, 5, 8)], tok.pad_token_id)
 
     def run(checkpointing):
         model = tiny_llama(tok, seed=0)

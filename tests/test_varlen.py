@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import random_example
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
@@ -20,7 +21,6 @@ from transformers import (
 )
 
 from peftcli import data, varlen
-from peftcli.data import IGNORE_INDEX
 from peftcli.loss import prepare_padding_free, supervised_loss_sum
 from peftcli.methods import lora
 
@@ -41,13 +41,7 @@ FAMILIES = {
 PADDING_FREE_ATTENTION = {"mistral": varlen.NAME, "qwen2": varlen.NAME, "gemma3": varlen.NAME, "gemma2": "eager"}
 
 
-def example(length: int, prompt_len: int, seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, 300, (length,), generator=g).tolist()
-    return {"input_ids": ids, "labels": [IGNORE_INDEX] * prompt_len + ids[prompt_len:]}
-
-
-EXAMPLES = [example(9, 2, 0), example(13, 3, 1), example(6, 1, 2)]
+EXAMPLES = [random_example(9, 2, 0), random_example(13, 3, 1), random_example(6, 1, 2)]
 
 
 def with_lora(family: str):

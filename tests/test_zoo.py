@@ -42,6 +42,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import nudge
 from tiny import SORT_ROWS, tiny_run_recipe
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -188,15 +189,6 @@ def base_model(model_dir: Path, quantized: bool = False) -> nn.Module:
     return copy.deepcopy(_BASES[model_dir])
 
 
-def perturb(model: nn.Module, seed: int = 1) -> None:
-    """Move every trainable parameter off its start (zero LoRA B, unit IA3 vectors, ...)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.2 * torch.randn(p.shape, generator=gen).to(p.dtype))
-
-
 def hf_made_adapter(model_dir: Path, variant, out: Path, batch: dict) -> torch.Tensor:
     """HF peft's own adapter for ``variant`` on the base, moved off its start and saved to
     ``out``; returns HF peft's logits on ``batch``. Raises NotOurs where HF peft refuses its own
@@ -207,7 +199,7 @@ def hf_made_adapter(model_dir: Path, variant, out: Path, batch: dict) -> torch.T
     base = base_model(model_dir, variant.quantized)
     try:
         hf = peft.get_peft_model(base, getattr(peft, cls)(task_type="CAUSAL_LM", **keys))
-        perturb(hf)
+        nudge(hf, scale=0.2)  # every trainable tensor off its start (zero B, unit IA3 vectors, ...)
         logits = own_logits(hf.eval(), batch)
     except (ValueError, TypeError, RuntimeError, NotImplementedError) as e:
         raise NotOurs(f"HF peft cannot build or run {cls} on this model: {one_line(e)}") from None

@@ -79,12 +79,11 @@ def tiny_run_recipe(tmp_path: Path, model_dir, method: dict, rows=None, eval_row
     written to ``tmp_path/train.jsonl`` (and used as eval data when ``eval_rows``), output in
     ``tmp_path/run``; ``train`` keys override 3 fp32 steps of 2 examples at lr 1e-2, logged every
     step, no eval or checkpoints."""
-    import json
+    from helpers import write_jsonl
 
     from peftcli.recipe import validate
 
-    path = Path(tmp_path) / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in (rows or SORT_ROWS)))
+    path = write_jsonl(Path(tmp_path) / "train.jsonl", rows or SORT_ROWS)
     source = {"path": str(path), "format": "alpaca"}
     return validate({
         "model": {"name_or_path": str(model_dir)},
