@@ -104,13 +104,13 @@ def training_path(device: str) -> None:
 
     from peftcli import data
     from peftcli.loss import head_cross_entropy, prepare_padding_free, supervised_loss_sum
-    from peftcli.methods import lora
+    from peftcli.methods import lora_kernel
     from tests.tiny import tiny_llama
 
     x = torch.randn(3, 40, 64, device=device, requires_grad=True)
     a, b = torch.randn(8, 64, device=device, requires_grad=True), torch.randn(32, 8, device=device, requires_grad=True)
-    keep = lora.keep_mask(x.shape, 0.1, 77, torch.device(device))
-    y = lora.LoRABranch.apply(x, a, b, 2.0, 0.1, 77, torch.float32)
+    keep = lora_kernel.keep_mask(x.shape, 0.1, 77, torch.device(device))
+    y = lora_kernel.LoRABranch.apply(x, a, b, 2.0, 0.1, 77, torch.float32)
     scale = 1 / (1 - 0.1)
     ref = 2.0 * (torch.where(keep, x * scale, 0) @ a.T) @ b.T
     grads = torch.autograd.grad(y.square().sum(), (x, a, b))

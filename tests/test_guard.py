@@ -10,7 +10,7 @@ from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from peftcli import data, guard, loss, methods, models, prepare, trainer
 from peftcli.errors import UserError
-from peftcli.methods import lora
+from peftcli.methods import lora_kernel
 
 
 def own_loss(model, examples, pad_id):
@@ -86,14 +86,14 @@ def test_C12_a_wrong_hand_written_backward_is_not_trusted(tmp_path, monkeypatch)
     tok = tiny_tokenizer()
     model = tiny_llama(tok)
     recipe, module, examples = adapted(model, tok, tmp_path)
-    right = lora.LoRABranch.backward
+    right = lora_kernel.LoRABranch.backward
 
     def doubled(ctx, grad_out):  # a kernel bug: B's gradient twice what it should be
         grads = list(right(ctx, grad_out))
         grads[2] = grads[2] * 2
         return tuple(grads)
 
-    monkeypatch.setattr(lora.LoRABranch, "backward", staticmethod(doubled))
+    monkeypatch.setattr(lora_kernel.LoRABranch, "backward", staticmethod(doubled))
     path = prepare.choose_loss_path(model, recipe, module, examples, tok.pad_token_id, "no")
     assert path.name == "reference" and all(not t["agrees"] and t["loss_diff"] < 1e-6 for t in path.tried)
     # the reference path trains through the plain formula: its gradients are autograd's
@@ -104,7 +104,7 @@ def test_C12_a_wrong_hand_written_backward_is_not_trusted(tmp_path, monkeypatch)
     (s / n).backward()
     got = layer.lora_B.weight.grad.clone()
     layer.lora_B.weight.grad = None
-    monkeypatch.setattr(lora.LoRABranch, "backward", staticmethod(right))
+    monkeypatch.setattr(lora_kernel.LoRABranch, "backward", staticmethod(right))
     guard.set_fused_backward(model, True)
     s, n = loss.supervised_loss_sum(model, data.collate(examples[:2], tok.pad_token_id))
     (s / n).backward()

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from peftcli import artifacts, merge, models
 from peftcli.errors import UserError
-from peftcli.methods import lora
+from peftcli.methods import lora, lora_kernel
 from peftcli.recipe import validate
 
 IDS = torch.tensor([[1, 17, 42, 99, 7, 250, 3], [1, 5, 6, 200, 201, 2, 8]])
@@ -458,11 +458,11 @@ def test_training_branch_matches_autograd_on_the_formula(p):
     B = torch.randn(7, 4, generator=g, dtype=torch.float64)
     grad_out = torch.randn(2, 5, 7, generator=g, dtype=torch.float64)
     seed = 1234
-    keep = lora.keep_mask(x.shape, p, seed, x.device) if p else None
+    keep = lora_kernel.keep_mask(x.shape, p, seed, x.device) if p else None
     scale = 1 / (1 - p)
     ours = [t.clone().requires_grad_() for t in (x, A, B)]
     ref = [t.clone().requires_grad_() for t in (x, A, B)]
-    y = lora.LoRABranch.apply(*ours, 2.0, p, seed, torch.float64)
+    y = lora_kernel.LoRABranch.apply(*ours, 2.0, p, seed, torch.float64)
     y_ref = plain_branch(*ref, 2.0, keep, scale)
     assert torch.allclose(y, y_ref, atol=1e-12)
     y.backward(grad_out)
@@ -483,10 +483,10 @@ def test_dropout_positions_are_independent_draws_at_rate_p(p):
     positions (no drift along the tensor) all within 5 sigma of 400,000 independent draws."""
     shape = torch.Size([400, 1000])
     n, cpu = shape.numel(), torch.device("cpu")
-    m = lora.keep_mask(shape, p, 7, cpu)
+    m = lora_kernel.keep_mask(shape, p, 7, cpu)
     assert m.shape == shape and m.dtype == torch.bool
-    assert torch.equal(m, lora.keep_mask(shape, p, 7, cpu))  # same seed, same mask
-    assert not torch.equal(m, lora.keep_mask(shape, p, 8, cpu))
+    assert torch.equal(m, lora_kernel.keep_mask(shape, p, 7, cpu))  # same seed, same mask
+    assert not torch.equal(m, lora_kernel.keep_mask(shape, p, 8, cpu))
     dropped = ~m.flatten()
 
     def within_5_sigma(share: float, q: float, count: int) -> bool:
@@ -495,19 +495,19 @@ def test_dropout_positions_are_independent_draws_at_rate_p(p):
     assert within_5_sigma(dropped.float().mean().item(), p, n)
     assert within_5_sigma((dropped[1:] & dropped[:-1]).float().mean().item(), p * p, n // 2)  # overlapping pairs: ~n/2 effective
     assert within_5_sigma(dropped[-n // 10:].float().mean().item(), p, n // 10)
-    idx = lora.drop_index(n, p, 7, cpu)
+    idx = lora_kernel.drop_index(n, p, 7, cpu)
     assert idx.dtype == torch.int64 and torch.all(idx[1:] > idx[:-1]) and 0 <= idx[0] and idx[-1] < n
-    assert lora.keep_mask(torch.Size([3]), 0.5, 0, cpu).shape == (3,)
+    assert lora_kernel.keep_mask(torch.Size([3]), 0.5, 0, cpu).shape == (3,)
 
 
 def test_dropout_positions_past_the_first_chunk_of_gaps():
     """When a round of gaps ends before n (rare by default), drop_index draws more and goes on from
     the last position: 97 gaps a round for ~1,000 positions takes about 11 rounds."""
     n, p = 10_000, 0.1
-    idx = lora.drop_index(n, p, 3, torch.device("cpu"), chunk=97)
+    idx = lora_kernel.drop_index(n, p, 3, torch.device("cpu"), chunk=97)
     assert torch.all(idx[1:] > idx[:-1]) and 0 <= idx[0] and n - 100 < idx[-1] < n
     assert abs(len(idx) / n - p) < 5 * math.sqrt(p * (1 - p) / n)
-    first = lora.drop_index(n, p, 3, torch.device("cpu"), chunk=len(idx) + 500)  # one round, the same draws
+    first = lora_kernel.drop_index(n, p, 3, torch.device("cpu"), chunk=len(idx) + 500)  # one round, the same draws
     assert torch.equal(idx, first)
 
 
