@@ -10,7 +10,6 @@ import functools
 import json
 import logging
 import os
-import re
 import sys
 import warnings
 from pathlib import Path
@@ -241,31 +240,14 @@ def methods_():
     out.print(table)
 
 
-def recipes_dir() -> Path:
-    """The bundled recipes: ./recipes, else the one beside the installed package."""
-    here = Path("recipes")
-    return here if here.is_dir() else Path(__file__).resolve().parent.parent / "recipes"
-
-
-def _absolute_data_paths(text: str, root: Path) -> str:
-    """``text`` of a bundled recipe with each ``path: recipes/...`` that names a file under
-    ``root`` rewritten to that file's absolute path (comments and layout kept)."""
-    def absolute(m: re.Match) -> str:
-        target = root / m.group(2)
-        return m.group(1) + str(target) if target.is_file() else m.group(0)
-
-    return re.sub(r"(\bpath:\s*)(recipes/[^\s,}]+)", absolute, text)
-
-
 @app.command("recipes")
 @user_errors
 def recipes_():
     """List the bundled recipes."""
-    from peftcli.recipe import read_yaml
+    from peftcli.bundled import recipes
 
-    for path in sorted(recipes_dir().glob("*.yaml")):
-        method = (read_yaml(path).get("method") or {}).get("name", "?")
-        out.print(f"{path.stem:24} {method:14} {path}")
+    for name, method, path in recipes():
+        out.print(f"{name:24} {method:14} {path}")
 
 
 @app.command()
@@ -282,20 +264,9 @@ def schema():
 def init(name: str = typer.Argument(..., help="bundled recipe name (see `peft recipes`)"), dest: Path = typer.Argument(...)):
     """Copy a bundled recipe to start from; its data paths are made absolute, so the copy works
     from any directory (they are relative to the project root in the bundled recipes)."""
-    bundled = {p.stem: p for p in recipes_dir().glob("*.yaml")}
-    src = bundled.get(name.removesuffix(".yaml"))  # a name, never a path: "../x" finds nothing
-    if src is None:
-        names = ", ".join(p.stem for p in sorted(recipes_dir().glob("*.yaml")))
-        raise UserError(f"no bundled recipe {name!r} (choose from {names})")
-    if dest.is_dir():
-        dest = dest / src.name
-    if dest.exists():
-        raise UserError(f"{dest}: already exists")
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_text(_absolute_data_paths(src.read_text(), recipes_dir().resolve().parent))
-    except OSError as e:
-        raise UserError(f"{dest}: cannot write ({e.strerror})") from None
+    from peftcli.bundled import copy_recipe
+
+    dest = copy_recipe(name, dest)
     out.print(f"wrote {dest}")
 
 
