@@ -210,8 +210,8 @@ def validate(
     from peftcli import recipe as recipes
 
     r = recipes.load_recipe(recipe, set_)
-    out.print(recipes.dump(r), highlight=False, markup=False)
     p = prepare.load(r)  # data is read before the model loads, as in train
+    out.print(recipes.dump(r), highlight=False, markup=False)  # resolved: the method's default targets filled in
     s = p.datasets.train_stats
     out.print(f"data: {s.kept} of {s.rows} train rows kept ({s.dropped_empty_answer} empty answers, "
               f"{s.dropped_truncated} prompts over max_seq_len), {len(p.datasets.eval)} eval examples")

@@ -217,7 +217,8 @@ def choose_loss_path(model: nn.Module, examples: list[dict], pad_id: int, paddin
                 agrees = loss_diff <= tolerance[0] * max(1.0, abs(ref_loss)) and (grad_diff is None or grad_diff <= tolerance[1])
                 tried.append({"path": name, "loss_diff": loss_diff, "grad_diff": grad_diff, "agrees": agrees})
                 if agrees:
-                    fused = any(hasattr(m, "fused_backward") for m in model.modules())
+                    # the hand-written backward is named only where there was a backward to check
+                    fused = gradients and any(hasattr(m, "fused_backward") for m in model.modules())
                     return LossPath(name, free, loss_diff, grad_diff, tolerance, tried, time.perf_counter() - t0, fused)
             set_fused_backward(model, False)
             return LossPath("reference", False, 0.0, 0.0 if gradients else None, tolerance, tried, time.perf_counter() - t0)

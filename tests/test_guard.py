@@ -156,3 +156,13 @@ def test_C12_the_path_line_names_only_kernels_the_method_has(tmp_path):
     lora_model = tiny_llama(tok)
     recipe, module, examples = adapted(lora_model, tok, tmp_path)
     assert "hand-written LoRA backward" in prepare.choose_loss_path(lora_model, recipe, module, examples, tok.pad_token_id, "no").describe()
+
+
+def test_C12_scoring_only_names_no_backward(tmp_path):
+    """peft eval checks the loss without gradients: its path line names no backward kernel."""
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok)
+    recipe, module, examples = adapted(model, tok, tmp_path)
+    path = guard.choose_loss_path(model, examples, tok.pad_token_id, padding_free=False, gradients=False)
+    assert path.name == "fast-padded" and not path.fused and "backward" not in path.describe()
+    assert path.grad_diff is None

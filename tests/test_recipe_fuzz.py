@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from peftcli.cli import app
 from peftcli.errors import UserError
+from peftcli.methods import METHODS
 from peftcli.recipe import load_recipe
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
@@ -74,8 +75,7 @@ def test_schema_validates_every_bundled_recipe_and_rejects_unknown_keys():
     assert result.exit_code == 0
     schema = json.loads(result.stdout)
     assert set(schema["properties"]) == {"model", "method", "data", "train", "output"}
-    assert set(schema["properties"]["method"]["discriminator"]["mapping"]) == {
-        "lora", "qlora", "adapter", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning"}
+    assert set(schema["properties"]["method"]["discriminator"]["mapping"]) == set(METHODS)  # every registered method
     for path in RECIPES:
         jsonschema.validate(yaml.safe_load(path.read_text()), schema)  # the independent validator agrees
     bad = json.loads(json.dumps(BASE))
