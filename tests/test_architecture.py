@@ -36,7 +36,13 @@ def unit(module: str) -> str:
 
 
 def modules() -> dict[str, Path]:
-    return {".".join(p.relative_to(ROOT).with_suffix("").parts): p for p in PACKAGE.rglob("*.py")}
+    """Dotted name -> file of every module in the package (a package by its own name:
+    ``peftcli.methods`` is ``peftcli/methods/__init__.py``)."""
+    found = {}
+    for p in PACKAGE.rglob("*.py"):
+        parts = p.relative_to(ROOT).with_suffix("").parts
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    return found
 
 
 def imports(path: Path, name: str) -> list[tuple[str, list[str], int]]:
