@@ -270,5 +270,26 @@ def init(name: str = typer.Argument(..., help="bundled recipe name (see `peft re
     out.print(f"wrote {dest}")
 
 
+def run() -> None:
+    """The ``peft`` console script: the Typer app, with a usage error (an unknown option, a
+    missing or extra argument, ``--set KEY VALUE`` without ``=``) as one line on stderr and exit
+    2, like every other user error."""
+    try:
+        from typer._click import exceptions as cx  # recent typer vendors its own click
+    except ImportError:
+        from click import exceptions as cx
+
+    try:
+        code = app(standalone_mode=False, prog_name="peft")
+    except cx.NoArgsIsHelpError as e:  # bare `peft` / `peft train`: the help, as before
+        e.show()
+        code = e.exit_code
+    except cx.UsageError as e:
+        command = e.ctx.command_path if e.ctx is not None else "peft"
+        print(f"error: {' '.join(e.format_message().split())} (see: {command} --help)", file=sys.stderr)
+        code = 2
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":
-    app()
+    run()

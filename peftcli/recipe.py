@@ -7,6 +7,7 @@ resolved :class:`Recipe` is passed down to every other module. Method-specific k
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -141,12 +142,11 @@ def _format_error(err: ValidationError) -> str:
     e = err.errors()[0]
     loc = [str(p) for p in e["loc"]]
     # the discriminated union puts the method name into the location: method.lora.r -> method.r
-    if len(loc) >= 2 and loc[0] == "method" and loc[1] in METHOD_CONFIGS:
-        loc.pop(1)
+    method = loc.pop(1) if len(loc) >= 2 and loc[0] == "method" and loc[1] in METHOD_CONFIGS else None
     key = ".".join(loc) or "recipe"
     kind = e["type"]
     if kind == "extra_forbidden":
-        return f"{key}: unknown key"
+        return f"{key}: unknown key{_did_you_mean(loc, method)}"
     if kind == "missing":
         return f"{key}: missing required key"
     if kind == "union_tag_invalid":
@@ -155,6 +155,42 @@ def _format_error(err: ValidationError) -> str:
         return f"{key}.name: missing required key (choose from {', '.join(METHOD_CONFIGS)})"
     msg = e["msg"].removeprefix("Value error, ")
     return f"{key}: {msg} (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else f"{key}: {msg}"
+
+
+# other tools' names for our keys (axolotl, HF peft / Trainer, torchtune, TRL), named in the hint
+OTHER_TOOLS = {
+    "lora_alpha": "method.alpha", "lora_r": "method.r", "lora_dropout": "method.dropout",
+    "lora_target_modules": "method.target_modules", "sequence_len": "data.max_seq_len",
+    "max_seq_length": "data.max_seq_len", "learning_rate": "train.lr", "num_epochs": "train.epochs",
+    "num_train_epochs": "train.epochs", "gradient_accumulation_steps": "train.grad_accum",
+    "per_device_train_batch_size": "train.micro_batch_size", "output_dir": "output.dir",
+    "base_model": "model.name_or_path", "load_in_4bit": "model.quantization: nf4",
+}
+
+
+def _section_keys(loc: list[str], method: str | None) -> list[str]:
+    """The keys accepted beside the unknown key at ``loc`` (a method section: that method's
+    Config's keys)."""
+    if len(loc) == 1:
+        return list(Recipe.model_fields)
+    if loc[0] == "method":
+        return list(METHOD_CONFIGS[method].model_fields) if method else []
+    node = Recipe.model_fields[loc[0]].annotation if loc[0] in Recipe.model_fields else None
+    for part in loc[1:-1]:  # a nested section, e.g. data.train.<key>
+        field = getattr(node, "model_fields", {}).get(part)
+        annotation = getattr(field, "annotation", None)
+        node = next((a for a in getattr(annotation, "__args__", ()) if hasattr(a, "model_fields")), annotation)
+    return list(getattr(node, "model_fields", {}))
+
+
+def _did_you_mean(loc: list[str], method: str | None) -> str:
+    """`` (did you mean method.alpha?)`` for a near-miss key, or for another tool's name of one
+    of ours (:data:`OTHER_TOOLS`); "" when nothing is close."""
+    bad = loc[-1]
+    if bad in OTHER_TOOLS:
+        return f" (did you mean {OTHER_TOOLS[bad]}? {bad} is another tool's name for it)"
+    close = difflib.get_close_matches(bad, _section_keys(loc, method), n=1, cutoff=0.7)
+    return f" (did you mean {'.'.join(loc[:-1] + close)}?)" if close else ""
 
 
 _YAML11_BOOLS = {"yes", "no", "on", "off", "y", "n"}
@@ -195,6 +231,21 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that names a key twice (plain YAML keeps the last,
+    silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise UserError(f"{self.name}:{key_node.start_mark.line + 1}: duplicate key {key!r} "
+                                f"(first at line {seen[key] + 1}); keep one")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict:
     """Read a recipe file into a dict.
 
@@ -205,7 +256,12 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        loader = _UniqueKeyLoader(path.read_text(encoding="utf-8"))
+        loader.name = str(path)
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = f":{mark.line + 1}" if mark else ""
