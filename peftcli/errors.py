@@ -1,8 +1,16 @@
-"""The one exception type a user can cause.
+"""The one exception type a user can cause, and the mapping of a failed write to one.
 
 The CLI turns a :class:`UserError` into one line on stderr and exit code 2; anything else is an
 internal error (exit 1, traceback kept).
 """
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+from contextlib import contextmanager
+from typing import Iterator
 
 
 class UserError(Exception):
@@ -17,3 +25,60 @@ class Interrupted(Exception):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
+
+
+# what to do about each kind of failed write (the errno of the OSError)
+WRITE_FAULTS = {
+    errno.ENOSPC: "free space on its device or write elsewhere",
+    errno.EDQUOT: "free space within your disk quota or write elsewhere",
+    errno.EROFS: "the file system is read-only: write elsewhere",
+    errno.EACCES: "you may not write there: fix its permissions or write elsewhere",
+    errno.EPERM: "you may not write there: fix its permissions or write elsewhere",
+    errno.EISDIR: "a directory is in the way of a file: move it or write elsewhere",
+    errno.ENOTDIR: "a file is in the way of a directory: move it or write elsewhere",
+    errno.EEXIST: "a file is in the way: move it or write elsewhere",
+    errno.ENAMETOOLONG: "the path is too long: write elsewhere",
+    errno.ENOENT: "it cannot be created there (e.g. inside /proc): write elsewhere",
+}
+
+
+def fault_errno(exc: BaseException) -> int | None:
+    """The errno of a failed write, if ``exc`` is one of :data:`WRITE_FAULTS`: an ``OSError``, or
+    an error from a library that writes through its own I/O and reports the OS error in its
+    message (safetensors: ``IoError(Os { code: 28, kind: StorageFull, ... })``). None otherwise."""
+    if isinstance(exc, OSError):
+        code = exc.errno
+    else:
+        found = re.search(r"Os \{ code: (\d+)", str(exc))
+        code = int(found.group(1)) if found else None
+    return code if code in WRITE_FAULTS else None
+
+
+def write_error(exc: BaseException, path, where: str = "", kept: str = "") -> UserError | None:
+    """The one-line :class:`UserError` for a failed write of ``path``, or None if ``exc`` is not a
+    write fault (:func:`fault_errno`).
+
+    Args:
+        where: the knob that picks the place (``output.dir``, ``-o``), named in the advice.
+        kept: what the failure did not lose (e.g. where the trained adapter is), appended.
+    """
+    code = fault_errno(exc)
+    if code is None:
+        return None
+    where_hint = f" (set {where})" if where else ""
+    failed = getattr(exc, "filename", None) or path
+    message = f"{failed}: cannot write ({os.strerror(code)}); {WRITE_FAULTS[code]}{where_hint}"
+    return UserError(message + (f"; {kept}" if kept else ""))
+
+
+@contextmanager
+def writing(path, where: str = "", kept: str = "") -> Iterator[None]:
+    """Run a write of ``path``; a write fault (no space, read-only, no permission, something in
+    the way) becomes :func:`write_error`'s one-line :class:`UserError`. Other errors pass."""
+    try:
+        yield
+    except Exception as exc:
+        error = write_error(exc, path, where, kept)
+        if error is None:
+            raise
+        raise error from None
