@@ -69,7 +69,7 @@ def save_adapter(out_dir: str | Path, model: nn.Module, recipe: Recipe, base_pat
 
     Returns the adapter dir. Raises UserError when ``out_dir`` exists and is a file.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     method = methods.get(recipe.method.name)
     weights = method.state_dict(model)
@@ -78,7 +78,8 @@ def save_adapter(out_dir: str | Path, model: nn.Module, recipe: Recipe, base_pat
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        save_file(weights, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        # serialised here and written by Python, so a failed write is an OSError with its errno
+        (tmp / WEIGHTS_NAME).write_bytes(save(weights, metadata={"format": "pt"}))
     return out_dir
 
 

@@ -54,9 +54,23 @@ def fault_errno(exc: BaseException) -> int | None:
     return code if code in WRITE_FAULTS else None
 
 
-def write_error(exc: BaseException, path, where: str = "", kept: str = "") -> UserError | None:
-    """The one-line :class:`UserError` for a failed write of ``path``, or None if ``exc`` is not a
-    write fault (:func:`fault_errno`).
+class WriteFault(UserError):
+    """A write that failed for a reason the user can fix (:data:`WRITE_FAULTS`): one line naming
+    the path, what went wrong and what to do; :meth:`keeping` adds what the failure did not lose."""
+
+    def __init__(self, message: str, path, code: int):
+        super().__init__(message)
+        self.path, self.code = path, code
+
+    def keeping(self, kept: str) -> WriteFault:
+        """The same fault, its message ending with ``kept`` (e.g. where the trained adapter is)."""
+        return WriteFault(f"{self}; {kept}", self.path, self.code)
+
+
+def write_error(exc: BaseException, path, where: str = "", kept: str = "") -> WriteFault | None:
+    """The one-line :class:`WriteFault` for a failed write of ``path``, or None if ``exc`` is not
+    a write fault (:func:`fault_errno`). ``path`` is the file or dir the user knows (not the
+    temporary sibling an atomic write fills); None names the OS error's own file.
 
     Args:
         where: the knob that picks the place (``output.dir``, ``-o``), named in the advice.
@@ -66,17 +80,20 @@ def write_error(exc: BaseException, path, where: str = "", kept: str = "") -> Us
     if code is None:
         return None
     where_hint = f" (set {where})" if where else ""
-    failed = getattr(exc, "filename", None) or path
+    failed = path if path is not None else getattr(exc, "filename", None)
     message = f"{failed}: cannot write ({os.strerror(code)}); {WRITE_FAULTS[code]}{where_hint}"
-    return UserError(message + (f"; {kept}" if kept else ""))
+    return WriteFault(message + (f"; {kept}" if kept else ""), failed, code)
 
 
 @contextmanager
 def writing(path, where: str = "", kept: str = "") -> Iterator[None]:
     """Run a write of ``path``; a write fault (no space, read-only, no permission, something in
-    the way) becomes :func:`write_error`'s one-line :class:`UserError`. Other errors pass."""
+    the way) becomes :func:`write_error`'s one-line :class:`WriteFault`. Other errors pass, and
+    so does a :class:`WriteFault` raised inside (it already names its path)."""
     try:
         yield
+    except WriteFault:
+        raise
     except Exception as exc:
         error = write_error(exc, path, where, kept)
         if error is None:

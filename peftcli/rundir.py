@@ -8,9 +8,12 @@
       loss.png                train and eval loss against step (:func:`plot_loss`)
       checkpoints/step-N/     adapter/, optimizer.pt, scheduler.pt, rng.pt, state.json
       tensorboard/            tracker logs (``train.report_to``)
+      .peft-lock              held by the ``peft train`` writing here (:meth:`RunDir.lock`)
 
-Every directory peft writes appears whole or not at all (:func:`atomic_dir`), and peft writes
-only inside the run dir (:meth:`RunDir.refuse_links`). This module knows no method and no adapter
+Every file and directory peft writes appears whole or not at all (:func:`atomic_dir`,
+:func:`write_text_atomic`), peft writes only inside the run dir (:meth:`RunDir.refuse_links`),
+and a failed write (no space, read-only, ...) is one line naming the file
+(:func:`peftcli.errors.writing`). This module knows no method and no adapter
 format: a checkpoint's adapter is written by a callable the trainer passes in.
 """
 
@@ -29,7 +32,14 @@ from typing import Callable, Iterator
 
 import torch
 
-from peftcli.errors import UserError
+from peftcli.errors import UserError, writing
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock (two trains into one dir are then not refused)
+    fcntl = None
+
+WHERE = "output.dir"  # the knob that moves a run's writes elsewhere, named in write-fault messages
 
 # ---------------------------------------------------------------------------------------------
 # atomic writes
@@ -102,15 +112,31 @@ def _swap_in(new: Path, out_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yields a temporary sibling of ``path`` to write; on success it is fsynced and renamed to
+    ``path``, so a reader (or a kill at any moment) sees the old file or the new one, never half
+    of one. On an exception the temporary file is removed and ``path`` is left as it was."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_file`."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
 def write_json_atomic(path: Path, obj) -> None:
-    """Write ``obj`` as indented JSON through a temporary file + fsync + rename: a reader sees
-    the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``obj`` as indented JSON through :func:`atomic_file`."""
+    write_text_atomic(path, json.dumps(obj, indent=2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,26 +172,30 @@ class RunLog:
     def __init__(self, path: Path, upto_step: int | None = None, enabled: bool = True):
         self.path, self.enabled = path, enabled
         self.accelerator = None  # set to an Accelerator with trackers to mirror train/eval events
+        self.tracker_dir: Path | None = None  # where those trackers write (named when a write there fails)
         self.events = [] if upto_step is None or not path.exists() else [
             e for e in read_events(path) if e.get("step", 0) <= upto_step]
         if enabled:
-            path.write_text("".join(json.dumps(e) + "\n" for e in self.events), encoding="utf-8")
+            with writing(path, WHERE):
+                write_text_atomic(path, "".join(json.dumps(e) + "\n" for e in self.events))
 
     def write(self, event: dict) -> None:
         """Append ``event`` (and mirror a train/eval event's numbers to the trackers, if any)."""
         self.events.append(event)
         if not self.enabled:  # a process other than the first keeps events in memory only
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(event) + "\n")
+        with writing(self.path, WHERE), open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(event) + "\n")  # a kill mid-line leaves a torn last line, which read_events skips
         if self.accelerator is not None and event.get("event") in ("train", "eval"):
             kind = event["event"]
             values = {f"{kind}/{k}": v for k, v in event.items() if k not in ("event", "step") and isinstance(v, (int, float))}
-            self.accelerator.log(values, step=event["step"])
+            with writing(self.tracker_dir or self.path.parent, WHERE):
+                self.accelerator.log(values, step=event["step"])
 
 
 def plot_loss(events: list[dict], path: Path) -> None:
-    """``loss.png``: train and eval loss (nats per supervised token) against optimizer step."""
+    """``loss.png``: train and eval loss (nats per supervised token) against optimizer step,
+    written through :func:`atomic_file`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,8 +213,15 @@ def plot_loss(events: list[dict], path: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +252,8 @@ class RunDir:
     """A run dir's layout (see the module docstring): the paths of its files, its checkpoints,
     and the rules for writing into it."""
 
-    FILES = ("recipe.yaml", "metrics.jsonl", "summary.json", "loss.png", "adapter", "checkpoints", "tensorboard")
+    FILES = ("recipe.yaml", "metrics.jsonl", "summary.json", "loss.png", "adapter", "checkpoints", "tensorboard", ".peft-lock")
+    REPLACED = ("adapter", "summary.json", "loss.png", "tensorboard", "metrics.jsonl")  # an earlier run's outputs, besides checkpoints
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -296,21 +334,127 @@ class RunDir:
         """Whether an earlier run wrote here (its metrics or any checkpoint, even a partial one)."""
         return self.metrics.exists() or bool(self.checkpoints(complete=False))
 
-    def remove_checkpoints(self) -> None:
-        """Delete every checkpoint peft wrote here (partial ones too), and ``checkpoints/`` itself
-        when nothing else is in it; other files a user keeps there stay."""
-        for old in self.checkpoints(complete=False):
-            shutil.rmtree(old, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            self.checkpoints_dir.rmdir()  # only when nothing else is in it
+    def earlier_work(self) -> list[str]:
+        """What an earlier run trained here and a fresh run would replace: its complete
+        checkpoints (``"checkpoints/step-N"``, newest last) and its ``"adapter"``. Empty when
+        there is nothing (metrics of a run killed before its first checkpoint are not work)."""
+        found = [f"checkpoints/{p.name}" for p in self.checkpoints()]
+        return found + ["adapter"] * self.adapter.exists()
+
+    def bytes_held(self) -> int:
+        """Bytes of the files :meth:`remove_earlier_run` would delete (they free that much)."""
+        paths = self.checkpoints(complete=False) + [self.path / name for name in self.REPLACED]
+        return sum(f.stat().st_size for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+
+    def remove_earlier_run(self) -> None:
+        """Delete what an earlier run wrote here: every checkpoint (partial ones too; other files a
+        user keeps in ``checkpoints/`` stay, and the dir with them), ``adapter/``, ``summary.json``,
+        ``loss.png``, ``tensorboard/``, ``metrics.jsonl``. Nothing else in the run dir is touched.
+
+        Raises:
+            WriteFault: a file could not be deleted (read-only, no permission).
+        """
+        with writing(self.path, WHERE):
+            for old in self.checkpoints(complete=False):
+                shutil.rmtree(old)
+            with contextlib.suppress(OSError):
+                self.checkpoints_dir.rmdir()  # only when nothing else is in it
+            for name in self.REPLACED:
+                p = self.path / name
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+
+    def sweep_temporaries(self) -> list[str]:
+        """Finish what a killed run left mid-write (call with :meth:`lock` held): a ``.NAME.old-*``
+        whose ``NAME`` is missing (killed between the two renames of a swap) is put back; other
+        temporaries of peft's own writes (``.NAME.tmp-*``, ``.NAME.old-*``, ``.NAME.tmp``) are
+        deleted. Returns what was put back or deleted, relative to the run dir."""
+        done = []
+        for parent in (self.path, self.checkpoints_dir):
+            for p in sorted(parent.glob(".*")) if parent.is_dir() else []:
+                found = re.fullmatch(r"\.(.+)\.(tmp|old)(-.+)?", p.name)
+                if not found or not (found.group(1) in self.FILES or re.fullmatch(r"step-\d+", found.group(1))):
+                    continue
+                target = parent / found.group(1)
+                if p.is_symlink():  # not peft's: a link is removed, never followed
+                    p.unlink()
+                    done.append(f"{p.relative_to(self.path)} deleted")
+                elif found.group(2) == "old" and not target.exists():
+                    os.replace(p, target)
+                    done.append(f"{target.relative_to(self.path)} put back")
+                elif p.is_dir():
+                    shutil.rmtree(p)
+                    done.append(f"{p.relative_to(self.path)} deleted")
+                else:
+                    p.unlink()
+                    done.append(f"{p.relative_to(self.path)} deleted")
+        return done
+
+    def write_recipe(self, text: str) -> None:
+        """``recipe.yaml`` (the resolved recipe), atomically."""
+        with writing(self.recipe, WHERE):
+            write_text_atomic(self.recipe, text)
 
     def write_summary(self, summary: dict) -> None:
         """``summary.json``, atomically (:func:`write_json_atomic`)."""
-        write_json_atomic(self.summary, summary)
+        with writing(self.summary, WHERE):
+            write_json_atomic(self.summary, summary)
 
     def plot_loss(self, events: list[dict]) -> None:
         """``loss.png`` from the metrics events (:func:`plot_loss`)."""
-        plot_loss(events, self.loss_plot)
+        with writing(self.loss_plot, WHERE):
+            plot_loss(events, self.loss_plot)
+
+    def check_room(self, needed: int, freed: int = 0) -> None:
+        """Refuse to start when the run dir's file system has less free space than ``needed``
+        bytes (plus ``freed``: what removing an earlier run will give back).
+
+        Raises:
+            UserError: names the run dir, the bytes needed and free, and what to change.
+        """
+        free = shutil.disk_usage(self.path).free + freed
+        if free < needed:
+            raise UserError(f"{WHERE} {self.path}: the run needs about {_mib(needed)} (adapter and checkpoints) and "
+                            f"{_mib(free)} is free there; free space, keep fewer checkpoints (train.keep_checkpoints, "
+                            f"train.save_every) or choose another {WHERE}")
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold ``.peft-lock`` while a ``peft train`` writes here, so a second one into the same
+        dir stops at once. The lock is the OS's (``flock``): a killed run never leaves it stuck.
+        Creates the run dir (its parents too); a run dir this call created that is still empty
+        when the block ends with an error is removed again.
+
+        Raises:
+            UserError: another process holds the lock (names its pid); WriteFault: the dir
+            cannot be created or written (read-only, no permission, ...).
+        """
+        created = not self.path.exists()
+        lock_file = self.path / ".peft-lock"
+        with writing(self.path, WHERE):
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                    raise UserError(f"{WHERE} {self.path}: another peft train (pid {holder}) is writing this run dir; "
+                                    f"wait for it to finish or choose another {WHERE}") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        except BaseException:
+            os.close(fd)
+            if created and [p.name for p in self.path.iterdir()] == [lock_file.name]:
+                lock_file.unlink()
+                self.path.rmdir()
+            raise
+        else:
+            os.close(fd)
 
     # ------------------------------------------------------------------ checkpoints
 

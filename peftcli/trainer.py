@@ -14,6 +14,7 @@ What the loop builds on lives beside it: the setup path in :mod:`peftcli.prepare
 from __future__ import annotations
 
 import math
+import os
 import random
 import signal
 import threading
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from peftcli import artifacts, data, guard, methods, prepare
-from peftcli.errors import Interrupted, UserError
+from peftcli.errors import Interrupted, UserError, WriteFault, write_error, writing
 from peftcli.loss import SupervisedLoss, count_supervised, eval_loss, make_collate
 from peftcli.prepare import Prepared
 from peftcli.recipe import Recipe, dump
@@ -51,9 +52,16 @@ class TrainResult:
     datasets: object = field(repr=False)
 
 
-def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
+def train(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = False) -> TrainResult:
     """Train ``recipe`` and write the run dir (recipe.yaml, adapter/, metrics.jsonl, summary.json,
     loss.png, checkpoints/). Returns the run dir, summary and the trained model.
+
+    Nothing is written until everything is checked: the run dir (not locked by another run; an
+    earlier run's checkpoints or adapter are replaced only with ``overwrite``), the data, the
+    model and method, the loss path, and the free space for the adapter and checkpoints. A
+    failed write later (no space, read-only, ...) is one line naming the file and where the
+    trained work is kept (:class:`peftcli.errors.WriteFault`); the final adapter is the first
+    file written after the last step.
 
     Under a launcher that starts N processes (``peft train --num-processes N``, torchrun,
     ``accelerate launch``) each optimizer step takes N × ``grad_accum`` micro-batches from the
@@ -61,12 +69,23 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
     same gradient, as one process with N × ``grad_accum``. Only the first process writes files.
 
     Raises:
-        UserError: bad model/data (from loading), a non-finite loss.
+        UserError: bad model/data (from loading), a non-finite loss, the run dir in use or holding
+            an earlier run (without ``resume`` / ``overwrite``), too little free space.
+        WriteFault: a write failed; the message says what was kept.
         Interrupted: SIGINT/SIGTERM; a checkpoint was written first.
     """
-    run = setup(recipe, resume, console)
-    run_steps(run)
-    return finish(run)
+    rundir = RunDir(recipe.output.dir)
+    with rundir.lock() if _first_process() else nullcontext():
+        run = None
+        try:
+            run = setup(recipe, resume, console, overwrite)
+            run_steps(run)
+            return finish(run)
+        except Exception as exc:
+            fault = exc if isinstance(exc, WriteFault) else write_error(exc, None, "output.dir")
+            if fault is None:
+                raise
+            raise fault.keeping(_kept(rundir, run)) from None
 
 
 @dataclass
@@ -115,6 +134,8 @@ class Run:
     steps: int  # optimizer steps of the whole run
     start: int  # steps already done (a resumed run)
     counters: Counters
+    adapter_saved: bool = False  # the final adapter/ is written
+    final_checkpoint_fault: WriteFault | None = None  # the last step's checkpoint failed; raised after adapter/
 
     @property
     def recipe(self) -> Recipe:
@@ -133,10 +154,12 @@ class Run:
 # 1. setup
 
 
-def setup(recipe: Recipe, resume: bool = False, console=None) -> Run:
-    """Everything before the first step: the accelerator, the run dir (:func:`_open_run_dir`),
-    the model with its method (:func:`peftcli.prepare.load`), the loss path, the metrics log, the
-    optimizer and schedule, and with ``resume`` the latest checkpoint's state.
+def setup(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = False) -> Run:
+    """Everything before the first step: the accelerator, the run dir's state
+    (:func:`_earlier_run`), the model with its method (:func:`peftcli.prepare.load`), the loss
+    path, the free space (:func:`bytes_needed`); only then the first writes (an earlier run
+    replaced, ``recipe.yaml``, the metrics log), the optimizer and schedule, and with ``resume``
+    the latest checkpoint's state.
 
     Raises:
         UserError: as :func:`train`; ``--resume`` with a checkpoint of another base.
@@ -148,22 +171,33 @@ def setup(recipe: Recipe, resume: bool = False, console=None) -> Run:
     main = accelerator.is_main_process
     console = (console or Console(stderr=True)) if main else Console(stderr=True, quiet=True)
     rundir = RunDir(recipe.output.dir)
-    checkpoint = _open_run_dir(rundir, resume, main, console)
+    if main:
+        for done in rundir.sweep_temporaries():
+            console.print(f"note: a killed run's temporary file: {done}")
+    checkpoint, replace = _earlier_run(rundir, resume, overwrite, console)
     seed_everything(t.seed)
     prepared = prepare.load(recipe, check_base=partial(_check_resumed_base, checkpoint))
-    if main:  # after apply, which wrote the model's default target_modules into recipe.method: the explicit list
-        rundir.recipe.write_text(dump(recipe), encoding="utf-8")
+    _fit_micro_batch(recipe, len(prepared.datasets.train), console)
     _print_prepared(console, prepared, accelerator.num_processes, accelerator.distributed_type)
     if recipe.model.quantization == "none":
         prepared.model.to(accelerator.device)  # the check runs where training does (4/8-bit weights are placed at load)
     path = prepare.loss_path(prepared, accelerator.autocast, console)
     console.print(path.describe())
+    if main:  # everything is known good: the first writes
+        rundir.check_room(bytes_needed(prepared, total_steps(recipe, len(prepared.datasets.train))),
+                          freed=rundir.bytes_held() if replace else 0)
+        if replace:
+            console.print(f"note: {rundir.path} held an earlier run; {replace}")
+            rundir.remove_earlier_run()
+        # after apply, which wrote the model's default target_modules into recipe.method: the explicit list
+        rundir.write_recipe(dump(recipe))
     if t.gradient_checkpointing:
         prepare.enable_gradient_checkpointing(prepared.model)
     log = _open_log(rundir, checkpoint, prepared.datasets, main)
     if t.report_to:
-        accelerator.init_trackers("peftcli", config=_flat(recipe.model_dump(mode="json")))
-        log.accelerator = accelerator
+        with writing(rundir.tensorboard, "output.dir"):
+            accelerator.init_trackers("peftcli", config=_flat(recipe.model_dump(mode="json")))
+        log.accelerator, log.tracker_dir = accelerator, rundir.tensorboard
     return _start_optimizing(accelerator, console, rundir, prepared, path, log, checkpoint)
 
 
@@ -178,21 +212,82 @@ def _accelerator(recipe: Recipe):
                        project_config=ProjectConfiguration(project_dir=str(rundir.path), logging_dir=str(rundir.tensorboard)))
 
 
-def _open_run_dir(rundir: RunDir, resume: bool, main: bool, console) -> Path | None:
-    """The checkpoint to resume from (None: start at step 0). On the first process: refuse links,
-    clear an earlier run's metrics and checkpoints unless resuming, create the dir."""
-    checkpoint = rundir.latest_checkpoint() if resume else None
-    if resume and checkpoint is None:  # killed before its first checkpoint: there is nothing to keep
-        console.print(f"note: {rundir.path} has no checkpoint yet (train.save_every writes them); starting from step 0")
-    if not main:
-        return checkpoint
+def _earlier_run(rundir: RunDir, resume: bool, overwrite: bool, console) -> tuple[Path | None, str]:
+    """What is in the run dir, read only: the checkpoint to resume from (None: start at step 0)
+    and, when a fresh run will replace an earlier one (so ``--resume`` never mixes two runs),
+    the note saying what goes ("" when nothing). Deletes nothing: :func:`setup` does, once the
+    recipe, data and model are known good.
+
+    Raises:
+        UserError: a link in place of a run file; ``resume`` and ``overwrite`` together; an
+            earlier run's checkpoints or adapter without ``overwrite`` (names ``--resume`` and
+            ``--overwrite``).
+    """
     rundir.refuse_links()
-    if checkpoint is None and rundir.holds_run():
-        # a fresh run replaces an earlier one in the same dir, so --resume never mixes two runs
-        console.print(f"note: {rundir.path} held an earlier run; its metrics and checkpoints are replaced")
-        rundir.remove_checkpoints()
-    rundir.path.mkdir(parents=True, exist_ok=True)  # recipe.yaml is written once data, model and method are known good
-    return checkpoint
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite: choose one (continue the run in output.dir, or replace it)")
+    checkpoint = rundir.latest_checkpoint() if resume else None
+    if checkpoint is not None:
+        return checkpoint, ""
+    work = rundir.earlier_work()
+    if work and not overwrite:
+        checkpoints = [w for w in work if w != "adapter"]
+        shown = ([checkpoints[-1] if len(checkpoints) == 1 else f"{len(checkpoints)} checkpoints up to {checkpoints[-1]}"]
+                 if checkpoints else []) + ["adapter/"] * ("adapter" in work)
+        shown = " and ".join(shown)
+        hint = ("it has no checkpoint to resume from; replace it with --overwrite" if resume else
+                "continue it with --resume, or replace it with --overwrite")
+        raise UserError(f"output.dir {rundir.path}: holds an earlier run ({shown}); {hint} (or choose another output.dir)")
+    if resume:  # killed before its first checkpoint: there is nothing to keep
+        console.print(f"note: {rundir.path} has no checkpoint yet (train.save_every writes them); starting from step 0")
+    if work:
+        return None, "its checkpoints, adapter and metrics are replaced (--overwrite)"
+    return None, "its metrics are replaced (it had no checkpoint or adapter)" if rundir.holds_run() else ""
+
+
+def _fit_micro_batch(recipe: Recipe, n_train: int, console) -> None:
+    """A micro-batch larger than the train set holds the whole set: ``train.micro_batch_size``
+    is lowered to ``n_train`` with a note (recipe.yaml and summary.json record the size used)."""
+    t = recipe.train
+    if 0 < n_train < t.micro_batch_size:
+        console.print(f"note: train.micro_batch_size {t.micro_batch_size} is more than the {n_train} train "
+                      f"example{'s' * (n_train != 1)}; micro-batches hold {n_train}")
+        t.micro_batch_size = n_train
+
+
+def bytes_needed(prepared: Prepared, steps: int) -> int:
+    """Disk bytes a run will write at most: the adapter (the trainable parameters) plus, at the
+    peak, the checkpoints kept at once (each the adapter, AdamW's two moments per parameter and
+    the small states; one more than ``train.keep_checkpoints`` exists while the newest is
+    written), plus 1 MiB for the metrics, summary and plot, and 10% margin."""
+    t = prepared.recipe.train
+    adapter = sum(p.numel() * p.element_size() for p in prepared.model.parameters() if p.requires_grad)
+    checkpoint = 3 * adapter + 2**16
+    written = math.ceil(steps / t.save_every) if t.save_every else 0
+    at_once = min(written, t.keep_checkpoints + 1) if t.keep_checkpoints else written
+    return int(1.1 * (adapter + at_once * checkpoint + 2**20))
+
+
+def _first_process() -> bool:
+    """Whether this is the first process (the one that writes), known before the Accelerator is made."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _kept(rundir: RunDir, run: Run | None) -> str:
+    """What a failed write did not lose, for its message: nothing trained yet (``run`` is None:
+    setup failed), the final adapter once written, else the newest checkpoint and how to go on
+    from it."""
+    if run is None:
+        return "nothing was trained yet"
+    if run.adapter_saved:
+        return f"the trained adapter is saved in {rundir.adapter}"
+    checkpoint = rundir.latest_checkpoint()
+    go_on = f"peft train {rundir.recipe} --resume"
+    if checkpoint is None:
+        return f"no checkpoint was written yet ({go_on} starts again)"
+    if RunDir.step_of(checkpoint) >= run.steps:
+        return f"the trained adapter is kept in {RunDir.adapter_of(checkpoint)} (finish with: {go_on})"
+    return f"the newest checkpoint is {checkpoint} (continue with: {go_on})"
 
 
 def _check_resumed_base(checkpoint: Path | None, model: nn.Module) -> None:
@@ -286,7 +381,12 @@ def run_steps(run: Run) -> None:
             stopping = _any_process(run.accelerator, stop.signum is not None)
             # the last step too, so --resume on a finished run has nothing to redo
             if stopping or (t.save_every and (step % t.save_every == 0 or step == run.steps)):
-                _checkpoint(run, step, (stop.signum or signal.SIGTERM) if stopping else None)
+                try:
+                    _checkpoint(run, step, (stop.signum or signal.SIGTERM) if stopping else None)
+                except WriteFault as fault:
+                    if step != run.steps or stopping:
+                        raise
+                    run.final_checkpoint_fault = fault  # the adapter (smaller) is still written; raised after it
             progress.update(task, completed=step)
 
 
@@ -364,8 +464,9 @@ def _checkpoint(run: Run, step: int, signum: int | None) -> None:
         rng = gather_object(rng)
     saved = run.rundir.checkpoint(step)
     if run.main:
-        run.rundir.save_checkpoint(step, partial(_write_adapter, run.prepared), run.optimizer, run.scheduler, rng,
-                                   run.stream.position, run.counters.saved())
+        with writing(saved, "output.dir"):
+            run.rundir.save_checkpoint(step, partial(_write_adapter, run.prepared), run.optimizer, run.scheduler, rng,
+                                       run.stream.position, run.counters.saved())
     run.accelerator.wait_for_everyone()
     if run.main:
         run.rundir.prune_checkpoints(run.recipe.train.keep_checkpoints)
@@ -383,14 +484,22 @@ def _checkpoint(run: Run, step: int, signum: int | None) -> None:
 
 
 def finish(run: Run) -> TrainResult:
-    """The final eval and the run's files (first process): ``adapter/``, ``summary.json``,
-    ``loss.png``; then the trained model in eval mode."""
+    """The run's files (first process): ``adapter/`` first, then the final eval, ``summary.json``
+    and ``loss.png``; then the trained model in eval mode.
+
+    Raises:
+        WriteFault: a write failed (the last step's checkpoint included), after the adapter was
+            written if it could be.
+    """
     summary = _summary(run)
     if run.main:
         _write_outputs(run, summary)
     run.accelerator.wait_for_everyone()
+    if run.final_checkpoint_fault is not None:
+        raise run.final_checkpoint_fault  # train() adds that the adapter is saved
     if run.recipe.train.report_to:
-        run.accelerator.end_training()
+        with writing(run.rundir.tensorboard, "output.dir"):
+            run.accelerator.end_training()
     p = run.prepared
     p.model.eval()
     return TrainResult(run.rundir.path, summary, p.model, p.tokenizer, p.datasets)
@@ -410,7 +519,11 @@ def _summary(run: Run) -> dict:
 
 
 def _write_outputs(run: Run, summary: dict) -> None:
-    """The final eval (unless a finished run resumed has it already), adapter/, summary.json, loss.png."""
+    """adapter/ (first: a failure after it keeps the trained weights), the final eval (unless a
+    finished run resumed has it already), summary.json, loss.png."""
+    with writing(run.rundir.adapter, "output.dir"):
+        summary["adapter_dir"] = str(_write_adapter(run.prepared, run.rundir.adapter))
+    run.adapter_saved = True
     if run.prepared.eval_examples:
         final = [e for e in run.log.events if e.get("event") == "eval" and e.get("step") == run.steps]
         if final:
@@ -420,7 +533,6 @@ def _write_outputs(run: Run, summary: dict) -> None:
             run.log.write({"event": "eval", "step": run.steps, **ev})
         summary.update(ev)
         run.console.print(f"final eval loss {ev['eval_loss']:.4f}  ppl {ev['eval_ppl']:.2f}")
-    summary["adapter_dir"] = str(_write_adapter(run.prepared, run.rundir.adapter))
     run.rundir.write_summary(summary)
     run.rundir.plot_loss(run.log.events)
     run.console.print(f"wrote {run.rundir.path}/ (adapter/, metrics.jsonl, summary.json, loss.png) in {summary['wall_s']:.1f}s")

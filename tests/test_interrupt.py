@@ -20,6 +20,8 @@ from helpers import write_jsonl, write_recipe
 from safetensors.torch import load_file
 from tiny import SORT_ROWS
 
+from peftcli.errors import UserError
+
 STEPS = 12
 
 
@@ -157,7 +159,12 @@ def test_a_new_run_replaces_only_what_peft_wrote(tmp_path, tiny_dir):
     (run / "checkpoints" / "step-9" / "state.json").write_text("{}")
     (run / "checkpoints" / ".step-10.tmp-abc").mkdir()  # and one it was killed while writing
     (run / "notes.txt").write_text("keep")
-    train(load_recipe(_recipe(tmp_path, tiny_dir, "run", max_steps=2, save_every=0)))
+    recipe = load_recipe(_recipe(tmp_path, tiny_dir, "run", max_steps=2, save_every=0))
+    with pytest.raises(UserError, match=r"holds an earlier run \(checkpoints/step-9\); continue it with --resume, "
+                                        r"or replace it with --overwrite"):
+        train(recipe)
+    assert (run / "checkpoints" / "step-9" / "state.json").exists() and (run / "checkpoints" / ".step-10.tmp-abc").exists()
+    train(recipe, overwrite=True)
     assert (run / "checkpoints" / "mine" / "model.ckpt").read_text() == "keep" and (run / "notes.txt").read_text() == "keep"
     assert not (run / "checkpoints" / "step-9").exists() and not (run / "checkpoints" / ".step-10.tmp-abc").exists()
 

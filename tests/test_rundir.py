@@ -42,21 +42,28 @@ def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
     assert sorted(p.name for p in run.checkpoints_dir.iterdir()) == ["step-3", "step-4", "step-9"]
 
 
-def test_remove_checkpoints_keeps_what_peft_did_not_write(tmp_path):
+def test_remove_earlier_run_keeps_what_peft_did_not_write(tmp_path):
     run = RunDir(tmp_path)
-    assert not run.holds_run()
+    assert not run.holds_run() and run.earlier_work() == []
     _complete(run, 3)
     (run.checkpoints_dir / ".step-4.old-xyz").mkdir()
     (run.checkpoints_dir / "mine").mkdir()
-    assert run.holds_run()
-    run.remove_checkpoints()
+    run.adapter.mkdir()
+    (run.adapter / "adapter_model.safetensors").write_bytes(b"x" * 10)
+    run.summary.write_text("{}")
+    (tmp_path / "notes.txt").write_text("my notes")
+    assert run.holds_run() and run.earlier_work() == ["checkpoints/step-3", "adapter"]
+    assert run.bytes_held() >= 12
+    run.remove_earlier_run()
     assert [p.name for p in run.checkpoints_dir.iterdir()] == ["mine"] and not run.holds_run()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "notes.txt"]
+    assert (tmp_path / "notes.txt").read_text() == "my notes"
     (run.checkpoints_dir / "mine").rmdir()
     _complete(run, 1)
-    run.remove_checkpoints()
+    run.remove_earlier_run()
     assert not run.checkpoints_dir.exists()  # emptied: the dir itself goes too
     run.metrics.write_text("")
-    assert run.holds_run()  # an earlier run's metrics alone count
+    assert run.holds_run() and run.earlier_work() == []  # an earlier run's metrics alone count, but are not work
 
 
 def test_checkpoint_round_trip(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -312,7 +313,9 @@ def test_fresh_run_replaces_an_earlier_run(tmp_path, tiny_dir):
     recipe = _tiny_recipe(tmp_path, tiny_dir, ROWS, max_steps=6, save_every=3, eval_every=0)
     train(recipe)
     again = recipe.model_copy(update={"train": recipe.train.model_copy(update={"max_steps": 2, "save_every": 0})})
-    result = train(again)
+    with pytest.raises(UserError, match=r"holds an earlier run \(2 checkpoints up to checkpoints/step-6 and adapter/\)"):
+        train(again)
+    result = train(again, overwrite=True)
     assert not (result.run_dir / "checkpoints").exists()  # no stale checkpoint to --resume from
     events = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["event"] == "train"] == [2]
@@ -446,12 +449,19 @@ def test_chunked_head_cross_entropy_equals_the_full_logits_formula(n):
         assert head_cross_entropy(head, h, targets).item() == pytest.approx(ref.item(), rel=1e-6)
 
 
-def test_a_failed_run_leaves_the_run_dirs_recipe_untouched(tmp_path, tiny_dir):
-    recipe = tiny_run_recipe(tmp_path, tiny_dir, {"name": "lora"}, max_steps=1)
+def test_C20_a_bad_run_leaves_the_earlier_run_untouched(tmp_path, tiny_dir):
+    """CASES C20: a new run into a run dir, --overwrite given, whose data turns out to be bad:
+    every file of the earlier run (its recipe, adapter, checkpoint, metrics) is byte-identical."""
+    recipe = tiny_run_recipe(tmp_path, tiny_dir, {"name": "lora"}, max_steps=2)
+    recipe.train.save_every = 1
     train(recipe)
-    before = (tmp_path / "run" / "recipe.yaml").read_bytes()
+    run = tmp_path / "run"
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert Path("adapter/adapter_model.safetensors") in before and Path("checkpoints/step-2/optimizer.pt") in before
     bad = recipe.model_copy(deep=True)
     bad.data.train.path = str(tmp_path / "missing.jsonl")
     with pytest.raises(UserError, match="missing.jsonl: data file not found"):
-        train(bad)
-    assert (tmp_path / "run" / "recipe.yaml").read_bytes() == before
+        train(bad, overwrite=True)
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
