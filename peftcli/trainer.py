@@ -51,7 +51,7 @@ class TrainResult:
     datasets: object = field(repr=False)
 
 
-def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
+def train(recipe: Recipe, resume: bool = False, console=None, skip_corrupt: bool = False) -> TrainResult:
     """Train ``recipe`` and write the run dir (recipe.yaml, adapter/, metrics.jsonl, summary.json,
     loss.png, checkpoints/). Returns the run dir, summary and the trained model.
 
@@ -64,7 +64,7 @@ def train(recipe: Recipe, resume: bool = False, console=None) -> TrainResult:
         UserError: bad model/data (from loading), a non-finite loss.
         Interrupted: SIGINT/SIGTERM; a checkpoint was written first.
     """
-    run = setup(recipe, resume, console)
+    run = setup(recipe, resume, console, skip_corrupt)
     run_steps(run)
     return finish(run)
 
@@ -133,7 +133,7 @@ class Run:
 # 1. setup
 
 
-def setup(recipe: Recipe, resume: bool = False, console=None) -> Run:
+def setup(recipe: Recipe, resume: bool = False, console=None, skip_corrupt: bool = False) -> Run:
     """Everything before the first step: the accelerator, the run dir (:func:`_open_run_dir`),
     the model with its method (:func:`peftcli.prepare.load`), the loss path, the metrics log, the
     optimizer and schedule, and with ``resume`` the latest checkpoint's state.
@@ -148,7 +148,7 @@ def setup(recipe: Recipe, resume: bool = False, console=None) -> Run:
     main = accelerator.is_main_process
     console = (console or Console(stderr=True)) if main else Console(stderr=True, quiet=True)
     rundir = RunDir(recipe.output.dir)
-    checkpoint = _open_run_dir(rundir, resume, main, console)
+    checkpoint = _open_run_dir(rundir, resume, main, console, skip_corrupt)
     seed_everything(t.seed)
     prepared = prepare.load(recipe, check_base=partial(_check_resumed_base, checkpoint))
     if main:  # after apply, which wrote the model's default target_modules into recipe.method: the explicit list
@@ -178,10 +178,10 @@ def _accelerator(recipe: Recipe):
                        project_config=ProjectConfiguration(project_dir=str(rundir.path), logging_dir=str(rundir.tensorboard)))
 
 
-def _open_run_dir(rundir: RunDir, resume: bool, main: bool, console) -> Path | None:
+def _open_run_dir(rundir: RunDir, resume: bool, main: bool, console, skip_corrupt: bool = False) -> Path | None:
     """The checkpoint to resume from (None: start at step 0). On the first process: refuse links,
     clear an earlier run's metrics and checkpoints unless resuming, create the dir."""
-    checkpoint = rundir.latest_checkpoint() if resume else None
+    checkpoint = rundir.resume_point(skip_corrupt, console.print) if resume else None  # verified; --skip-corrupt falls back
     if resume and checkpoint is None:  # killed before its first checkpoint: there is nothing to keep
         console.print(f"note: {rundir.path} has no checkpoint yet (train.save_every writes them); starting from step 0")
     if not main:
