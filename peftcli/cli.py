@@ -87,6 +87,8 @@ def train(
     output_dir: Optional[str] = typer.Option(None, "--output-dir", help="run dir (default: the recipe's output.dir)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the run dir's latest checkpoint"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier run's checkpoints and adapter in the run dir"),
+    skip_corrupt: bool = typer.Option(False, "--skip-corrupt",
+                                      help="with --resume: pass over corrupt checkpoints to the newest intact one"),
     smoke: bool = typer.Option(False, "--smoke", help="CI check: a few steps on a few rows, then verify loss and adapter round-trip"),
     num_processes: int = typer.Option(1, "--num-processes", min=1,
                                       help="data-parallel processes on this machine (started with torchrun)"),
@@ -102,7 +104,7 @@ def train(
         launcher.check_devices(num_processes)
         raise typer.Exit(launcher.launch(num_processes))
     r = smoke_check.load_recipe(recipe, set_, output_dir) if smoke else recipes.load_recipe(recipe, set_, output_dir)
-    result = run_training(r, resume=resume, console=err, overwrite=overwrite)
+    result = run_training(r, resume=resume, console=err, overwrite=overwrite, skip_corrupt=skip_corrupt)
     if os.environ.get("RANK", "0") != "0":
         return  # the first process reports
     if smoke:

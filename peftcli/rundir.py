@@ -20,8 +20,10 @@ format: a checkpoint's adapter is written by a callable the trainer passes in.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -32,7 +34,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from peftcli.errors import UserError, writing
+from peftcli.errors import UserError, write_error, writing
 
 try:
     import fcntl
@@ -226,6 +228,68 @@ def _mib(n: int) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # checkpoints
+
+
+def _sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_sums(checkpoint: Path) -> dict[str, dict]:
+    """What ``state.json`` records of a checkpoint's files: every file under ``checkpoint``
+    except ``state.json`` itself (``adapter/*`` too), by path relative to it (``/``-separated)
+    -> ``{"bytes": size, "sha256": hex digest}``."""
+    return {p.relative_to(checkpoint).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(checkpoint.rglob("*")) if p.is_file() and p != checkpoint / "state.json"}
+
+
+def _save_torch(obj, path: Path) -> None:
+    """``torch.save`` through a Python file object: a failed write is then a plain ``OSError``
+    with its errno (to a path, torch raises a ``RuntimeError`` without one)."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def _load_torch(path: Path):
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never a pickled object.
+
+    Raises:
+        UserError: one line naming the file: it holds a pickled object that is not weights
+            (refused, unpickling could run code), it is not a readable torch file (truncated,
+            overwritten), or it is missing.
+    """
+    try:
+        return torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing") from None
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise UserError(f"{path}: holds a pickled object{what} that is not weights; refused, not loaded "
+                        "(unpickling it could run code)") from None
+    except Exception as e:  # torch reports a truncated or foreign file as RuntimeError, KeyError, EOFError, ...
+        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"{path}: not a readable torch file, truncated or overwritten ({type(e).__name__}: {first})") from None
+
+
+def _is_record(rel, want) -> bool:
+    """Whether ``rel -> want`` is an entry of a ``"files"`` map: a relative path inside the
+    checkpoint -> ``{"bytes": int, "sha256": str}``."""
+    inside = isinstance(rel, str) and not Path(rel).is_absolute() and ".." not in Path(rel).parts
+    return inside and isinstance(want, dict) and isinstance(want.get("bytes"), int) and isinstance(want.get("sha256"), str)
+
+
+def _fault_in(checkpoint: Path) -> UserError | None:
+    """What :meth:`RunDir.verify_checkpoint` finds wrong with ``checkpoint``; None if it is intact."""
+    try:
+        RunDir.verify_checkpoint(checkpoint)
+    except UserError as e:
+        return e
+    return None
 
 
 @dataclass
@@ -486,7 +550,8 @@ class RunDir:
     def save_checkpoint(self, step: int, write_adapter: Callable[[Path], object], optimizer, scheduler,
                         rng: list[torch.Tensor], position: dict, progress: dict | None = None) -> Path:
         """Write ``checkpoints/step-N/`` through :func:`atomic_dir`, so a checkpoint on disk is
-        never partial (call it on the first process only).
+        never partial (call it on the first process only). ``state.json`` is written last and
+        records the size and SHA-256 of every other file (``"files"``, :meth:`verify_checkpoint`).
 
         Args:
             write_adapter: writes the adapter dir it is given (``adapter/`` of the checkpoint).
@@ -496,24 +561,124 @@ class RunDir:
                 (losses not logged yet, tokens seen, elapsed seconds).
         Returns:
             the checkpoint dir.
+        Raises:
+            UserError: a write fault (no space, read-only, no permission, ...; :func:`write_error`)
+                naming the file, ``output.dir``, and the newest intact earlier checkpoint, which is kept.
         """
         final = self.checkpoint(step)
-        with atomic_dir(final) as tmp:
-            write_adapter(RunDir.adapter_of(tmp))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save({"torch": rng}, tmp / "rng.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": step, "data": position, "progress": progress or {}}))
+        try:
+            with atomic_dir(final) as tmp:
+                write_adapter(RunDir.adapter_of(tmp))
+                _save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
+                _save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
+                _save_torch({"torch": rng}, tmp / "rng.pt")
+                state = {"step": step, "data": position, "progress": progress or {}, "files": _file_sums(tmp)}
+                (tmp / "state.json").write_text(json.dumps(state))
+        except Exception as exc:  # errors.writing's mapping, with `kept` looked up only on a failure
+            error = write_error(exc, final, where="output.dir", kept=self._kept_besides(final))
+            if error is None:
+                raise
+            raise error from None
         return final
+
+    def _kept_besides(self, final: Path) -> str:
+        """What a failed write of checkpoint ``final`` leaves to resume from, for its message."""
+        earlier = [p for p in self.checkpoints() if p != final]
+        intact = next((p for p in reversed(earlier) if _fault_in(p) is None), None)
+        if intact is not None:
+            return f"the newest intact checkpoint is kept: {intact}"
+        return "no intact earlier checkpoint" if earlier else "no earlier checkpoint"
+
+    @staticmethod
+    def verify_checkpoint(checkpoint: Path) -> None:
+        """Check a checkpoint dir against what its ``state.json`` records: each file's size and
+        SHA-256 (``"files"``, written by :meth:`save_checkpoint`). A checkpoint written before
+        they were recorded (no ``"files"``) is accepted as before, unchecked: only loading it
+        (:meth:`read_checkpoint`, the adapter's reader) can then find a bad file.
+
+        Raises:
+            UserError: one line naming the first bad file: ``state.json`` missing or unreadable,
+                a recorded file missing, its size differs (truncated), or its checksum differs.
+        """
+        state = RunDir._read_state(checkpoint)
+        files = state.get("files")
+        if files is None:
+            return  # an older checkpoint: nothing recorded to check against
+        if not isinstance(files, dict) or not all(_is_record(rel, want) for rel, want in files.items()):
+            raise UserError(f"{checkpoint / 'state.json'}: unreadable ('files' is not a map of path -> bytes and sha256)")
+        for rel, want in files.items():
+            file = checkpoint / rel
+            if not file.is_file():
+                raise UserError(f"{file}: missing (state.json records {want['bytes']} bytes)")
+            size = file.stat().st_size
+            if size != want["bytes"]:
+                how = "truncated" if size < want["bytes"] else "size differs"
+                raise UserError(f"{file}: {how} ({size} bytes, state.json records {want['bytes']})")
+            if _sha256(file) != want["sha256"]:
+                raise UserError(f"{file}: checksum differs from state.json's (same size, other bytes: changed after it was written)")
+
+    @staticmethod
+    def _read_state(checkpoint: Path) -> dict:
+        """A checkpoint's ``state.json``.
+
+        Raises:
+            UserError: missing, not JSON, or not a checkpoint's state (no integer step and data position).
+        """
+        file = checkpoint / "state.json"
+        try:
+            state = json.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"{file}: missing (the checkpoint was not written to the end)") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{file}: unreadable ({e})") from None
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(state.get("data"), dict):
+            raise UserError(f"{file}: unreadable (not a checkpoint's state: no step and data position)")
+        return state
+
+    def resume_point(self, skip_corrupt: bool = False, say: Callable[[str], None] = print) -> Path | None:
+        """The checkpoint ``peft train --resume`` continues from: the newest complete one that
+        verifies (:meth:`verify_checkpoint`); None when there is none. A corrupt checkpoint is
+        never deleted here.
+
+        Args:
+            skip_corrupt: (``--skip-corrupt``) pass over corrupt checkpoints to the newest intact
+                one (None if none is), saying one line through ``say`` that names those skipped.
+        Raises:
+            UserError: the newest checkpoint is corrupt and ``skip_corrupt`` is False: names its bad
+                file and ends with the way on (``--resume --skip-corrupt`` to the newest intact
+                checkpoint, or ``--overwrite`` when none is intact).
+        """
+        corrupt, intact = [], None
+        for checkpoint in reversed(self.checkpoints()):
+            fault = _fault_in(checkpoint)
+            if fault is None:
+                intact = checkpoint
+                break
+            corrupt.append(fault)
+        if not corrupt:
+            return intact
+        if not skip_corrupt:
+            way = (f"resume from the newest intact checkpoint ({intact.name}) with --resume --skip-corrupt"
+                   if intact else "no intact checkpoint: start again with --overwrite")
+            raise UserError(f"{corrupt[0]}; {way}")
+        say(f"note: --skip-corrupt: skipped {len(corrupt)} corrupt checkpoint{'s' * (len(corrupt) > 1)} "
+            f"({'; '.join(map(str, corrupt))}); " + (f"resuming from {intact}" if intact else "no intact checkpoint is left"))
+        return intact
 
     @staticmethod
     def read_checkpoint(checkpoint: Path) -> Checkpoint:
         """The states a checkpoint dir holds (:class:`Checkpoint`); the adapter weights are left
-        to the caller. A checkpoint of one process holds one RNG state (older ones a bare tensor)."""
-        rng = torch.load(checkpoint / "rng.pt", weights_only=True)["torch"]
-        state = json.loads((checkpoint / "state.json").read_text())
-        return Checkpoint(path=checkpoint, step=int(state["step"]), adapter=RunDir.adapter_of(checkpoint),
-                          optimizer=torch.load(checkpoint / "optimizer.pt", weights_only=True),
-                          scheduler=torch.load(checkpoint / "scheduler.pt", weights_only=True),
+        to the caller. A checkpoint of one process holds one RNG state (older ones a bare tensor).
+        It is not verified here (:meth:`verify_checkpoint`; :meth:`resume_point` does).
+
+        Raises:
+            UserError: one line naming the file that cannot be loaded: ``state.json`` unreadable,
+                a ``.pt`` file truncated or holding a pickled object (refused by ``weights_only``).
+        """
+        state = RunDir._read_state(checkpoint)
+        rng = _load_torch(checkpoint / "rng.pt")["torch"]
+        return Checkpoint(path=checkpoint, step=state["step"], adapter=RunDir.adapter_of(checkpoint),
+                          optimizer=_load_torch(checkpoint / "optimizer.pt"),
+                          scheduler=_load_torch(checkpoint / "scheduler.pt"),
                           rng=rng if isinstance(rng, list) else [rng],
                           position=state["data"], progress=state.get("progress", {}))

@@ -52,7 +52,8 @@ class TrainResult:
     datasets: object = field(repr=False)
 
 
-def train(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = False) -> TrainResult:
+def train(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = False,
+          skip_corrupt: bool = False) -> TrainResult:
     """Train ``recipe`` and write the run dir (recipe.yaml, adapter/, metrics.jsonl, summary.json,
     loss.png, checkpoints/). Returns the run dir, summary and the trained model.
 
@@ -78,7 +79,7 @@ def train(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = 
     with rundir.lock() if _first_process() else nullcontext():
         run = None
         try:
-            run = setup(recipe, resume, console, overwrite)
+            run = setup(recipe, resume, console, overwrite, skip_corrupt)
             run_steps(run)
             return finish(run)
         except Exception as exc:
@@ -154,7 +155,8 @@ class Run:
 # 1. setup
 
 
-def setup(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = False) -> Run:
+def setup(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = False,
+          skip_corrupt: bool = False) -> Run:
     """Everything before the first step: the accelerator, the run dir's state
     (:func:`_earlier_run`), the model with its method (:func:`peftcli.prepare.load`), the loss
     path, the free space (:func:`bytes_needed`); only then the first writes (an earlier run
@@ -174,7 +176,7 @@ def setup(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = 
     if main:
         for done in rundir.sweep_temporaries():
             console.print(f"note: a killed run's temporary file: {done}")
-    checkpoint, replace = _earlier_run(rundir, resume, overwrite, console)
+    checkpoint, replace = _earlier_run(rundir, resume, overwrite, skip_corrupt, console)
     seed_everything(t.seed)
     prepared = prepare.load(recipe, check_base=partial(_check_resumed_base, checkpoint))
     _fit_micro_batch(recipe, len(prepared.datasets.train), console)
@@ -212,21 +214,24 @@ def _accelerator(recipe: Recipe):
                        project_config=ProjectConfiguration(project_dir=str(rundir.path), logging_dir=str(rundir.tensorboard)))
 
 
-def _earlier_run(rundir: RunDir, resume: bool, overwrite: bool, console) -> tuple[Path | None, str]:
+def _earlier_run(rundir: RunDir, resume: bool, overwrite: bool, skip_corrupt: bool, console) -> tuple[Path | None, str]:
     """What is in the run dir, read only: the checkpoint to resume from (None: start at step 0)
     and, when a fresh run will replace an earlier one (so ``--resume`` never mixes two runs),
-    the note saying what goes ("" when nothing). Deletes nothing: :func:`setup` does, once the
-    recipe, data and model are known good.
+    the note saying what goes ("" when nothing). A corrupt newest checkpoint is refused, or with
+    ``skip_corrupt`` passed over (:meth:`RunDir.resume_point`). Deletes nothing: :func:`setup`
+    does, once the recipe, data and model are known good.
 
     Raises:
         UserError: a link in place of a run file; ``resume`` and ``overwrite`` together; an
             earlier run's checkpoints or adapter without ``overwrite`` (names ``--resume`` and
-            ``--overwrite``).
+            ``--overwrite``); a corrupt checkpoint; ``skip_corrupt`` without ``resume``.
     """
     rundir.refuse_links()
     if resume and overwrite:
         raise UserError("--resume and --overwrite: choose one (continue the run in output.dir, or replace it)")
-    checkpoint = rundir.latest_checkpoint() if resume else None
+    if skip_corrupt and not resume:
+        raise UserError("--skip-corrupt: only with --resume (it picks the checkpoint to resume from)")
+    checkpoint = rundir.resume_point(skip_corrupt, console.print) if resume else None
     if checkpoint is not None:
         return checkpoint, ""
     work = rundir.earlier_work()
