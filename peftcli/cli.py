@@ -166,11 +166,15 @@ def merge(
     target: str = typer.Argument(..., help="run dir or adapter dir"),
     output: Path = typer.Option(..., "-o", "--output", help="dir for the merged transformers model"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: the base's)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier peft merge into the -o dir: only "
+                                   "the files it wrote (listed in its peft_merge.json); your other files there stay"),
 ):
-    """Fold the adapter into the base weights; writes a transformers model dir."""
+    """Fold the adapter into the base weights; writes a transformers model dir.
+
+    The -o dir must be new, empty, or (with --overwrite) one peft merged into before."""
     from peftcli.merge import merge_adapter
 
-    path = merge_adapter(target, output, dtype, log=err.print)
+    path = merge_adapter(target, output, dtype, log=err.print, overwrite=overwrite)
     out.print(f"merged model written to {path}")
 
 

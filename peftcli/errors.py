@@ -44,13 +44,15 @@ WRITE_FAULTS = {
 
 def fault_errno(exc: BaseException) -> int | None:
     """The errno of a failed write, if ``exc`` is one of :data:`WRITE_FAULTS`: an ``OSError``, or
-    an error from a library that writes through its own I/O and reports the OS error in its
-    message (safetensors: ``IoError(Os { code: 28, kind: StorageFull, ... })``). None otherwise."""
+    an error from a library that writes through its own (Rust) I/O and reports the OS error in
+    its message: safetensors' ``SafetensorError("Error while serializing: I/O error: No space
+    left on device (os error 28)")``, tokenizers' ``Exception("... (os error 28)")`` (both
+    measured on a full tmpfs), or the debug form ``Os { code: 28, ... }``. None otherwise."""
     if isinstance(exc, OSError):
         code = exc.errno
     else:
-        found = re.search(r"Os \{ code: (\d+)", str(exc))
-        code = int(found.group(1)) if found else None
+        found = re.search(r"Os \{ code: (\d+)|\(os error (\d+)\)", str(exc))
+        code = int(found.group(1) or found.group(2)) if found else None
     return code if code in WRITE_FAULTS else None
 
 

@@ -11,47 +11,60 @@ the input embedding stays bit-identical. The merged dir's tokenizer carries the 
 run trained with, and its ``generation_config`` stops at every stop id (EOS and the template's
 end-of-turn token, :func:`peftcli.tokens.special_tokens`), so a plain ``generate`` stops where
 ``peft generate`` does (CASES C17).
+
+A merge never destroys what it did not write (CASES C20): ``OUT`` must be new, empty, or a dir
+peft merged into before, known by the :data:`MARKER` file listing the files that merge wrote;
+``overwrite`` replaces those files only, and every other file in ``OUT`` is carried into the new
+dir by hard link before the atomic swap.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
-from pathlib import Path
-from typing import Callable
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
-from peftcli import data, methods, models, tokens
+from peftcli import __version__, data, methods, models, tokens
 from peftcli.artifacts import find_adapter_dir, load_adapted, method_name, read_adapter_config
-from peftcli.errors import UserError
+from peftcli.errors import UserError, writing
 from peftcli.rundir import atomic_dir
 
 logger = logging.getLogger(__name__)
 
+MARKER = "peft_merge.json"  # in a merged dir: who wrote it, from what, and the files it wrote
+
 
 def merge_adapter(path: str | Path, out_dir: str | Path, dtype: str | None = None,
-                  log: Callable[[str], None] | None = None) -> Path:
+                  log: Callable[[str], None] | None = None, overwrite: bool = False) -> Path:
     """Merge the adapter at ``path`` (run dir or adapter dir) into its base and write a
-    transformers model dir (safetensors weights, config, tokenizer, generation config) to
-    ``out_dir``, atomically (temporary sibling dir, then rename).
+    transformers model dir (safetensors weights, config, tokenizer, generation config, and
+    :data:`MARKER`) to ``out_dir``, atomically (:func:`write_merged`).
 
     Args:
         path: a run dir or an adapter dir.
-        out_dir: where the merged model goes; an existing transformers model dir there is
-            replaced, anything else is refused.
+        out_dir: where the merged model goes: a new or empty dir, or (with ``overwrite``) one
+            peft merged into before, whose other files are kept.
         dtype: ``float32 | bfloat16 | float16``; default the base's recorded dtype (for a 4-bit
             base that is its compute dtype, float32 unless the recipe set another).
         log: where the one-line summary goes (default: this module's logger at INFO).
+        overwrite: replace the files of an earlier merge into ``out_dir`` (``--overwrite``).
 
     Returns ``out_dir``, which ``AutoModelForCausalLM.from_pretrained`` loads.
 
     Raises:
-        UserError: the method cannot merge (its module's ``CANNOT_MERGE`` says why,
-        checked before the base is loaded), an unknown dtype, ``out_dir`` is the
-        base or adapter dir or a non-empty dir that is not a model dir, or any error of
-        :func:`peftcli.artifacts.load_adapted`.
+        UserError: the method cannot merge (its module's ``CANNOT_MERGE`` says why), an
+        unknown dtype, ``out_dir`` refused by :func:`check_out_dir` (all three checked before
+        the base is loaded), a write fault or name clash of :func:`write_merged`, or any error
+        of :func:`peftcli.artifacts.load_adapted`.
     """
     log = log or logger.info
     if dtype is not None and dtype not in models.DTYPES:
@@ -64,7 +77,8 @@ def merge_adapter(path: str | Path, out_dir: str | Path, dtype: str | None = Non
     if method.CANNOT_MERGE is not None:  # before loading the base
         raise UserError(f"method {name} cannot be merged: {method.CANNOT_MERGE}; use the adapter as is "
                         "(peft eval / peft generate)")
-    _check_out_dir(out_dir, adapter_dir, cfg.get("base_model_name_or_path") or "")  # before the slow load
+    peft_files = check_out_dir(out_dir, adapter_dir, cfg.get("base_model_name_or_path") or "",
+                               overwrite)  # before the slow load
     loaded = load_adapted(path)
     model, tok, base = loaded.model, loaded.tokenizer, loaded.model_config
 
@@ -80,15 +94,98 @@ def merge_adapter(path: str | Path, out_dir: str | Path, dtype: str | None = Non
     data.use_recipe_chat(tok, loaded.recipe)
     clean.generation_config = stopping_generation_config(clean, tok)
 
-    with atomic_dir(out_dir) as tmp:
-        clean.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        clean.generation_config.save_pretrained(tmp)
+    record = {"adapter": str(Path(loaded.adapter_dir).resolve()), "dtype": out_name}
+    kept = write_merged(out_dir, clean, tok, record, peft_files)
 
     chosen = f"dtype {out_name}" + (" (the base's recorded dtype)" if dtype is None else "")
     note = f"; the {base.quantization} base was dequantised, not re-quantised" if quantized else ""
-    log(f"merged {loaded.adapter_dir} into {out_dir}: {chosen}{note}")
+    yours = f"; kept {kept} other file(s) there" if kept else ""
+    log(f"merged {loaded.adapter_dir} into {out_dir}: {chosen}{note}{yours}")
     return out_dir
+
+
+def write_merged(out_dir: Path, model: nn.Module, tokenizer, record: dict,
+                 peft_files: frozenset[str] = frozenset()) -> int:
+    """Write ``model`` (its weights, config and generation config), ``tokenizer`` and
+    :data:`MARKER` (``record`` plus the list of files written) to ``out_dir`` through
+    :func:`peftcli.rundir.atomic_dir`: into a temporary sibling, into which every entry of an
+    existing ``out_dir`` other than ``peft_files`` is carried (:func:`carry_files`), then
+    swapped in. A crash at any moment leaves the old dir or the new one complete on disk.
+
+    Returns how many files of the old ``out_dir`` were carried over.
+
+    Raises:
+        UserError: a write fault (no space, read-only, no permission, something in the way:
+        :func:`peftcli.errors.writing`, naming ``-o``), or a file in ``out_dir`` that is not
+        one of ``peft_files`` has the name of a file this merge writes; ``out_dir`` is then
+        as it was.
+    """
+    target = out_dir.resolve()  # a symlinked -o: write where it points, keep the link
+    existed = target.is_dir()
+    with _writing_out_dir(out_dir, target.parent), atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        written = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        marker = {"written_by": "peft merge", "peftcli_version": __version__, **record,
+                  "files": written + [MARKER]}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        carried = carry_files(target, tmp, peft_files | {MARKER}) if existed else 0
+        if existed:
+            shutil.copymode(target, tmp)
+    return carried
+
+
+@contextmanager
+def _writing_out_dir(out_dir: Path, place: Path) -> Iterator[None]:
+    """:func:`peftcli.errors.writing` for ``-o out_dir``, saying that ``out_dir`` is as it was;
+    a fault in one of its temporary siblings in ``place`` (removed by the time the message is
+    read) names ``out_dir`` itself."""
+    kept = f"-o {out_dir} is as it was" if out_dir.exists() else f"nothing was written to {out_dir}"
+    with writing(out_dir, where="-o", kept=kept):
+        try:
+            yield
+        except OSError as exc:
+            if str(exc.filename or "").startswith(str(place / f".{out_dir.resolve().name}.")):
+                exc.filename = None
+            raise
+
+
+def carry_files(old: Path, new: Path, skip: frozenset[str], prefix: str = "") -> int:
+    """Bring every entry of dir ``old`` whose path relative to it (``a/b.txt``) is not in
+    ``skip`` into dir ``new``, unchanged: a file (or symlink, or other non-dir) as a hard link
+    to the same inode (``os.link``), a copy with its metadata where linking fails (another
+    device, a file system without links); a subdir recreated with its mode and filled the same
+    way. Returns the number of non-dir entries brought.
+
+    Raises:
+        UserError: ``new`` already has an entry of that name (this merge wrote one there).
+        OSError: a link and then a copy failed (e.g. no space).
+    """
+    count = 0
+    for entry in sorted(os.scandir(old), key=lambda e: e.name):
+        rel = prefix + entry.name
+        if rel in skip:
+            continue
+        dest = new / entry.name
+        is_dir = entry.is_dir(follow_symlinks=False)
+        if is_dir and dest.is_dir() and not dest.is_symlink():  # a subdir this merge wrote files into
+            count += carry_files(Path(entry.path), dest, skip, rel + "/")
+            continue
+        if os.path.lexists(dest):
+            raise UserError(f"{entry.path}: not a file peft merge wrote there, but this merge writes one of that "
+                            "name; move it aside and merge again")
+        if is_dir:
+            dest.mkdir()
+            count += carry_files(Path(entry.path), dest, skip, rel + "/")
+            shutil.copystat(entry.path, dest, follow_symlinks=False)
+            continue
+        try:
+            os.link(entry.path, dest, follow_symlinks=False)
+        except OSError:
+            shutil.copy2(entry.path, dest, follow_symlinks=False)
+        count += 1
+    return count
 
 
 def stopping_generation_config(model: nn.Module, tokenizer):
@@ -105,8 +202,21 @@ def stopping_generation_config(model: nn.Module, tokenizer):
     return config
 
 
-def _check_out_dir(out_dir: Path, adapter_dir: Path, base_path: str) -> None:
-    """Refuse to write over (or into) the base, the adapter, or a dir that is not a model dir."""
+def check_out_dir(out_dir: Path, adapter_dir: Path, base_path: str, overwrite: bool = False) -> frozenset[str]:
+    """Check that ``peft merge -o out_dir`` may write there: not over (or into) the base or the
+    adapter, and ``out_dir`` new, empty, or (with ``overwrite``) a dir peft merged into before.
+
+    Returns the files the earlier merge wrote (:func:`read_marker`), which the new one replaces;
+    empty for a new or empty dir.
+
+    Raises:
+        UserError: one line naming ``-o out_dir``: it overlaps the adapter or the base, is not a
+        directory, is not empty and holds no :data:`MARKER` (refused even with ``overwrite``),
+        or holds an earlier merge and ``overwrite`` is not set; or a write fault
+        (:func:`peftcli.errors.writing`) found by making and removing an empty dir where
+        :func:`write_merged` will make its temporary one (read-only, no permission, a file in
+        the way).
+    """
     target = out_dir.resolve()
     adapter = Path(adapter_dir).resolve()
     if target == adapter or target in adapter.parents or adapter in target.parents:
@@ -114,12 +224,51 @@ def _check_out_dir(out_dir: Path, adapter_dir: Path, base_path: str) -> None:
     base = Path(base_path).expanduser()
     if base_path and base.exists() and (base.resolve() == target or base.resolve() in target.parents):
         raise UserError(f"-o {out_dir}: is inside the base model dir; merge into a new dir")
+    peft_files = _earlier_merge(out_dir, overwrite)
+    place = next(p for p in target.parents if p.exists())  # where the temporary sibling's dir is made
+    with _writing_out_dir(out_dir, place):
+        os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=place))
+    return peft_files
+
+
+def _earlier_merge(out_dir: Path, overwrite: bool) -> frozenset[str]:
+    """The files an earlier merge wrote into ``out_dir``; empty if it is new or empty. Raises
+    :class:`UserError` as :func:`check_out_dir` says."""
     if not out_dir.exists():
-        return
+        return frozenset()
     if not out_dir.is_dir():
-        raise UserError(f"-o {out_dir}: exists and is not a directory")
-    if any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
-        raise UserError(f"-o {out_dir}: exists, is not empty and is not a model dir; choose a new dir")
+        raise UserError(f"-o {out_dir}: exists and is not a directory; choose a new or empty dir")
+    if not any(out_dir.iterdir()):
+        return frozenset()
+    peft_files = read_marker(out_dir)
+    if peft_files is None:
+        raise UserError(f"-o {out_dir}: is not empty and peft merge did not write it (no {MARKER}); "
+                        "choose a new or empty dir")
+    if not overwrite:
+        raise UserError(f"-o {out_dir}: holds an earlier peft merge; pass --overwrite to replace the files it "
+                        "wrote (your other files there are kept), or choose a new dir")
+    return peft_files
+
+
+def read_marker(out_dir: Path) -> frozenset[str] | None:
+    """The files (paths relative to ``out_dir``, ``/``-separated) that ``peft merge`` wrote into
+    ``out_dir``, read from its :data:`MARKER`; None if there is none, or it is not one peft
+    wrote (not JSON, another ``written_by``, a path that is absolute or climbs with ``..``)."""
+    try:
+        marker = json.loads((out_dir / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    files = marker.get("files") if isinstance(marker, dict) and marker.get("written_by") == "peft merge" else None
+    if not isinstance(files, list) or not all(isinstance(f, str) and _plain_relative(f) for f in files):
+        return None
+    return frozenset(files)
+
+
+def _plain_relative(path: str) -> bool:
+    """``path`` is a normalised relative path that stays inside its dir (``a/b``, not ``../a``,
+    ``/a`` or ``./a``)."""
+    p = PurePosixPath(path)
+    return bool(path) and not p.is_absolute() and ".." not in p.parts and p.as_posix() == path
 
 
 def dequantize_linears(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:

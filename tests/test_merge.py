@@ -222,7 +222,7 @@ def test_merge_replaces_a_previous_merge_and_leaves_no_temporaries(tiny_dir, tmp
     train_adapter(tiny_dir, tmp_path, target_modules=["q_proj"])
     out = merge.merge_adapter(tmp_path, tmp_path / "merged")
     first = (out / "model.safetensors").read_bytes()
-    merge.merge_adapter(tmp_path / "adapter", tmp_path / "merged", dtype="bfloat16")
+    merge.merge_adapter(tmp_path / "adapter", tmp_path / "merged", dtype="bfloat16", overwrite=True)
     assert (out / "model.safetensors").read_bytes() != first
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "merged"]
@@ -232,7 +232,7 @@ def test_merge_refuses_unmergeable_method_and_bad_targets(tiny_dir, tmp_path, mo
     train_adapter(tiny_dir, tmp_path, target_modules=["q_proj"])
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
-    with pytest.raises(UserError, match="not a model dir"):
+    with pytest.raises(UserError, match="peft merge did not write it"):
         merge.merge_adapter(tmp_path, tmp_path / "notes")
     with pytest.raises(UserError, match="adapter being merged"):
         merge.merge_adapter(tmp_path, tmp_path)
