@@ -34,7 +34,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from peftcli.errors import UserError, write_error, writing
+from peftcli.errors import UserError, writing
 
 try:
     import fcntl
@@ -562,32 +562,18 @@ class RunDir:
         Returns:
             the checkpoint dir.
         Raises:
-            UserError: a write fault (no space, read-only, no permission, ...; :func:`write_error`)
-                naming the file, ``output.dir``, and the newest intact earlier checkpoint, which is kept.
+            WriteFault: a write fault (no space, read-only, no permission, ...) naming the
+                checkpoint dir; nothing of it is left on disk (the caller says what is kept).
         """
         final = self.checkpoint(step)
-        try:
-            with atomic_dir(final) as tmp:
-                write_adapter(RunDir.adapter_of(tmp))
-                _save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
-                _save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
-                _save_torch({"torch": rng}, tmp / "rng.pt")
-                state = {"step": step, "data": position, "progress": progress or {}, "files": _file_sums(tmp)}
-                (tmp / "state.json").write_text(json.dumps(state))
-        except Exception as exc:  # errors.writing's mapping, with `kept` looked up only on a failure
-            error = write_error(exc, final, where="output.dir", kept=self._kept_besides(final))
-            if error is None:
-                raise
-            raise error from None
+        with writing(final, WHERE), atomic_dir(final) as tmp:
+            write_adapter(RunDir.adapter_of(tmp))
+            _save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
+            _save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
+            _save_torch({"torch": rng}, tmp / "rng.pt")
+            state = {"step": step, "data": position, "progress": progress or {}, "files": _file_sums(tmp)}
+            (tmp / "state.json").write_text(json.dumps(state))
         return final
-
-    def _kept_besides(self, final: Path) -> str:
-        """What a failed write of checkpoint ``final`` leaves to resume from, for its message."""
-        earlier = [p for p in self.checkpoints() if p != final]
-        intact = next((p for p in reversed(earlier) if _fault_in(p) is None), None)
-        if intact is not None:
-            return f"the newest intact checkpoint is kept: {intact}"
-        return "no intact earlier checkpoint" if earlier else "no earlier checkpoint"
 
     @staticmethod
     def verify_checkpoint(checkpoint: Path) -> None:

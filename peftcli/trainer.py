@@ -286,7 +286,7 @@ def _kept(rundir: RunDir, run: Run | None) -> str:
         return "nothing was trained yet"
     if run.adapter_saved:
         return f"the trained adapter is saved in {rundir.adapter}"
-    checkpoint = rundir.latest_checkpoint()
+    checkpoint = rundir.resume_point(skip_corrupt=True, say=lambda _: None)  # the newest intact one
     go_on = f"peft train {rundir.recipe} --resume"
     if checkpoint is None:
         return f"no checkpoint was written yet ({go_on} starts again)"
@@ -469,9 +469,8 @@ def _checkpoint(run: Run, step: int, signum: int | None) -> None:
         rng = gather_object(rng)
     saved = run.rundir.checkpoint(step)
     if run.main:
-        with writing(saved, "output.dir"):
-            run.rundir.save_checkpoint(step, partial(_write_adapter, run.prepared), run.optimizer, run.scheduler, rng,
-                                       run.stream.position, run.counters.saved())
+        run.rundir.save_checkpoint(step, partial(_write_adapter, run.prepared), run.optimizer, run.scheduler, rng,
+                                   run.stream.position, run.counters.saved())
     run.accelerator.wait_for_everyone()
     if run.main:
         run.rundir.prune_checkpoints(run.recipe.train.keep_checkpoints)

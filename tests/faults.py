@@ -4,9 +4,10 @@
 safetensors via Python, matplotlib, tensorboard, transformers' ``save_pretrained``) create,
 write, rename and delete files, and makes those aimed at one *write site* fail the way the OS
 would: ``ENOSPC`` (the disk is full), ``EROFS`` (read-only), or ``kill`` (the process gets
-SIGKILL in the middle of the write). A site is a path relative to a root (the run dir, or the
-merge output's parent) matched by its first component, temporaries of atomic writes included
-(``adapter`` matches ``adapter/...``, ``.adapter.tmp-x/...`` and ``.adapter.old-x``).
+SIGKILL in the middle of the write: the file or dir is made, a byte written, then the kill).
+A site is a path relative to a root (the run dir, or the merge output's parent) matched by its
+first component, temporaries of atomic writes included (``adapter`` matches ``adapter/...``,
+``.adapter.tmp-x/...`` and ``.adapter.old-x``).
 
 Run as a script it injects a fault and then runs the ``peft`` command line, so the SIGKILL
 cases can be observed from outside: ``python tests/faults.py ROOT SITE FAULT AFTER -- train R``.
@@ -53,46 +54,54 @@ def _base(part: str) -> str:
 
 
 @contextmanager
-def inject(site: Site, fault: str, after: int = 0):
+def inject(site: Site, fault: str, after: int | str = 0):
     """Within the block, every write aimed at ``site`` fails with ``fault`` (``"ENOSPC"``,
     ``"EROFS"``, or ``"kill"``: SIGKILL to this process), from the ``after``-th such write on
     (0: the first; only file and dir creations and writes are counted). Reads pass; renames and
     deletes fail only on a read-only file system. Yields a dict counting the writes seen
-    (``"seen"``)."""
+    (``"seen"``).
+
+    ``after="log"``: the fault hits the trackers instead (``site`` is their dir): the 3rd
+    ``Accelerator.log`` call fails as TensorBoard's writer thread re-raises a failed write there."""
     state = {"seen": 0}
     real = {"open": builtins.open, "os_open": os.open, "mkdir": os.mkdir, "replace": os.replace,
             "rename": os.rename, "unlink": os.unlink, "rmdir": os.rmdir, "rmtree": shutil.rmtree}
 
-    def hit(path, kind: str) -> None:
+    def fail(path, done=None) -> None:
+        if fault == "kill":
+            if done is not None:
+                done()  # the file or dir is made: the process dies with it half-written
+            os.kill(os.getpid(), signal.SIGKILL)
+        code = getattr(errno, fault)
+        raise OSError(code, os.strerror(code), os.fspath(path))
+
+    def hit(path, kind: str, done=None) -> None:
         if path not in site:
             return
         if kind == "data":  # creating or writing a file or dir: these are counted
             state["seen"] += 1
         if state["seen"] <= after or (kind == "meta" and fault != "EROFS"):
             return  # not armed yet; a full disk still renames and deletes, a kill waits for a write
-        if fault == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        code = getattr(errno, fault)
-        raise OSError(code, os.strerror(code), os.fspath(path))
+        fail(path, done)
 
     def writes(mode) -> bool:
         return any(c in str(mode) for c in "wax+")
 
     def fake_open(file, mode="r", *args, **kwargs):
         if not isinstance(file, int) and writes(mode):
-            hit(file, "data")
+            hit(file, "data", lambda: real["open"](file, mode, *args, **kwargs).write("x" if "b" not in mode else b"x"))
         return real["open"](file, mode, *args, **kwargs)
 
     def fake_os_open(path, flags, *args, **kwargs):
         if flags & WRITE_FLAGS:
-            hit(path, "data")
+            hit(path, "data", lambda: real["os_open"](path, flags, *args, **kwargs))
         return real["os_open"](path, flags, *args, **kwargs)
 
     def on(name, kind, *paths_at):
         def fake(*args, **kwargs):
             for i in paths_at:
                 if i < len(args):
-                    hit(args[i], kind)
+                    hit(args[i], kind, lambda: real[name](*args, **kwargs))
             return real[name](*args, **kwargs)
         return fake
 
@@ -100,7 +109,21 @@ def inject(site: Site, fault: str, after: int = 0):
         hit(filename, "data")
         return saved(tensors, filename, metadata=metadata)
 
+    import accelerate
     import transformers.modeling_utils as modeling_utils
+
+    if after == "log":
+        real_log = accelerate.Accelerator.log
+
+        def failing_log(self, values, step=None, log_kwargs=None):
+            state["seen"] += 1
+            if state["seen"] >= 3:
+                fail(site.root / site.name)
+            return real_log(self, values, step=step, log_kwargs=log_kwargs or {})
+
+        with mock.patch.object(accelerate.Accelerator, "log", failing_log):
+            yield state
+        return
 
     saved = modeling_utils.safe_save_file
     with mock.patch.object(builtins, "open", fake_open), mock.patch.object(io, "open", fake_open), \
@@ -120,7 +143,7 @@ def main(argv: list[str]) -> None:
     from peftcli import cli
 
     sys.argv = ["peft", *command]
-    with inject(Site(Path(root), site_name, step or None), fault, int(after)):
+    with inject(Site(Path(root), site_name, step or None), fault, after if after == "log" else int(after)):
         cli.run()
 
 

@@ -84,6 +84,10 @@ def test_set_override_is_applied_and_validated(tmp_path, data_file, tiny_dir):
     assert p.returncode == 0, p.stderr
     resolved = (tmp_path / "run" / "recipe.yaml").read_text()
     assert "max_steps: 2" in resolved and "lr: 0.0002" in resolved
+    # the data has 1 row: the default micro-batch of 4 holds it, said and recorded
+    assert "note: train.micro_batch_size 4 is more than the 1 train example; micro-batches hold 1" in p.stderr
+    assert "micro_batch_size: 1" in resolved
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["examples_per_step"] == 1
 
 
 def test_methods_recipes_init(tmp_path):

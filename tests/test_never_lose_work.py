@@ -1,0 +1,256 @@
+"""Never lose a user's work (issue 16): one writer per run dir, room checked before the first
+write, the leftovers of a killed write finished, every write fault one line; and a real full
+disk (a small tmpfs) in a slow test where the machine allows ``mount``."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import write_jsonl
+from safetensors.torch import load_file
+from tiny import SORT_ROWS, tiny_run_recipe
+
+from peftcli import errors, rundir
+from peftcli.errors import UserError, WriteFault
+from peftcli.rundir import RunDir
+from peftcli.trainer import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _peft(*args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "peftcli.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, **kwargs)
+
+
+def _files(run: Path) -> dict[Path, bytes]:
+    return {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------------------
+# one writer per run dir
+
+
+def test_a_second_train_into_the_same_dir_exits_2_and_a_killed_one_leaves_no_lock(tmp_path, tiny_dir):
+    recipe = tiny_run_recipe(tmp_path, tiny_dir, {"name": "lora"}, max_steps=1)
+    path = tmp_path / "recipe.yaml"
+    from peftcli.recipe import dump
+
+    path.write_text(dump(recipe))
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from peftcli.rundir import RunDir
+        with RunDir({str(tmp_path / 'run')!r}).lock():
+            print("locked", flush=True)
+            time.sleep(600)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        done = _peft("train", path)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.strip().splitlines() == [
+            f"error: output.dir {tmp_path / 'run'}: another peft train (pid {holder.pid}) is writing this run dir; "
+            "wait for it to finish or choose another output.dir"]
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    done = _peft("train", path)  # the kernel dropped the killed holder's lock
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_failed_first_run_leaves_no_empty_run_dir(tmp_path, tiny_dir):
+    recipe = tiny_run_recipe(tmp_path, tiny_dir, {"name": "lora"}, max_steps=1)
+    recipe.data.train.path = str(tmp_path / "missing.jsonl")
+    with pytest.raises(UserError, match="missing.jsonl: data file not found"):
+        train(recipe)
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# checked before the first write
+
+
+def test_too_little_room_is_refused_before_anything_is_written(tmp_path, tiny_dir, monkeypatch):
+    recipe = tiny_run_recipe(tmp_path, tiny_dir, {"name": "lora", "r": 4}, max_steps=4, save_every=1)
+    train(recipe)
+    run = tmp_path / "run"
+    before = _files(run)
+    real = shutil.disk_usage
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    with pytest.raises(UserError) as err:
+        train(recipe, overwrite=True)
+    message = str(err.value)
+    assert message.startswith(f"output.dir {run}: the run needs about ") and "MiB is free there" in message
+    assert "train.keep_checkpoints" in message and "\n" not in message
+    assert _files(run) == before  # the earlier run is untouched
+
+
+def test_bytes_needed_counts_the_adapter_and_the_checkpoints_kept_at_once(tmp_path, tiny_dir):
+    from peftcli import prepare
+    from peftcli.trainer import bytes_needed
+
+    recipe = tiny_run_recipe(tmp_path, tiny_dir, {"name": "lora", "r": 4}, save_every=2, keep_checkpoints=1)
+    p = prepare.load(recipe)
+    adapter = 4 * sum(t.numel() for t in p.model.parameters() if t.requires_grad)  # float32
+    checkpoint = 3 * adapter + 2**16  # adapter + AdamW's two moments + small states
+    assert bytes_needed(p, 10) == int(1.1 * (adapter + 2 * checkpoint + 2**20))  # 5 written, 2 at once (keep 1 + the new)
+    recipe.train.keep_checkpoints = None
+    assert bytes_needed(p, 10) == int(1.1 * (adapter + 5 * checkpoint + 2**20))
+    recipe.train.save_every = 0
+    assert bytes_needed(p, 10) == int(1.1 * (adapter + 2**20))
+
+
+@pytest.mark.parametrize("flags, expect", [
+    (["--resume", "--overwrite"], "error: --resume and --overwrite: choose one"),
+    (["--skip-corrupt"], "error: --skip-corrupt: only with --resume"),
+])
+def test_contradictory_flags_are_one_line(tmp_path, tiny_dir, flags, expect):
+    from peftcli.recipe import dump
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(dump(tiny_run_recipe(tmp_path, tiny_dir, {"name": "lora"}, max_steps=1)))
+    done = _peft("train", path, *flags)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[0].startswith(expect), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_resume_without_a_checkpoint_does_not_replace_a_finished_adapter(tmp_path, tiny_dir):
+    recipe = tiny_run_recipe(tmp_path, tiny_dir, {"name": "lora"}, max_steps=1)  # save_every 0: no checkpoint
+    train(recipe)
+    before = _files(tmp_path / "run")
+    with pytest.raises(UserError, match=r"holds an earlier run \(adapter/\); it has no checkpoint to resume from; "
+                                        r"replace it with --overwrite"):
+        train(recipe, resume=True)
+    assert _files(tmp_path / "run") == before
+
+
+# ---------------------------------------------------------------------------------------------
+# what a killed write leaves
+
+
+def test_a_swap_killed_between_its_renames_is_put_back(tmp_path):
+    run = RunDir(tmp_path)
+    old = tmp_path / ".adapter.old-abc123"  # the previous adapter, renamed aside; the new one never came in
+    old.mkdir()
+    (old / "adapter_model.safetensors").write_bytes(b"weights")
+    (tmp_path / ".adapter.tmp-def456").mkdir()  # the new one, partial
+    (tmp_path / ".summary.json.tmp").write_text("{")
+    (tmp_path / ".mine.tmp").write_text("not peft's")
+    done = run.sweep_temporaries()
+    assert sorted(done) == [".adapter.tmp-def456 deleted", ".summary.json.tmp deleted", "adapter put back"]
+    assert (run.adapter / "adapter_model.safetensors").read_bytes() == b"weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".mine.tmp", "adapter"]
+
+
+# ---------------------------------------------------------------------------------------------
+# every kind of write fault is one line
+
+
+@pytest.mark.parametrize("code, says", [
+    (errno.ENOSPC, "No space left on device"), (errno.EROFS, "Read-only file system"),
+    (errno.EACCES, "Permission denied"), (errno.EISDIR, "Is a directory"), (errno.ENOTDIR, "Not a directory"),
+    (errno.EDQUOT, "Disk quota exceeded"),
+])
+def test_each_write_fault_is_one_line_naming_the_path_and_what_to_do(code, says):
+    with pytest.raises(WriteFault) as err:
+        with errors.writing("/runs/a/adapter", "output.dir", kept="the newest checkpoint is x"):
+            raise OSError(code, os.strerror(code), "/runs/a/.adapter.tmp-1/adapter_model.safetensors")
+    assert str(err.value) == (f"/runs/a/adapter: cannot write ({says}); {errors.WRITE_FAULTS[code]} (set output.dir); "
+                              "the newest checkpoint is x")
+    with pytest.raises(OSError) as err, errors.writing("/x"):  # not a write fault: passes unchanged
+        raise OSError(errno.EBADF, "Bad file descriptor")
+    assert not isinstance(err.value, WriteFault) and err.value.errno == errno.EBADF
+
+
+def test_an_output_dir_under_a_file_is_one_line(tmp_path, tiny_dir):
+    from peftcli.recipe import dump
+
+    (tmp_path / "afile").write_text("mine")
+    recipe = tiny_run_recipe(tmp_path, tiny_dir, {"name": "lora"}, max_steps=1)
+    recipe.output.dir = str(tmp_path / "afile" / "run")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(dump(recipe))
+    done = _peft("train", path)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(f"error: {tmp_path / 'afile' / 'run'}: cannot write (") and "Traceback" not in done.stderr
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+# ---------------------------------------------------------------------------------------------
+# a real full disk
+
+
+FILL = """
+import sys, torch
+from pathlib import Path
+from peftcli import cli, rundir
+
+mount = Path(sys.argv[1])
+real = rundir.RunDir.save_checkpoint
+
+def save_then_fill(self, step, *args, **kwargs):
+    saved = real(self, step, *args, **kwargs)
+    if step == 2:  # the disk fills up after the first checkpoint (another job, a log, ...)
+        with open(mount / "filler", "wb") as f:
+            try:
+                while True:
+                    f.write(b"\\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+    return saved
+
+rundir.RunDir.save_checkpoint = save_then_fill
+sys.argv = ["peft", *sys.argv[2:]]
+cli.run()
+"""
+
+
+@pytest.mark.slow
+def test_C20_disk_full_on_a_real_tmpfs_keeps_the_work(tmp_path, tiny_dir):
+    """A 16 MiB tmpfs fills up after step 2's checkpoint: the run stops with one line (exit 2)
+    naming the file and the checkpoint kept; with the space freed, --resume finishes with the
+    adapter of an uninterrupted run."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("this machine does not allow a private mount namespace (unshare -rm); the in-process fault "
+                    "matrix covers the same writes")
+    from peftcli.recipe import dump
+
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    write_jsonl(tmp_path / "rows.jsonl", SORT_ROWS * 2)
+
+    def recipe(out: Path) -> Path:
+        r = tiny_run_recipe(tmp_path, tiny_dir, {"name": "lora", "r": 4, "dropout": 0.0}, rows=SORT_ROWS * 2, max_steps=4,
+                            save_every=2)
+        r.output.dir = str(out)
+        path = tmp_path / f"{out.name}.yaml"
+        path.write_text(dump(r))
+        return path
+
+    assert _peft("train", recipe(tmp_path / "reference")).returncode == 0
+    script = tmp_path / "fill.py"
+    script.write_text(FILL)
+    full = recipe(mount / "run")
+    shell = (f"mount -t tmpfs -o size=16m tmpfs {mount} && {sys.executable} {script} {mount} train {full}; echo rc=$?; "
+             f"rm -f {mount}/filler && {sys.executable} -m peftcli.cli train {full} --resume; echo rc=$?; "
+             f"cp {mount}/run/adapter/adapter_model.safetensors {tmp_path}/resumed.safetensors")
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", shell], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    if "mount:" in done.stderr and "rc=" not in done.stdout:
+        pytest.skip(f"tmpfs mount refused here: {done.stderr.strip()}")
+    errors_seen = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in done.stderr and done.stdout.count("rc=") == 2, done.stderr
+    assert done.stdout.splitlines()[0] == "rc=2" and done.stdout.splitlines()[-1] == "rc=0", done.stdout + done.stderr
+    assert len(errors_seen) == 1 and "cannot write (No space left on device)" in errors_seen[0], done.stderr
+    assert f"the newest checkpoint is {mount}/run/checkpoints/step-2" in errors_seen[0], errors_seen[0]
+    resumed, reference = load_file(tmp_path / "resumed.safetensors"), load_file(tmp_path / "reference/adapter/adapter_model.safetensors")
+    assert resumed.keys() == reference.keys() and all(torch.equal(resumed[k], reference[k]) for k in reference)
