@@ -25,9 +25,10 @@ from torch import nn
 
 import peftcli
 from peftcli import methods, models
+from peftcli.atomic import atomic_dir
 from peftcli.errors import UserError
 from peftcli.recipe import MethodConfig, ModelConfig, Recipe, read_yaml, validate
-from peftcli.rundir import RunDir, atomic_dir
+from peftcli.rundir import RunDir
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

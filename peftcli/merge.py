@@ -35,8 +35,8 @@ from torch import nn
 
 from peftcli import __version__, data, methods, models, tokens
 from peftcli.artifacts import find_adapter_dir, load_adapted, method_name, read_adapter_config
+from peftcli.atomic import atomic_dir
 from peftcli.errors import UserError, writing
-from peftcli.rundir import atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def write_merged(out_dir: Path, model: nn.Module, tokenizer, record: dict,
                  peft_files: frozenset[str] = frozenset()) -> int:
     """Write ``model`` (its weights, config and generation config), ``tokenizer`` and
     :data:`MARKER` (``record`` plus the list of files written) to ``out_dir`` through
-    :func:`peftcli.rundir.atomic_dir`: into a temporary sibling, into which every entry of an
+    :func:`peftcli.atomic.atomic_dir`: into a temporary sibling, into which every entry of an
     existing ``out_dir`` other than ``peft_files`` is carried (:func:`carry_files`), then
     swapped in. A crash at any moment leaves the old dir or the new one complete on disk.
 

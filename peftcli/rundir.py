@@ -23,10 +23,8 @@ import contextlib
 import hashlib
 import json
 import os
-import pickle
 import re
 import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from peftcli.atomic import atomic_dir, atomic_file, write_json_atomic, write_text_atomic
 from peftcli.errors import UserError, writing
 
 try:
@@ -42,104 +41,6 @@ except ImportError:  # not POSIX: no lock (two trains into one dir are then not 
     fcntl = None
 
 WHERE = "output.dir"  # the knob that moves a run's writes elsewhere, named in write-fault messages
-
-# ---------------------------------------------------------------------------------------------
-# atomic writes
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file (or, where the OS allows, a dir entry) to disk."""
-    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() and hasattr(os, "O_DIRECTORY") else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:  # dirs cannot be opened on some platforms
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
-    """Write a directory atomically: yields an empty temporary sibling of ``out_dir`` to fill;
-    on success its files are fsynced and it is renamed to ``out_dir`` (an existing ``out_dir`` is
-    renamed aside first, then deleted; if the swap fails the old one is put back). On any
-    exception the temporary dir is removed and ``out_dir`` is left as it was.
-
-    Raises:
-        UserError: ``out_dir`` exists and is not a directory.
-    """
-    out_dir = Path(os.path.abspath(out_dir))  # "x/." and "x/../y" get a real name and parent
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir}: exists and is not a directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700); give it a plain dir's mode
-        yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                _fsync(f)
-        _fsync(tmp)
-        _swap_in(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync(out_dir.parent)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _swap_in(new: Path, out_dir: Path) -> None:
-    """Rename ``new`` to ``out_dir``, replacing an existing dir without a moment where neither
-    the old nor the new one is complete on disk."""
-    if not out_dir.exists():
-        os.replace(new, out_dir)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    os.rmdir(old)  # only the unique name is wanted
-    os.replace(out_dir, old)
-    try:
-        os.replace(new, out_dir)
-    except BaseException:
-        os.replace(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-@contextmanager
-def atomic_file(path: Path) -> Iterator[Path]:
-    """Yields a temporary sibling of ``path`` to write; on success it is fsynced and renamed to
-    ``path``, so a reader (or a kill at any moment) sees the old file or the new one, never half
-    of one. On an exception the temporary file is removed and ``path`` is left as it was."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        yield tmp
-        _fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_file`."""
-    with atomic_file(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write ``obj`` as indented JSON through :func:`atomic_file`."""
-    write_text_atomic(path, json.dumps(obj, indent=2))
-
 
 # ---------------------------------------------------------------------------------------------
 # the metrics log
@@ -266,12 +167,12 @@ def _load_torch(path: Path):
         return torch.load(path, weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{path}: missing") from None
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        what = f" ({found.group(1)})" if found else ""
-        raise UserError(f"{path}: holds a pickled object{what} that is not weights; refused, not loaded "
-                        "(unpickling it could run code)") from None
     except Exception as e:  # torch reports a truncated or foreign file as RuntimeError, KeyError, EOFError, ...
+        if "Weights only load failed" in str(e):  # weights_only refused a pickled object (UnpicklingError)
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            what = f" ({found.group(1)})" if found else ""
+            raise UserError(f"{path}: holds a pickled object{what} that is not weights; refused, not loaded "
+                            "(unpickling it could run code)") from None
         first = (str(e).splitlines() or [type(e).__name__])[0][:160]
         raise UserError(f"{path}: not a readable torch file, truncated or overwritten ({type(e).__name__}: {first})") from None
 
@@ -430,30 +331,37 @@ class RunDir:
                 elif p.exists():
                     p.unlink()
 
-    def sweep_temporaries(self) -> list[str]:
-        """Finish what a killed run left mid-write (call with :meth:`lock` held): a ``.NAME.old-*``
-        whose ``NAME`` is missing (killed between the two renames of a swap) is put back; other
-        temporaries of peft's own writes (``.NAME.tmp-*``, ``.NAME.old-*``, ``.NAME.tmp``) are
-        deleted. Returns what was put back or deleted, relative to the run dir."""
-        done = []
+    def _temporaries(self) -> Iterator[tuple[Path, Path, str]]:
+        """(temporary, the file or dir it stands for, "tmp" | "old") for every temporary of
+        peft's own atomic writes in the run dir and ``checkpoints/``."""
         for parent in (self.path, self.checkpoints_dir):
             for p in sorted(parent.glob(".*")) if parent.is_dir() else []:
                 found = re.fullmatch(r"\.(.+)\.(tmp|old)(-.+)?", p.name)
-                if not found or not (found.group(1) in self.FILES or re.fullmatch(r"step-\d+", found.group(1))):
-                    continue
-                target = parent / found.group(1)
-                if p.is_symlink():  # not peft's: a link is removed, never followed
-                    p.unlink()
-                    done.append(f"{p.relative_to(self.path)} deleted")
-                elif found.group(2) == "old" and not target.exists():
-                    os.replace(p, target)
-                    done.append(f"{target.relative_to(self.path)} put back")
-                elif p.is_dir():
-                    shutil.rmtree(p)
-                    done.append(f"{p.relative_to(self.path)} deleted")
-                else:
-                    p.unlink()
-                    done.append(f"{p.relative_to(self.path)} deleted")
+                if found and (found.group(1) in self.FILES or re.fullmatch(r"step-\d+", found.group(1))):
+                    yield p, parent / found.group(1), found.group(2)
+
+    def put_back(self) -> list[str]:
+        """A swap killed between its two renames left ``NAME`` missing and the complete old one as
+        ``.NAME.old-*``: put it back (call with :meth:`lock` held, before reading the dir).
+        Returns what was put back, relative to the run dir."""
+        done = []
+        for p, target, kind in self._temporaries():
+            if kind == "old" and not target.exists() and not p.is_symlink():
+                os.replace(p, target)
+                done.append(f"{target.relative_to(self.path)} put back")
+        return done
+
+    def remove_temporaries(self) -> list[str]:
+        """Delete what killed writes left (``.NAME.tmp-*``, ``.NAME.old-*``, ``.NAME.tmp``; a link
+        is removed, never followed). Call with :meth:`lock` held, after :meth:`put_back`.
+        Returns what was deleted, relative to the run dir."""
+        done = []
+        for p, _, _ in self._temporaries():
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            done.append(f"{p.relative_to(self.path)} deleted")
         return done
 
     def write_recipe(self, text: str) -> None:

@@ -174,8 +174,8 @@ def setup(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = 
     console = (console or Console(stderr=True)) if main else Console(stderr=True, quiet=True)
     rundir = RunDir(recipe.output.dir)
     if main:
-        for done in rundir.sweep_temporaries():
-            console.print(f"note: a killed run's temporary file: {done}")
+        for done in rundir.put_back():  # a swap killed half-way: the complete old file comes back first
+            console.print(f"note: a killed run's write: {done}")
     checkpoint, replace = _earlier_run(rundir, resume, overwrite, skip_corrupt, console)
     seed_everything(t.seed)
     prepared = prepare.load(recipe, check_base=partial(_check_resumed_base, checkpoint))
@@ -191,6 +191,8 @@ def setup(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = 
         if replace:
             console.print(f"note: {rundir.path} held an earlier run; {replace}")
             rundir.remove_earlier_run()
+        for done in rundir.remove_temporaries():
+            console.print(f"note: a killed run's temporary: {done}")
         # after apply, which wrote the model's default target_modules into recipe.method: the explicit list
         rundir.write_recipe(dump(recipe))
     if t.gradient_checkpointing:

@@ -213,7 +213,7 @@ def test_interrupted_save_leaves_the_old_adapter_intact(tiny_dir, tmp_path, monk
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # killed mid-write
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    monkeypatch.setattr(safetensors.torch, "save", crash)  # save_adapter serialises with save(), then writes
     with pytest.raises(KeyboardInterrupt):
         artifacts.save_adapter(out, model, recipe, str(tiny_dir), "0" * 16)
     with pytest.raises(KeyboardInterrupt):

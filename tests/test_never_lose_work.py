@@ -145,8 +145,8 @@ def test_a_swap_killed_between_its_renames_is_put_back(tmp_path):
     (tmp_path / ".adapter.tmp-def456").mkdir()  # the new one, partial
     (tmp_path / ".summary.json.tmp").write_text("{")
     (tmp_path / ".mine.tmp").write_text("not peft's")
-    done = run.sweep_temporaries()
-    assert sorted(done) == [".adapter.tmp-def456 deleted", ".summary.json.tmp deleted", "adapter put back"]
+    assert run.put_back() == ["adapter put back"]
+    assert sorted(run.remove_temporaries()) == [".adapter.tmp-def456 deleted", ".summary.json.tmp deleted"]
     assert (run.adapter / "adapter_model.safetensors").read_bytes() == b"weights"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".mine.tmp", "adapter"]
 

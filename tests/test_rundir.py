@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
+from peftcli.atomic import write_json_atomic
 from peftcli.errors import UserError
-from peftcli.rundir import RunDir, read_events, write_json_atomic
+from peftcli.rundir import RunDir, read_events
 
 
 def _complete(run: RunDir, step: int):
