@@ -104,6 +104,8 @@ def train(
         launcher.check_devices(num_processes)
         raise typer.Exit(launcher.launch(num_processes))
     r = smoke_check.load_recipe(recipe, set_, output_dir) if smoke else recipes.load_recipe(recipe, set_, output_dir)
+    # a smoke run into its own OUTPUT-smoke dir replaces the smoke run before it (a CI job's repeat)
+    overwrite = overwrite or (smoke and not output_dir and not resume)
     result = run_training(r, resume=resume, console=err, overwrite=overwrite, skip_corrupt=skip_corrupt)
     if os.environ.get("RANK", "0") != "0":
         return  # the first process reports

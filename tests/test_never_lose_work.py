@@ -33,7 +33,8 @@ def _peft(*args, **kwargs) -> subprocess.CompletedProcess:
 
 
 def _files(run: Path) -> dict[Path, bytes]:
-    return {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    """Every file in ``run`` and its bytes, but the lock (it holds the pid of the last run)."""
+    return {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".peft-lock"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,6 +122,22 @@ def test_contradictory_flags_are_one_line(tmp_path, tiny_dir, flags, expect):
     done = _peft("train", path, *flags)
     assert done.returncode == 2 and done.stderr.strip().splitlines()[0].startswith(expect), done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_a_smoke_run_replaces_the_smoke_run_before_it_and_nothing_else(tmp_path, tiny_dir):
+    from peftcli.recipe import dump
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(dump(tiny_run_recipe(tmp_path, tiny_dir, {"name": "lora"}, max_steps=1)))
+    assert _peft("train", path).returncode == 0  # the real run, in RUN
+    real = _files(tmp_path / "run")
+    for _ in range(2):  # a CI job run twice: the second replaces the first's RUN-smoke
+        done = _peft("train", path, "--smoke")
+        assert done.returncode == 0 and "smoke FAIL" not in done.stderr, done.stderr
+    assert "held an earlier run; its checkpoints, adapter and metrics are replaced" in done.stderr
+    assert _files(tmp_path / "run") == real
+    done = _peft("train", path, "--smoke", "--output-dir", tmp_path / "run")  # a named dir: the usual rule
+    assert done.returncode == 2 and "holds an earlier run (adapter/)" in done.stderr and _files(tmp_path / "run") == real
 
 
 def test_resume_without_a_checkpoint_does_not_replace_a_finished_adapter(tmp_path, tiny_dir):
