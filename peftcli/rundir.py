@@ -300,10 +300,10 @@ class RunDir:
         return self.metrics.exists() or bool(self.checkpoints(complete=False))
 
     def earlier_work(self) -> list[str]:
-        """What an earlier run trained here and a fresh run would replace: its complete
-        checkpoints (``"checkpoints/step-N"``, newest last) and its ``"adapter"``. Empty when
-        there is nothing (metrics of a run killed before its first checkpoint are not work)."""
-        found = [f"checkpoints/{p.name}" for p in self.checkpoints()]
+        """What an earlier run trained here and a fresh run would replace: its checkpoints
+        (``"checkpoints/step-N"``, newest last; a damaged one too) and its ``"adapter"``. Empty
+        when there is nothing (metrics of a run killed before its first checkpoint are not work)."""
+        found = [f"checkpoints/{p.name}" for p in self.named_checkpoints()]
         return found + ["adapter"] * self.adapter.exists()
 
     def bytes_held(self) -> int:
@@ -443,6 +443,14 @@ class RunDir:
                 found.append((-1, p))
         return [p for _, p in sorted(found)]
 
+    def named_checkpoints(self) -> list[Path]:
+        """Every ``checkpoints/step-N`` dir by its name, oldest first, whether or not it is complete:
+        a written checkpoint always has its ``state.json`` (:meth:`save_checkpoint` renames it into
+        place whole), so a ``step-N`` without one was damaged after it was written."""
+        found = [(int(p.name.removeprefix("step-")), p) for p in self.checkpoints_dir.glob("step-*")
+                 if p.is_dir() and p.name.removeprefix("step-").isdigit()]
+        return [p for _, p in sorted(found)]
+
     def latest_checkpoint(self) -> Path | None:
         """The highest complete ``checkpoints/step-N`` dir, or None."""
         found = self.checkpoints()
@@ -543,7 +551,7 @@ class RunDir:
                 checkpoint, or ``--overwrite`` when none is intact).
         """
         corrupt, intact = [], None
-        for checkpoint in reversed(self.checkpoints()):
+        for checkpoint in reversed(self.named_checkpoints()):  # a step-N that lost its state.json is corrupt too
             fault = _fault_in(checkpoint)
             if fault is None:
                 intact = checkpoint

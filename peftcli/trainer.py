@@ -16,7 +16,9 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from contextlib import nullcontext
@@ -135,6 +137,7 @@ class Run:
     steps: int  # optimizer steps of the whole run
     start: int  # steps already done (a resumed run)
     counters: Counters
+    trained: int = 0  # the last optimizer step done
     adapter_saved: bool = False  # the final adapter/ is written
     final_checkpoint_fault: WriteFault | None = None  # the last step's checkpoint failed; raised after adapter/
 
@@ -282,19 +285,37 @@ def _first_process() -> bool:
 
 def _kept(rundir: RunDir, run: Run | None) -> str:
     """What a failed write did not lose, for its message: nothing trained yet (``run`` is None:
-    setup failed), the final adapter once written, else the newest checkpoint and how to go on
-    from it."""
+    setup failed), the final adapter once written; else the adapter of the steps since the
+    newest checkpoint, saved elsewhere (:func:`_rescue`), and the newest checkpoint with how to
+    go on from it."""
     if run is None:
         return "nothing was trained yet"
     if run.adapter_saved:
         return f"the trained adapter is saved in {rundir.adapter}"
     checkpoint = rundir.resume_point(skip_corrupt=True, say=lambda _: None)  # the newest intact one
+    saved_step = RunDir.step_of(checkpoint) if checkpoint is not None else 0
+    rescued = _rescue(run) + "; " if run.trained > saved_step and run.main else ""
     go_on = f"peft train {rundir.recipe} --resume"
     if checkpoint is None:
-        return f"no checkpoint was written yet ({go_on} starts again)"
-    if RunDir.step_of(checkpoint) >= run.steps:
+        return f"{rescued}no checkpoint was written yet ({go_on} starts again)"
+    if saved_step >= run.steps:
         return f"the trained adapter is kept in {RunDir.adapter_of(checkpoint)} (finish with: {go_on})"
-    return f"the newest checkpoint is {checkpoint} (continue with: {go_on})"
+    return f"{rescued}the newest checkpoint is {checkpoint} (continue with: {go_on})"
+
+
+def _rescue(run: Run) -> str:
+    """The steps trained since the newest checkpoint are not lost to a run dir that cannot be
+    written: the adapter as it is now goes to a new dir in the system's temporary dir (``TMPDIR``)
+    instead. Returns the line saying where, or that this failed too."""
+    where = None
+    try:
+        where = Path(tempfile.mkdtemp(prefix=f"peft-rescued-{run.rundir.path.name}-step{run.trained}-"))
+        _write_adapter(run.prepared, where / "adapter")
+    except Exception as exc:  # the message being built is the user's: never a second traceback
+        if where is not None:
+            shutil.rmtree(where, ignore_errors=True)
+        return f"the adapter trained to step {run.trained} could not be saved elsewhere either ({tempfile.gettempdir()}: {exc})"
+    return f"the adapter trained to step {run.trained} is saved instead in {where / 'adapter'} (peft eval, generate and merge read it)"
 
 
 def _check_resumed_base(checkpoint: Path | None, model: nn.Module) -> None:
@@ -381,6 +402,7 @@ def run_steps(run: Run) -> None:
         task = progress.add_task("train", total=run.steps, completed=run.start, loss=float("nan"), lr=0.0, tps=0.0)
         for step in range(run.start + 1, run.steps + 1):
             lr = _optimizer_step(run, step)
+            run.trained = step
             if step % t.log_every == 0 or step == run.steps:
                 _log_train(run, step, lr, progress, task)
             if run.main and run.prepared.eval_examples and t.eval_every and step % t.eval_every == 0 and step != run.steps:

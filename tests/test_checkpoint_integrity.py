@@ -193,6 +193,20 @@ def test_resume_point_falls_back_only_when_asked(tmp_path):
     assert all(p.is_dir() for p in (one, two, three))  # nothing deleted
 
 
+def test_a_checkpoint_that_lost_its_state_json_is_corrupt_not_absent(tmp_path):
+    """A written step-N always has its state.json (it is renamed into place whole): one without
+    it was damaged, and --resume stops on it instead of silently going back to an older one."""
+    run = RunDir(tmp_path)
+    two, three = _save(run, 2), _save(run, 3)
+    (three / "state.json").unlink()
+    with pytest.raises(UserError) as err:
+        run.resume_point()
+    assert _one_line(err, f"{three / 'state.json'}: missing").endswith(
+        "resume from the newest intact checkpoint (step-2) with --resume --skip-corrupt")
+    assert run.resume_point(skip_corrupt=True, say=lambda _: None) == two
+    assert run.earlier_work() == ["checkpoints/step-2", "checkpoints/step-3"]  # still work: not replaced unasked
+
+
 def test_a_torch_write_fault_is_an_oserror_with_its_errno(tmp_path):
     if not os.path.exists("/dev/full"):
         pytest.skip("needs /dev/full (Linux) for a real ENOSPC")

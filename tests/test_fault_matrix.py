@@ -18,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -119,9 +120,13 @@ def _kept_is_there(line: str, run: Path, reference) -> None:
     newest checkpoint (complete)."""
     if "the trained adapter is saved in" in line:
         assert all(torch.equal(_adapter(run)[k], v) for k, v in reference["adapter"].items())
-    found = re.search(r"the newest checkpoint is (\S+);", line)
+    found = re.search(r"the newest checkpoint is (\S+) ", line)
     if found:
         assert (Path(found.group(1)) / "state.json").is_file(), line
+    found = re.search(r"is saved instead in (\S+) ", line)  # the steps since the checkpoint, outside the run dir
+    if found:
+        rescued = load_file(Path(found.group(1)) / "adapter_model.safetensors")
+        assert rescued.keys() == reference["adapter"].keys() and all(v.isfinite().all() for v in rescued.values())
 
 
 def _check_row(site: str, fault: str, row: str) -> None:
@@ -141,8 +146,11 @@ def _check_row(site: str, fault: str, row: str) -> None:
 
 @pytest.mark.parametrize("fault", FAULTS)
 @pytest.mark.parametrize("site", list(TRAIN_SITES))
-def test_C20_fault_matrix_train(tmp_path, tiny_dir, reference, capsys, site, fault):
+def test_C20_fault_matrix_train(tmp_path, tiny_dir, reference, capsys, monkeypatch, site, fault):
     target, after = TRAIN_SITES[site]
+    rescue = tmp_path / "tmp"  # TMPDIR, where the steps since the last checkpoint are saved when the run dir fails
+    rescue.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(rescue))
     recipe, run = _recipe(tmp_path, tiny_dir, "run"), tmp_path / "run"
     run.mkdir()
     (run / "notes.txt").write_text("mine")  # a file of the user's: never touched
@@ -160,7 +168,8 @@ def test_C20_fault_matrix_train(tmp_path, tiny_dir, reference, capsys, site, fau
         line = _one_line(stderr)
         assert str(run / target) in line and ("No space left" in line if fault == "ENOSPC" else "Read-only" in line), line
         _kept_is_there(line, run, reference)
-        shown, code = _normal(line, (run, "RUN")).removeprefix("error: "), "2"
+        shown, code = _normal(line, (run, "RUN"), (rescue, "TMP")).removeprefix("error: "), "2"
+        shown = re.sub(r"(peft-rescued-run-step\d+-)\w+", r"\1*", shown)
     after_fault = _on_disk(run)
     exit_code, stderr = _peft(["train", recipe, "--resume"], capsys)  # the fault is gone: finish the run
     assert exit_code == 0, stderr

@@ -235,8 +235,8 @@ cli.run()
 @pytest.mark.slow
 def test_C20_disk_full_on_a_real_tmpfs_keeps_the_work(tmp_path, tiny_dir):
     """A 16 MiB tmpfs fills up after step 2's checkpoint: the run stops with one line (exit 2)
-    naming the file and the checkpoint kept; with the space freed, --resume finishes with the
-    adapter of an uninterrupted run."""
+    naming the file, the trained adapter saved in TMPDIR instead (equal to an uninterrupted
+    run's) and the checkpoint kept; with the space freed, --resume finishes with that adapter."""
     if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
         pytest.skip("this machine does not allow a private mount namespace (unshare -rm); the in-process fault "
                     "matrix covers the same writes")
@@ -258,7 +258,10 @@ def test_C20_disk_full_on_a_real_tmpfs_keeps_the_work(tmp_path, tiny_dir):
     script = tmp_path / "fill.py"
     script.write_text(FILL)
     full = recipe(mount / "run")
-    shell = (f"mount -t tmpfs -o size=16m tmpfs {mount} && {sys.executable} {script} {mount} train {full}; echo rc=$?; "
+    rescue = tmp_path / "rescue"  # TMPDIR: where the steps since the last checkpoint go when the run dir is full
+    rescue.mkdir()
+    shell = (f"mount -t tmpfs -o size=16m tmpfs {mount} && TMPDIR={rescue} {sys.executable} {script} {mount} train {full}; "
+             "echo rc=$?; "
              f"rm -f {mount}/filler && {sys.executable} -m peftcli.cli train {full} --resume; echo rc=$?; "
              f"cp {mount}/run/adapter/adapter_model.safetensors {tmp_path}/resumed.safetensors")
     done = subprocess.run(["unshare", "-rm", "sh", "-c", shell], capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -269,5 +272,8 @@ def test_C20_disk_full_on_a_real_tmpfs_keeps_the_work(tmp_path, tiny_dir):
     assert done.stdout.splitlines()[0] == "rc=2" and done.stdout.splitlines()[-1] == "rc=0", done.stdout + done.stderr
     assert len(errors_seen) == 1 and "cannot write (No space left on device)" in errors_seen[0], done.stderr
     assert f"the newest checkpoint is {mount}/run/checkpoints/step-2" in errors_seen[0], errors_seen[0]
-    resumed, reference = load_file(tmp_path / "resumed.safetensors"), load_file(tmp_path / "reference/adapter/adapter_model.safetensors")
-    assert resumed.keys() == reference.keys() and all(torch.equal(resumed[k], reference[k]) for k in reference)
+    rescued = list(rescue.glob("peft-rescued-run-step4-*/adapter"))
+    assert len(rescued) == 1 and f"the adapter trained to step 4 is saved instead in {rescued[0]}" in errors_seen[0]
+    reference = load_file(tmp_path / "reference/adapter/adapter_model.safetensors")
+    for adapter in (load_file(rescued[0] / "adapter_model.safetensors"), load_file(tmp_path / "resumed.safetensors")):
+        assert adapter.keys() == reference.keys() and all(torch.equal(adapter[k], reference[k]) for k in reference)
