@@ -220,6 +220,7 @@ def validate(
 
     r = recipes.load_recipe(recipe, set_)
     p = prepare.load(r)  # data is read before the model loads, as in train
+    prepare.fit_micro_batch(r, len(p.datasets.train), out.print)
     out.print(recipes.dump(r), highlight=False, markup=False)  # resolved: the method's default targets filled in
     s = p.datasets.train_stats
     out.print(f"data: {s.kept} of {s.rows} train rows kept ({s.dropped_empty_answer} empty answers, "
@@ -295,7 +296,8 @@ def run() -> None:
         code = e.exit_code
     except cx.UsageError as e:
         command = e.ctx.command_path if e.ctx is not None else "peft"
-        print(f"error: {' '.join(e.format_message().split())} (see: {command} --help)", file=sys.stderr)
+        hint = "; --set takes KEY=VALUE in one argument" if "--set" in sys.argv and "extra argument" in e.format_message() else ""
+        print(f"error: {' '.join(e.format_message().split())}{hint} (see: {command} --help)", file=sys.stderr)
         code = 2
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -83,6 +83,17 @@ def load(recipe: Recipe, check_base: Callable[[nn.Module], object] | None = None
                     trainable=trainable, total=total, mixed=resolve_mixed_precision(t.mixed_precision))
 
 
+def fit_micro_batch(recipe: Recipe, n_train: int, say: Callable[[str], None]) -> None:
+    """A micro-batch larger than the train set holds the whole set: ``train.micro_batch_size``
+    is lowered to ``n_train`` and ``say`` gets a note (the resolved recipe, recipe.yaml and
+    summary.json then show the size used)."""
+    t = recipe.train
+    if 0 < n_train < t.micro_batch_size:
+        say(f"note: train.micro_batch_size {t.micro_batch_size} is more than the {n_train} train "
+            f"example{'s' * (n_train != 1)}; micro-batches hold {n_train}")
+        t.micro_batch_size = n_train
+
+
 def load_tokenizer(model_config: ModelConfig) -> tuple[str, object]:
     """The first step of every setup: (the resolved base dir / hub id, its tokenizer). The
     tokenizer is all reading the data needs, so the data is checked before any model loads.

@@ -189,8 +189,9 @@ def _did_you_mean(loc: list[str], method: str | None) -> str:
     bad = loc[-1]
     if bad in OTHER_TOOLS:
         return f" (did you mean {OTHER_TOOLS[bad]}? {bad} is another tool's name for it)"
-    close = difflib.get_close_matches(bad, _section_keys(loc, method), n=1, cutoff=0.7)
-    return f" (did you mean {'.'.join(loc[:-1] + close)}?)" if close else ""
+    keys = _section_keys(loc, method)
+    close = difflib.get_close_matches(bad, keys, n=1, cutoff=0.7) or [k for k in keys if bad.endswith("_" + k)][:1]
+    return f" (did you mean {'.'.join(loc[:-1] + close)}?)" if close else ""  # lorra_alpha -> alpha too
 
 
 _YAML11_BOOLS = {"yes", "no", "on", "off", "y", "n"}

@@ -560,8 +560,10 @@ class RunDir:
         if not corrupt:
             return intact
         if not skip_corrupt:
-            way = (f"resume from the newest intact checkpoint ({intact.name}) with --resume --skip-corrupt"
-                   if intact else "no intact checkpoint: start again with --overwrite")
+            way = (f"resume from the newest intact checkpoint ({intact.name}) with --resume --skip-corrupt" if intact else
+                   f"no intact checkpoint: {self.adapter} is intact and usable as it is (peft eval, generate, merge), or start "
+                   "again with --overwrite (which replaces it)" if self.adapter.is_dir() else
+                   "no intact checkpoint: start again with --overwrite")
             raise UserError(f"{corrupt[0]}; {way}")
         say(f"note: --skip-corrupt: skipped {len(corrupt)} corrupt checkpoint{'s' * (len(corrupt) > 1)} "
             f"({'; '.join(map(str, corrupt))}); " + (f"resuming from {intact}" if intact else "no intact checkpoint is left"))

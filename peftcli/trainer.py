@@ -127,7 +127,7 @@ class Run:
     rundir: RunDir
     prepared: Prepared
     path: guard.LossPath  # the loss path the run trains and evaluates on
-    log: RunLog
+    log: RunLog | None  # metrics.jsonl, opened by setup after the checks (None until then)
     params: list[nn.Parameter]  # the trainable ones
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -162,9 +162,9 @@ def setup(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = 
           skip_corrupt: bool = False) -> Run:
     """Everything before the first step: the accelerator, the run dir's state
     (:func:`_earlier_run`), the model with its method (:func:`peftcli.prepare.load`), the loss
-    path, the free space (:func:`bytes_needed`); only then the first writes (an earlier run
-    replaced, ``recipe.yaml``, the metrics log), the optimizer and schedule, and with ``resume``
-    the latest checkpoint's state.
+    path, the optimizer and schedule, with ``resume`` the checkpoint's state (a checkpoint that
+    does not fit the recipe stops here), the free space (:func:`bytes_needed`); only then the
+    first writes: an earlier run replaced, ``recipe.yaml``, the metrics log, the trackers.
 
     Raises:
         UserError: as :func:`train`; ``--resume`` with a checkpoint of another base.
@@ -182,12 +182,15 @@ def setup(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = 
     checkpoint, replace = _earlier_run(rundir, resume, overwrite, skip_corrupt, console)
     seed_everything(t.seed)
     prepared = prepare.load(recipe, check_base=partial(_check_resumed_base, checkpoint))
-    _fit_micro_batch(recipe, len(prepared.datasets.train), console)
+    prepare.fit_micro_batch(recipe, len(prepared.datasets.train), console.print)
     _print_prepared(console, prepared, accelerator.num_processes, accelerator.distributed_type)
     if recipe.model.quantization == "none":
         prepared.model.to(accelerator.device)  # the check runs where training does (4/8-bit weights are placed at load)
     path = prepare.loss_path(prepared, accelerator.autocast, console)
     console.print(path.describe())
+    if t.gradient_checkpointing:
+        prepare.enable_gradient_checkpointing(prepared.model)
+    run = _start_optimizing(accelerator, console, rundir, prepared, path, checkpoint)
     if main:  # everything is known good: the first writes
         rundir.check_room(bytes_needed(prepared, total_steps(recipe, len(prepared.datasets.train))),
                           freed=rundir.bytes_held() if replace else 0)
@@ -198,14 +201,12 @@ def setup(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = 
             console.print(f"note: a killed run's temporary: {done}")
         # after apply, which wrote the model's default target_modules into recipe.method: the explicit list
         rundir.write_recipe(dump(recipe))
-    if t.gradient_checkpointing:
-        prepare.enable_gradient_checkpointing(prepared.model)
-    log = _open_log(rundir, checkpoint, prepared.datasets, main)
+    run.log = _open_log(rundir, checkpoint, prepared.datasets, main)
     if t.report_to:
         with writing(rundir.tensorboard, "output.dir"):
             accelerator.init_trackers("peftcli", config=_flat(recipe.model_dump(mode="json")))
-        log.accelerator, log.tracker_dir = accelerator, rundir.tensorboard
-    return _start_optimizing(accelerator, console, rundir, prepared, path, log, checkpoint)
+        run.log.accelerator, run.log.tracker_dir = accelerator, rundir.tensorboard
+    return run
 
 
 def _accelerator(recipe: Recipe):
@@ -245,24 +246,15 @@ def _earlier_run(rundir: RunDir, resume: bool, overwrite: bool, skip_corrupt: bo
         shown = ([checkpoints[-1] if len(checkpoints) == 1 else f"{len(checkpoints)} checkpoints up to {checkpoints[-1]}"]
                  if checkpoints else []) + ["adapter/"] * ("adapter" in work)
         shown = " and ".join(shown)
-        hint = ("it has no checkpoint to resume from; replace it with --overwrite" if resume else
-                "continue it with --resume, or replace it with --overwrite")
+        hint = ("it has no checkpoint to resume from" + ("; its adapter/ is usable as it is (peft eval, generate, merge)"
+                                                         if "adapter" in work else "") + "; replace it with --overwrite"
+                if resume else "continue it with --resume, or replace it with --overwrite")
         raise UserError(f"output.dir {rundir.path}: holds an earlier run ({shown}); {hint} (or choose another output.dir)")
     if resume:  # killed before its first checkpoint: there is nothing to keep
         console.print(f"note: {rundir.path} has no checkpoint yet (train.save_every writes them); starting from step 0")
     if work:
         return None, "its checkpoints, adapter and metrics are replaced (--overwrite)"
     return None, "its metrics are replaced (it had no checkpoint or adapter)" if rundir.holds_run() else ""
-
-
-def _fit_micro_batch(recipe: Recipe, n_train: int, console) -> None:
-    """A micro-batch larger than the train set holds the whole set: ``train.micro_batch_size``
-    is lowered to ``n_train`` with a note (recipe.yaml and summary.json record the size used)."""
-    t = recipe.train
-    if 0 < n_train < t.micro_batch_size:
-        console.print(f"note: train.micro_batch_size {t.micro_batch_size} is more than the {n_train} train "
-                      f"example{'s' * (n_train != 1)}; micro-batches hold {n_train}")
-        t.micro_batch_size = n_train
 
 
 def bytes_needed(prepared: Prepared, steps: int) -> int:
@@ -335,7 +327,7 @@ def _print_prepared(console, p: Prepared, world: int, distributed_type) -> None:
     console.print(f"[bold]{p.recipe.method.name}[/] on {', '.join(targets[:2])}{', ...' if len(targets) > 2 else ''} "
                   f"({len(targets)} module{'s' * (len(targets) != 1)}): trainable parameters {p.trainable:,} = "
                   f"{100 * p.trainable / p.base_params:.3f}% of the base's {p.base_params:,} ({methods.kinds_line(p.model)})")
-    console.print(f"data: {s.kept} train examples ({s.dropped_empty_answer} empty answers and "
+    console.print(f"data: {s.kept} train example{'s' * (s.kept != 1)} ({s.dropped_empty_answer} empty answers and "
                   f"{s.dropped_truncated} over-long prompts dropped), eval on {len(p.eval_examples)} examples")
     if world > 1:
         console.print(f"processes: {world} ({distributed_type}); {world * t.grad_accum} micro-batches per step")
@@ -349,7 +341,7 @@ def _open_log(rundir: RunDir, checkpoint: Path | None, ds: data.Datasets, main: 
     return log
 
 
-def _start_optimizing(accelerator, console, rundir: RunDir, prepared: Prepared, path: guard.LossPath, log: RunLog,
+def _start_optimizing(accelerator, console, rundir: RunDir, prepared: Prepared, path: guard.LossPath,
                       checkpoint: Path | None) -> Run:
     """Optimizer, schedule, the accelerator's wrap of the loss module (data parallelism), the
     checkpoint's state when resuming, the data stream and the collate function."""
@@ -368,8 +360,8 @@ def _start_optimizing(accelerator, console, rundir: RunDir, prepared: Prepared, 
     model.train()
     collate = make_collate(path.padding_free, prepared.tokenizer.pad_token_id, recipe.data.pad_to_multiple_of)
     console.print(f"micro-batches: {'padding-free rows (no padding computed)' if path.padding_free else 'right-padded rows'}")
-    return Run(accelerator, console, rundir, prepared, path, log, params, optimizer, scheduler, loss_fn, collate, stream,
-               steps, start, Counters.resumed(done))  # elapsed time and counters carry over a resume
+    return Run(accelerator, console, rundir, prepared, path, None, params, optimizer, scheduler, loss_fn, collate, stream,
+               steps, start, Counters.resumed(done))  # elapsed time and counters carry over a resume; the log comes next
 
 
 def _restore(checkpoint: Path, prepared: Prepared, optimizer, scheduler, rank: int = 0) -> tuple[int, dict, dict]:

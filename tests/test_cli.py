@@ -42,7 +42,7 @@ def data_file(tmp_path):
 
 
 @pytest.mark.parametrize("edit, expect", [
-    (lambda r: r.replace("alpha: 8", "lorra_alpha: 8"), "method.lorra_alpha: unknown key"),
+    (lambda r: r.replace("alpha: 8", "lorra_alpha: 8"), "method.lorra_alpha: unknown key (did you mean method.alpha?)"),
     (lambda r: r.replace("r: 4", "r: -4"), "method.r:"),
     (lambda r: r.replace("max_steps: 1", "max_steps: many"), "train.max_steps:"),
     (lambda r: r.replace("name: lora", "name: loraa"), "method.name: unknown method 'loraa'"),

@@ -144,10 +144,34 @@ def test_resume_without_a_checkpoint_does_not_replace_a_finished_adapter(tmp_pat
     recipe = tiny_run_recipe(tmp_path, tiny_dir, {"name": "lora"}, max_steps=1)  # save_every 0: no checkpoint
     train(recipe)
     before = _files(tmp_path / "run")
-    with pytest.raises(UserError, match=r"holds an earlier run \(adapter/\); it has no checkpoint to resume from; "
-                                        r"replace it with --overwrite"):
+    with pytest.raises(UserError, match=r"holds an earlier run \(adapter/\); it has no checkpoint to resume from; its "
+                                        r"adapter/ is usable as it is \(peft eval, generate, merge\); replace it with --overwrite"):
         train(recipe, resume=True)
     assert _files(tmp_path / "run") == before
+
+
+def test_a_resume_whose_checkpoint_does_not_fit_the_changed_recipe_writes_nothing(tmp_path, tiny_dir):
+    """--resume with a --set that changes the method: refused when the checkpoint is restored,
+    before recipe.yaml (the command the run prints to resume) is rewritten."""
+    recipe = tiny_run_recipe(tmp_path, tiny_dir, {"name": "lora", "r": 4}, max_steps=2, save_every=1)
+    train(recipe)
+    before = _files(tmp_path / "run")
+    changed = recipe.model_copy(deep=True)
+    changed.method.r = 8
+    with pytest.raises(UserError, match=r"lora_A.weight has shape \(4, 64\), the model needs \(8, 64\)"):
+        train(changed, resume=True)
+    assert _files(tmp_path / "run") == before
+
+
+def test_no_intact_checkpoint_but_a_finished_adapter_says_it_is_usable(tmp_path, tiny_dir):
+    recipe = tiny_run_recipe(tmp_path, tiny_dir, {"name": "lora"}, max_steps=2, save_every=2)
+    train(recipe)
+    state = tmp_path / "run" / "checkpoints" / "step-2" / "optimizer.pt"
+    state.write_bytes(state.read_bytes()[:10])
+    with pytest.raises(UserError) as err:
+        train(recipe, resume=True)
+    assert str(err.value).endswith(f"no intact checkpoint: {tmp_path / 'run' / 'adapter'} is intact and usable as it is "
+                                   "(peft eval, generate, merge), or start again with --overwrite (which replaces it)")
 
 
 # ---------------------------------------------------------------------------------------------

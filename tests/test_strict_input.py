@@ -54,7 +54,7 @@ def test_a_key_nothing_is_close_to_gets_no_guess(tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["validate", "R", "--set", "train.max_steps", "3"], "unexpected extra argument"),
+    (["validate", "R", "--set", "train.max_steps", "3"], "unexpected extra argument(s) (3); --set takes KEY=VALUE in one argument"),
     (["train", "R", "--bogus"], "No such option: --bogus"),
     (["merge", "somewhere"], "Missing option '-o'"),
 ])
