@@ -104,13 +104,16 @@ def train(
         launcher.check_devices(num_processes)
         raise typer.Exit(launcher.launch(num_processes))
     r = smoke_check.load_recipe(recipe, set_, output_dir) if smoke else recipes.load_recipe(recipe, set_, output_dir)
-    # a smoke run into its own OUTPUT-smoke dir replaces the smoke run before it (a CI job's repeat)
-    overwrite = overwrite or (smoke and not output_dir and not resume)
+    if smoke and resume:
+        raise UserError("--smoke and --resume: a smoke run always starts fresh; drop --resume")
+    # a smoke run replaces the smoke run before it (a CI job's repeat), never a real run
+    overwrite = overwrite or (smoke and smoke_check.replaces(r.output.dir))
     result = run_training(r, resume=resume, console=err, overwrite=overwrite, skip_corrupt=skip_corrupt)
     if os.environ.get("RANK", "0") != "0":
         return  # the first process reports
     if smoke:
         report = smoke_check.check(result)
+        smoke_check.write_report(result.run_dir, report)
         for line in report.lines:
             err.print(line)
         if not report.ok:

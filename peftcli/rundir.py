@@ -184,6 +184,25 @@ def _is_record(rel, want) -> bool:
     return inside and isinstance(want, dict) and isinstance(want.get("bytes"), int) and isinstance(want.get("sha256"), str)
 
 
+def _dir_reads(path: Path) -> bool:
+    """Whether a dir of JSON and safetensors files (an adapter dir) reads back: it exists, holds a
+    safetensors file, every ``.json`` parses and every ``.safetensors`` loads (header and sizes;
+    a changed byte inside a tensor is not seen without a checksum)."""
+    from safetensors.torch import load_file
+
+    if not path.is_dir() or not any(path.glob("*.safetensors")):
+        return False
+    try:
+        for f in path.iterdir():
+            if f.suffix == ".json":
+                json.loads(f.read_text(encoding="utf-8"))
+            elif f.suffix == ".safetensors":
+                load_file(f)
+    except Exception:  # any way of not reading back
+        return False
+    return True
+
+
 def _fault_in(checkpoint: Path) -> UserError | None:
     """What :meth:`RunDir.verify_checkpoint` finds wrong with ``checkpoint``; None if it is intact."""
     try:
@@ -217,8 +236,10 @@ class RunDir:
     """A run dir's layout (see the module docstring): the paths of its files, its checkpoints,
     and the rules for writing into it."""
 
-    FILES = ("recipe.yaml", "metrics.jsonl", "summary.json", "loss.png", "adapter", "checkpoints", "tensorboard", ".peft-lock")
-    REPLACED = ("adapter", "summary.json", "loss.png", "tensorboard", "metrics.jsonl")  # an earlier run's outputs, besides checkpoints
+    FILES = ("recipe.yaml", "metrics.jsonl", "summary.json", "loss.png", "adapter", "checkpoints", "tensorboard", "smoke.json",
+             ".peft-lock")
+    # an earlier run's outputs, besides checkpoints (smoke.json: the report of a --smoke run)
+    REPLACED = ("adapter", "summary.json", "loss.png", "tensorboard", "metrics.jsonl", "smoke.json")
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -560,14 +581,32 @@ class RunDir:
         if not corrupt:
             return intact
         if not skip_corrupt:
+            usable = None if intact else self.usable_adapter()
             way = (f"resume from the newest intact checkpoint ({intact.name}) with --resume --skip-corrupt" if intact else
-                   f"no intact checkpoint: {self.adapter} is intact and usable as it is (peft eval, generate, merge), or start "
-                   "again with --overwrite (which replaces it)" if self.adapter.is_dir() else
+                   f"no intact checkpoint: {usable} loads and is usable as it is (peft eval, generate, merge); starting again "
+                   "with --overwrite deletes it (copy it elsewhere first)" if usable else
                    "no intact checkpoint: start again with --overwrite")
             raise UserError(f"{corrupt[0]}; {way}")
         say(f"note: --skip-corrupt: skipped {len(corrupt)} corrupt checkpoint{'s' * (len(corrupt) > 1)} "
             f"({'; '.join(map(str, corrupt))}); " + (f"resuming from {intact}" if intact else "no intact checkpoint is left"))
         return intact
+
+    def usable_adapter(self) -> Path | None:
+        """An adapter of this run that can be used as it is when no checkpoint can be resumed:
+        ``adapter/`` when its files read (:func:`_dir_reads`), else the adapter of the newest
+        checkpoint whose adapter files match their recorded checksums. None when neither."""
+        if _dir_reads(self.adapter):
+            return self.adapter
+        for checkpoint in reversed(self.named_checkpoints()):
+            try:
+                files = RunDir._read_state(checkpoint).get("files")
+            except UserError:
+                continue
+            adapter = {rel: want for rel, want in (files or {}).items() if rel.startswith("adapter/") and _is_record(rel, want)}
+            if adapter and all((checkpoint / rel).is_file() and (checkpoint / rel).stat().st_size == want["bytes"]
+                               and _sha256(checkpoint / rel) == want["sha256"] for rel, want in adapter.items()):
+                return RunDir.adapter_of(checkpoint)
+        return None
 
     @staticmethod
     def read_checkpoint(checkpoint: Path) -> Checkpoint:

@@ -40,6 +40,30 @@ class SmokeReport:
         self.lines.append(f"smoke {'ok  ' if passed else 'FAIL'} {what}")
 
 
+REPORT = "smoke.json"  # the report in the smoke run's dir; it also marks the dir as a smoke run's
+
+
+def replaces(run_dir) -> bool:
+    """Whether a smoke run may replace what is in ``run_dir`` without ``--overwrite``: only the
+    run of an earlier smoke (its :data:`REPORT` is there), never a real run that happens to have
+    the ``-smoke`` name."""
+    from pathlib import Path
+
+    return (Path(run_dir) / REPORT).is_file()
+
+
+def write_report(run_dir, report: SmokeReport) -> None:
+    """``RUN/smoke.json``: whether every check passed and each check's line."""
+    from pathlib import Path
+
+    from peftcli.atomic import write_json_atomic
+    from peftcli.errors import writing
+
+    path = Path(run_dir) / REPORT
+    with writing(path, "output.dir"):
+        write_json_atomic(path, {"ok": report.ok, "lines": report.lines})
+
+
 @torch.no_grad()
 def check(result) -> SmokeReport:
     """Check a finished smoke run (a :class:`peftcli.trainer.TrainResult`)."""

@@ -183,6 +183,7 @@ def setup(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = 
     seed_everything(t.seed)
     prepared = prepare.load(recipe, check_base=partial(_check_resumed_base, checkpoint))
     prepare.fit_micro_batch(recipe, len(prepared.datasets.train), console.print)
+    _check_resumed_recipe(rundir, recipe, checkpoint)
     _print_prepared(console, prepared, accelerator.num_processes, accelerator.distributed_type)
     if recipe.model.quantization == "none":
         prepared.model.to(accelerator.device)  # the check runs where training does (4/8-bit weights are placed at load)
@@ -308,6 +309,42 @@ def _rescue(run: Run) -> str:
             shutil.rmtree(where, ignore_errors=True)
         return f"the adapter trained to step {run.trained} could not be saved elsewhere either ({tempfile.gettempdir()}: {exc})"
     return f"the adapter trained to step {run.trained} is saved instead in {where / 'adapter'} (peft eval, generate and merge read it)"
+
+
+# what --resume may change: when to log, evaluate, checkpoint and stop, and memory for speed; the rest
+# (method, data, model, optimizer, schedule, seed, micro-batches) is the run's and stays
+RESUMABLE = {"train.max_steps", "train.epochs", "train.save_every", "train.keep_checkpoints", "train.log_every",
+             "train.eval_every", "train.eval_max_samples", "train.report_to", "train.gradient_checkpointing", "output.dir"}
+
+
+def _check_resumed_recipe(rundir: RunDir, recipe: Recipe, checkpoint: Path | None) -> None:
+    """``--resume`` continues the run as it was trained: the resolved ``recipe`` must equal the
+    run dir's ``recipe.yaml`` except in :data:`RESUMABLE` keys, and ``train.max_steps`` cannot go
+    below the checkpoint's step (a changed lr or method would otherwise be recorded but not used,
+    or used half-way). A run dir without a readable recipe.yaml is not compared.
+
+    Raises:
+        UserError: names the first key that differs, both values, and what to do.
+    """
+    from peftcli.recipe import read_yaml, validate
+
+    if checkpoint is None or not rundir.recipe.is_file():
+        return
+    try:
+        earlier = _flat(validate(read_yaml(rundir.recipe)).model_dump(mode="json"))
+    except UserError:
+        return
+    now = _flat(recipe.model_dump(mode="json"))
+    changed = [k for k in sorted(set(earlier) | set(now)) if k not in RESUMABLE and earlier.get(k) != now.get(k)]
+    if changed:
+        key = changed[0]
+        raise UserError(f"--resume: {key} is {now.get(key)!r}, but the run in {rundir.path} was trained with "
+                        f"{earlier.get(key)!r}; a resumed run keeps its recipe (only when to log, evaluate, save and stop "
+                        "may change): drop the change, or train it as a new run in another output.dir")
+    step = RunDir.step_of(checkpoint)
+    if recipe.train.max_steps is not None and recipe.train.max_steps < step:
+        raise UserError(f"--resume: train.max_steps {recipe.train.max_steps} is below the step of {checkpoint} ({step}); "
+                        f"set it to {step} or more")
 
 
 def _check_resumed_base(checkpoint: Path | None, model: nn.Module) -> None:

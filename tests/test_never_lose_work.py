@@ -135,9 +135,16 @@ def test_a_smoke_run_replaces_the_smoke_run_before_it_and_nothing_else(tmp_path,
         done = _peft("train", path, "--smoke")
         assert done.returncode == 0 and "smoke FAIL" not in done.stderr, done.stderr
     assert "held an earlier run; its checkpoints, adapter and metrics are replaced" in done.stderr
-    assert _files(tmp_path / "run") == real
-    done = _peft("train", path, "--smoke", "--output-dir", tmp_path / "run")  # a named dir: the usual rule
-    assert done.returncode == 2 and "holds an earlier run (adapter/)" in done.stderr and _files(tmp_path / "run") == real
+    assert _files(tmp_path / "run") == real and (tmp_path / "run-smoke" / "smoke.json").is_file()
+    for flags in (["--output-dir", tmp_path / "run"], ["--output-dir", tmp_path / "run", "--resume"]):  # a real run: refused
+        done = _peft("train", path, "--smoke", *flags)
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert _files(tmp_path / "run") == real
+    assert "--smoke and --resume: a smoke run always starts fresh" in done.stderr
+    shutil.rmtree(tmp_path / "run-smoke")  # a real run that happens to have the -smoke name: not a smoke run's
+    shutil.copytree(tmp_path / "run", tmp_path / "run-smoke")
+    done = _peft("train", path, "--smoke")
+    assert done.returncode == 2 and "holds an earlier run (adapter/)" in done.stderr, done.stderr
 
 
 def test_resume_without_a_checkpoint_does_not_replace_a_finished_adapter(tmp_path, tiny_dir):
@@ -150,11 +157,35 @@ def test_resume_without_a_checkpoint_does_not_replace_a_finished_adapter(tmp_pat
     assert _files(tmp_path / "run") == before
 
 
-def test_a_resume_whose_checkpoint_does_not_fit_the_changed_recipe_writes_nothing(tmp_path, tiny_dir):
-    """--resume with a --set that changes the method: refused when the checkpoint is restored,
-    before recipe.yaml (the command the run prints to resume) is rewritten."""
+@pytest.mark.parametrize("change, expect", [
+    ({"train.lr": 1e-4}, r"--resume: train.lr is 0.0001, but the run in \S+ was trained with 0.01; a resumed run keeps "
+                         r"its recipe \(only when to log, evaluate, save and stop may change\)"),
+    ({"method.r": 8}, r"--resume: method.r is 8, but the run"),
+    ({"train.max_steps": 1}, r"--resume: train.max_steps 1 is below the step of \S+step-2 \(2\); set it to 2 or more"),
+    ({"train.max_steps": 4, "train.log_every": 2}, None),  # when to stop and log may change
+])
+def test_a_resume_keeps_its_recipe_and_a_refused_one_writes_nothing(tmp_path, tiny_dir, change, expect):
     recipe = tiny_run_recipe(tmp_path, tiny_dir, {"name": "lora", "r": 4}, max_steps=2, save_every=1)
     train(recipe)
+    before = _files(tmp_path / "run")
+    changed = recipe.model_copy(deep=True)
+    for key, value in change.items():
+        section, name = key.split(".")
+        setattr(getattr(changed, section), name, value)
+    if expect is None:
+        assert train(changed, resume=True).summary["steps"] == 4
+        return
+    with pytest.raises(UserError, match=expect):
+        train(changed, resume=True)
+    assert _files(tmp_path / "run") == before
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_before_any_write(tmp_path, tiny_dir):
+    """Without the run's recipe.yaml to compare with, restoring the checkpoint is the check: it
+    runs before recipe.yaml (the command the run prints to resume) is written."""
+    recipe = tiny_run_recipe(tmp_path, tiny_dir, {"name": "lora", "r": 4}, max_steps=2, save_every=1)
+    train(recipe)
+    (tmp_path / "run" / "recipe.yaml").unlink()
     before = _files(tmp_path / "run")
     changed = recipe.model_copy(deep=True)
     changed.method.r = 8
@@ -170,8 +201,19 @@ def test_no_intact_checkpoint_but_a_finished_adapter_says_it_is_usable(tmp_path,
     state.write_bytes(state.read_bytes()[:10])
     with pytest.raises(UserError) as err:
         train(recipe, resume=True)
-    assert str(err.value).endswith(f"no intact checkpoint: {tmp_path / 'run' / 'adapter'} is intact and usable as it is "
-                                   "(peft eval, generate, merge), or start again with --overwrite (which replaces it)")
+    run = tmp_path / "run"
+    ending = ("loads and is usable as it is (peft eval, generate, merge); starting again with --overwrite deletes it "
+              "(copy it elsewhere first)")
+    assert str(err.value).endswith(f"no intact checkpoint: {run / 'adapter'} {ending}")
+    weights = run / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # the final adapter cut short: the checkpoint's adapter is still intact
+    with pytest.raises(UserError) as err:
+        train(recipe, resume=True)
+    assert str(err.value).endswith(f"no intact checkpoint: {run / 'checkpoints' / 'step-2' / 'adapter'} {ending}")
+    shutil.rmtree(run / "checkpoints" / "step-2" / "adapter")  # nothing usable left: the plain advice
+    with pytest.raises(UserError) as err:
+        train(recipe, resume=True)
+    assert str(err.value).endswith("no intact checkpoint: start again with --overwrite")
 
 
 # ---------------------------------------------------------------------------------------------
