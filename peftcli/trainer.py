@@ -192,22 +192,33 @@ def setup(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = 
     if t.gradient_checkpointing:
         prepare.enable_gradient_checkpointing(prepared.model)
     run = _start_optimizing(accelerator, console, rundir, prepared, path, checkpoint)
-    if main:  # everything is known good: the first writes
-        rundir.check_room(bytes_needed(prepared, total_steps(recipe, len(prepared.datasets.train))),
-                          freed=rundir.bytes_held() if replace else 0)
-        if replace:
-            console.print(f"note: {rundir.path} held an earlier run; {replace}")
-            rundir.remove_earlier_run()
-        for done in rundir.remove_temporaries():
-            console.print(f"note: a killed run's temporary: {done}")
-        # after apply, which wrote the model's default target_modules into recipe.method: the explicit list
-        rundir.write_recipe(dump(recipe))
+    if main:
+        _first_writes(rundir, prepared, replace, console)
     run.log = _open_log(rundir, checkpoint, prepared.datasets, main)
     if t.report_to:
         with writing(rundir.tensorboard, "output.dir"):
             accelerator.init_trackers("peftcli", config=_flat(recipe.model_dump(mode="json")))
         run.log.accelerator, run.log.tracker_dir = accelerator, rundir.tensorboard
     return run
+
+
+def _first_writes(rundir: RunDir, prepared: Prepared, replace: str, console) -> None:
+    """Everything is known good: check the free space, replace an earlier run (``replace``: its
+    note, "" for none), remove a killed run's temporaries, write ``recipe.yaml`` (after apply,
+    which wrote the model's default target_modules into recipe.method: the explicit list).
+
+    Raises:
+        UserError: too little free space; WriteFault: a write failed.
+    """
+    recipe = prepared.recipe
+    rundir.check_room(bytes_needed(prepared, total_steps(recipe, len(prepared.datasets.train))),
+                      freed=rundir.bytes_held() if replace else 0)
+    if replace:
+        console.print(f"note: {rundir.path} held an earlier run; {replace}")
+        rundir.remove_earlier_run()
+    for done in rundir.remove_temporaries():
+        console.print(f"note: a killed run's temporary: {done}")
+    rundir.write_recipe(dump(recipe))
 
 
 def _accelerator(recipe: Recipe):

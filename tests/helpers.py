@@ -97,3 +97,23 @@ def write_recipe(path: Path, recipe: dict) -> Path:
     """Write the ``recipe`` dict as YAML to ``path``; returns ``path``."""
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+def peft_in_process(args: list, capsys) -> tuple[int, str]:
+    """``peft ARGS`` run in this process, through the console script's entry (``cli.run``):
+    (exit code, stderr). ``capsys`` is pytest's fixture; what was captured before is dropped."""
+    import sys
+
+    from peftcli import cli
+
+    capsys.readouterr()
+    old = sys.argv
+    sys.argv = ["peft", *map(str, args)]
+    try:
+        cli.run()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = old
+    return code, capsys.readouterr().err

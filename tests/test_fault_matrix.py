@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from faults import Site, inject
-from helpers import write_jsonl, write_recipe
+from helpers import peft_in_process, write_jsonl, write_recipe
 from safetensors.torch import load_file
 from tiny import SORT_ROWS
 
@@ -60,23 +60,6 @@ def _recipe(tmp_path: Path, tiny_dir, name: str) -> Path:
     })
 
 
-def _peft(args: list[str], capsys) -> tuple[int, str]:
-    """``peft ARGS`` in this process: (exit code, stderr)."""
-    from peftcli import cli
-
-    capsys.readouterr()
-    old = sys.argv
-    sys.argv = ["peft", *map(str, args)]
-    try:
-        cli.run()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    finally:
-        sys.argv = old
-    return code, capsys.readouterr().err
-
-
 def _adapter(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "adapter" / "adapter_model.safetensors")
 
@@ -84,10 +67,11 @@ def _adapter(run: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_dir):
     """The uninterrupted run: its adapter weights."""
+    from peftcli.recipe import load_recipe
+    from peftcli.trainer import train
+
     tmp = tmp_path_factory.mktemp("reference")
-    recipe = _recipe(tmp, tiny_dir, "run")
-    done = subprocess.run([sys.executable, "-m", "peftcli.cli", "train", str(recipe)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    train(load_recipe(_recipe(tmp, tiny_dir, "run")))
     return {"dir": tmp / "run", "adapter": _adapter(tmp / "run")}
 
 
@@ -163,7 +147,7 @@ def test_C20_fault_matrix_train(tmp_path, tiny_dir, reference, capsys, monkeypat
         shown, code = "(killed)", "SIGKILL"
     else:
         with inject(Site(run, name, step or None), fault, after):
-            exit_code, stderr = _peft(["train", recipe], capsys)
+            exit_code, stderr = peft_in_process(["train", recipe], capsys)
         assert exit_code == 2, stderr
         line = _one_line(stderr)
         assert str(run / target) in line and ("No space left" in line if fault == "ENOSPC" else "Read-only" in line), line
@@ -171,7 +155,7 @@ def test_C20_fault_matrix_train(tmp_path, tiny_dir, reference, capsys, monkeypat
         shown, code = _normal(line, (run, "RUN"), (rescue, "TMP")).removeprefix("error: "), "2"
         shown = re.sub(r"(peft-rescued-run-step\d+-)\w+", r"\1*", shown)
     after_fault = _on_disk(run)
-    exit_code, stderr = _peft(["train", recipe, "--resume"], capsys)  # the fault is gone: finish the run
+    exit_code, stderr = peft_in_process(["train", recipe, "--resume"], capsys)  # the fault is gone: finish the run
     assert exit_code == 0, stderr
     resumed = re.search(r"resumed from \S+ \(step (\d+)\)", stderr)
     redone = 4 - int(resumed.group(1)) if resumed else 4
@@ -194,7 +178,7 @@ def test_C20_fault_matrix_merge(tmp_path, reference, capsys, fault):
         shown, code = "(killed)", "SIGKILL"
     else:
         with inject(Site(tmp_path, "merged"), fault, MERGE_AFTER):
-            exit_code, stderr = _peft(args, capsys)
+            exit_code, stderr = peft_in_process(args, capsys)
         assert exit_code == 2, stderr
         line = _one_line(stderr)
         assert str(out) in line, line
@@ -203,7 +187,7 @@ def test_C20_fault_matrix_merge(tmp_path, reference, capsys, fault):
     after_fault = ", ".join(left) if left else "nothing"
     assert not out.exists(), "a failed merge left a partial output dir"
     # a killed merge's temporary (never named OUT) stays; merging again works beside it
-    exit_code, stderr = _peft(args, capsys)
+    exit_code, stderr = peft_in_process(args, capsys)
     assert exit_code == 0, stderr
     assert json.loads((out / "config.json").read_text()) and user_file.read_text() == "mine"
     after_fault = re.sub(r"\.merged\.tmp-\w+", ".merged.tmp-*", after_fault)

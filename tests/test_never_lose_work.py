@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_jsonl
+from helpers import peft_in_process, write_jsonl
 from safetensors.torch import load_file
 from tiny import SORT_ROWS, tiny_run_recipe
 
@@ -41,7 +41,7 @@ def _files(run: Path) -> dict[Path, bytes]:
 # one writer per run dir
 
 
-def test_a_second_train_into_the_same_dir_exits_2_and_a_killed_one_leaves_no_lock(tmp_path, tiny_dir):
+def test_a_second_train_into_the_same_dir_exits_2_and_a_killed_one_leaves_no_lock(tmp_path, tiny_dir, capsys):
     recipe = tiny_run_recipe(tmp_path, tiny_dir, {"name": "lora"}, max_steps=1)
     path = tmp_path / "recipe.yaml"
     from peftcli.recipe import dump
@@ -56,16 +56,16 @@ def test_a_second_train_into_the_same_dir_exits_2_and_a_killed_one_leaves_no_loc
         """)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        done = _peft("train", path)
-        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-        assert done.stderr.strip().splitlines() == [
+        code, stderr = peft_in_process(["train", path], capsys)
+        assert code == 2 and "Traceback" not in stderr, stderr
+        assert stderr.strip().splitlines() == [
             f"error: output.dir {tmp_path / 'run'}: another peft train (pid {holder.pid}) is writing this run dir; "
             "wait for it to finish or choose another output.dir"]
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    done = _peft("train", path)  # the kernel dropped the killed holder's lock
-    assert done.returncode == 0, done.stderr
+    code, stderr = peft_in_process(["train", path], capsys)  # the kernel dropped the killed holder's lock
+    assert code == 0, stderr
 
 
 def test_a_failed_first_run_leaves_no_empty_run_dir(tmp_path, tiny_dir):
@@ -124,27 +124,27 @@ def test_contradictory_flags_are_one_line(tmp_path, tiny_dir, flags, expect):
     assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
-def test_a_smoke_run_replaces_the_smoke_run_before_it_and_nothing_else(tmp_path, tiny_dir):
+def test_a_smoke_run_replaces_the_smoke_run_before_it_and_nothing_else(tmp_path, tiny_dir, capsys):
     from peftcli.recipe import dump
 
     path = tmp_path / "recipe.yaml"
     path.write_text(dump(tiny_run_recipe(tmp_path, tiny_dir, {"name": "lora"}, max_steps=1)))
-    assert _peft("train", path).returncode == 0  # the real run, in RUN
+    assert peft_in_process(["train", path], capsys)[0] == 0  # the real run, in RUN
     real = _files(tmp_path / "run")
     for _ in range(2):  # a CI job run twice: the second replaces the first's RUN-smoke
-        done = _peft("train", path, "--smoke")
-        assert done.returncode == 0 and "smoke FAIL" not in done.stderr, done.stderr
-    assert "held an earlier run; its checkpoints, adapter and metrics are replaced" in done.stderr
+        code, stderr = peft_in_process(["train", path, "--smoke"], capsys)
+        assert code == 0 and "smoke FAIL" not in stderr, stderr
+    assert "held an earlier run; its checkpoints, adapter and metrics are replaced" in stderr
     assert _files(tmp_path / "run") == real and (tmp_path / "run-smoke" / "smoke.json").is_file()
     for flags in (["--output-dir", tmp_path / "run"], ["--output-dir", tmp_path / "run", "--resume"]):  # a real run: refused
-        done = _peft("train", path, "--smoke", *flags)
-        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        code, stderr = peft_in_process(["train", path, "--smoke", *flags], capsys)
+        assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
         assert _files(tmp_path / "run") == real
-    assert "--smoke and --resume: a smoke run always starts fresh" in done.stderr
+    assert "--smoke and --resume: a smoke run always starts fresh" in stderr
     shutil.rmtree(tmp_path / "run-smoke")  # a real run that happens to have the -smoke name: not a smoke run's
     shutil.copytree(tmp_path / "run", tmp_path / "run-smoke")
-    done = _peft("train", path, "--smoke")
-    assert done.returncode == 2 and "holds an earlier run (adapter/)" in done.stderr, done.stderr
+    code, stderr = peft_in_process(["train", path, "--smoke"], capsys)
+    assert code == 2 and "holds an earlier run (adapter/)" in stderr, stderr
 
 
 def test_resume_without_a_checkpoint_does_not_replace_a_finished_adapter(tmp_path, tiny_dir):
