@@ -100,6 +100,7 @@ class Counters:
     tokens_seen: int = 0  # real (unpadded) tokens of every step so far, all processes
     last_logged: float | None = None  # the last logged train loss
     pending_losses: list[float] = field(default_factory=list)  # step losses not logged yet
+    grad_norm: float | None = None  # the last step's gradient norm before clipping
     window_tokens: int = 0  # tokens since the last log line (for tokens/s)
     window_t0: float = field(default_factory=time.perf_counter)
 
@@ -478,8 +479,8 @@ def _optimizer_step(run: Run, step: int) -> float:
         if run.main:
             run.rundir.plot_loss(run.log.events)
         raise UserError(f"train: loss is {loss} at step {step}; lower train.lr or check the data (last checkpoint kept)")
-    if t.max_grad_norm:
-        acc.clip_grad_norm_(run.params, t.max_grad_norm)
+    # the L2 norm of all trainable gradients before clipping (an infinite bound clips nothing)
+    run.counters.grad_norm = float(acc.clip_grad_norm_(run.params, t.max_grad_norm or float("inf")))
     lr = run.scheduler.get_last_lr()[0]  # the rate this step used
     run.optimizer.step()
     run.scheduler.step()
@@ -489,11 +490,12 @@ def _optimizer_step(run: Run, step: int) -> float:
 
 
 def _log_train(run: Run, step: int, lr: float, progress, task) -> None:
-    """The train event: the mean loss of the steps since the last one, lr, tokens/s."""
+    """The train event: the mean loss of the steps since the last one, this step's lr and
+    gradient norm (L2 over all trainable parameters, before clipping), tokens/s."""
     c = run.counters
     dt = time.perf_counter() - c.window_t0
     event = {"event": "train", "step": step, "loss": sum(c.pending_losses) / len(c.pending_losses),
-             "lr": lr, "tokens_per_s": c.window_tokens / max(dt, 1e-9),
+             "lr": lr, "grad_norm": c.grad_norm, "tokens_per_s": c.window_tokens / max(dt, 1e-9),
              "epoch": run.stream.epoch, "elapsed_s": c.elapsed()}
     run.log.write(event)
     c.last_logged = event["loss"]

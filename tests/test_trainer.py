@@ -465,3 +465,23 @@ def test_C20_a_bad_run_leaves_the_earlier_run_untouched(tmp_path, tiny_dir):
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
+
+
+def test_grad_norm_is_logged_and_equals_the_models_own_gradient_norm(tmp_path, tiny_dir):
+    """metrics.jsonl's grad_norm (issue 17, item 6) is the L2 norm of every trainable gradient of
+    the step, before clipping: here recomputed with the model's own forward and loss on the
+    step's examples as one padded batch (the step's mean over supervised tokens)."""
+    from peftcli import prepare
+    from peftcli.trainer import seed_everything
+
+    recipe = tiny_run_recipe(tmp_path, tiny_dir, {"name": "lora", "r": 4, "dropout": 0.0}, max_steps=1,
+                             micro_batch_size=4, max_grad_norm=1e-3)  # clipping on: the norm logged is the one before it
+    train(recipe.model_copy(deep=True))
+    logged = [e for e in read_events(tmp_path / "run" / "metrics.jsonl") if e["event"] == "train"][0]["grad_norm"]
+    seed_everything(recipe.train.seed)
+    p = prepare.load(recipe.model_copy(deep=True))  # the same initialisation: seeded as the run was
+    batch = data.collate(p.datasets.train, p.tokenizer.pad_token_id)
+    p.model(**batch).loss.backward()  # HF's own mean cross-entropy over the unmasked labels
+    grads = [q.grad.flatten() for q in p.model.parameters() if q.requires_grad and q.grad is not None]
+    expected = float(torch.linalg.vector_norm(torch.cat(grads)))
+    assert expected > 1e-3 and logged == pytest.approx(expected, rel=1e-4)
