@@ -440,7 +440,7 @@ def run_steps(run: Run) -> None:
     t = run.recipe.train
     progress = _progress(run.console, run.steps, run.start)
     with progress, StopSignals() as stop:
-        task = progress.add_task("train", total=run.steps, completed=run.start, loss=float("nan"), lr=0.0, tps=0.0)
+        task = progress.add_task("train", total=run.steps, completed=run.start, loss="-", lr="-", tps="-")  # until the first step
         for step in range(run.start + 1, run.steps + 1):
             lr = _optimizer_step(run, step)
             run.trained = step
@@ -457,7 +457,10 @@ def run_steps(run: Run) -> None:
                     if step != run.steps or stopping:
                         raise
                     run.final_checkpoint_fault = fault  # the adapter (smaller) is still written; raised after it
-            progress.update(task, completed=step)
+            c, shown = run.counters, {"lr": f"{lr:.2e}"}  # lr and tokens/s from the first step on, loss at each log
+            if c.window_tokens:  # tokens/s of the steps since the last log line (just after one: the logged value stays)
+                shown["tps"] = f"{c.window_tokens / max(time.perf_counter() - c.window_t0, 1e-9):.0f}"
+            progress.update(task, completed=step, **shown)
 
 
 def _optimizer_step(run: Run, step: int) -> float:
@@ -499,7 +502,7 @@ def _log_train(run: Run, step: int, lr: float, progress, task) -> None:
              "epoch": run.stream.epoch, "elapsed_s": c.elapsed()}
     run.log.write(event)
     c.last_logged = event["loss"]
-    progress.update(task, loss=event["loss"], lr=event["lr"], tps=event["tokens_per_s"])
+    progress.update(task, loss=f"{event['loss']:.4f}", tps=f"{event['tokens_per_s']:.0f}")
     if not progress.live.is_started:
         run.console.print(f"step {step}/{run.steps}  loss {event['loss']:.4f}  lr {event['lr']:.2e}  {event['tokens_per_s']:.0f} tok/s")
     c.pending_losses, c.window_tokens, c.window_t0 = [], 0, time.perf_counter()
@@ -772,6 +775,6 @@ def _progress(console, steps: int, start: int):
 
     return Progress(
         TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:.0f} tok/s"),
+        TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not console.is_terminal,
     )

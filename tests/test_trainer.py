@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -485,3 +486,19 @@ def test_grad_norm_is_logged_and_equals_the_models_own_gradient_norm(tmp_path, t
     grads = [q.grad.flatten() for q in p.model.parameters() if q.requires_grad and q.grad is not None]
     expected = float(torch.linalg.vector_norm(torch.cat(grads)))
     assert expected > 1e-3 and logged == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_progress_bar_shows_no_nan_before_the_first_log_line(tmp_path, tiny_dir):
+    """On a terminal the bar shows "loss -" until the first logged loss, lr and tokens/s from the
+    first step, never "loss nan  0 tok/s" (issue 17, item 5). (How often the bar redraws is
+    rich's: only what any drawing shows is asserted.)"""
+    import io
+
+    from rich.console import Console
+
+    buf = io.StringIO()
+    recipe = tiny_run_recipe(tmp_path, tiny_dir, {"name": "lora"}, max_steps=3, log_every=3)
+    train(recipe, console=Console(file=buf, force_terminal=True, color_system=None, width=200))
+    shown = buf.getvalue()
+    assert "nan" not in shown and " 0 tok/s" not in shown, shown[-2000:]
+    assert re.search(r"loss \d+\.\d{4}  lr \d\.\d\de-\d\d  [1-9]\d* tok/s", shown), shown[-2000:]
