@@ -184,6 +184,20 @@ def _is_record(rel, want) -> bool:
     return inside and isinstance(want, dict) and isinstance(want.get("bytes"), int) and isinstance(want.get("sha256"), str)
 
 
+def _file_fault(file: Path, want: dict) -> str | None:
+    """What is wrong with a checkpoint file against its ``state.json`` record ``want``
+    (``{"bytes", "sha256"}``), as the one-line message naming it; None if it matches."""
+    if not file.is_file():
+        return f"{file}: missing (state.json records {want['bytes']} bytes)"
+    size = file.stat().st_size
+    if size != want["bytes"]:
+        how = "truncated" if size < want["bytes"] else "size differs"
+        return f"{file}: {how} ({size} bytes, state.json records {want['bytes']})"
+    if _sha256(file) != want["sha256"]:
+        return f"{file}: checksum differs from state.json's (same size, other bytes: changed after it was written)"
+    return None
+
+
 def _dir_reads(path: Path) -> bool:
     """Whether a dir of JSON and safetensors files (an adapter dir) reads back: it exists, holds a
     safetensors file, every ``.json`` parses and every ``.safetensors`` loads (header and sizes;
@@ -530,15 +544,9 @@ class RunDir:
         if not isinstance(files, dict) or not all(_is_record(rel, want) for rel, want in files.items()):
             raise UserError(f"{checkpoint / 'state.json'}: unreadable ('files' is not a map of path -> bytes and sha256)")
         for rel, want in files.items():
-            file = checkpoint / rel
-            if not file.is_file():
-                raise UserError(f"{file}: missing (state.json records {want['bytes']} bytes)")
-            size = file.stat().st_size
-            if size != want["bytes"]:
-                how = "truncated" if size < want["bytes"] else "size differs"
-                raise UserError(f"{file}: {how} ({size} bytes, state.json records {want['bytes']})")
-            if _sha256(file) != want["sha256"]:
-                raise UserError(f"{file}: checksum differs from state.json's (same size, other bytes: changed after it was written)")
+            fault = _file_fault(checkpoint / rel, want)
+            if fault is not None:
+                raise UserError(fault)
 
     @staticmethod
     def _read_state(checkpoint: Path) -> dict:
@@ -603,8 +611,7 @@ class RunDir:
             except UserError:
                 continue
             adapter = {rel: want for rel, want in (files or {}).items() if rel.startswith("adapter/") and _is_record(rel, want)}
-            if adapter and all((checkpoint / rel).is_file() and (checkpoint / rel).stat().st_size == want["bytes"]
-                               and _sha256(checkpoint / rel) == want["sha256"] for rel, want in adapter.items()):
+            if adapter and all(_file_fault(checkpoint / rel, want) is None for rel, want in adapter.items()):
                 return RunDir.adapter_of(checkpoint)
         return None
 
