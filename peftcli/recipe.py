@@ -18,6 +18,10 @@ from peftcli.errors import UserError
 from peftcli.methods import METHOD_CONFIGS, METHODS
 from peftcli.tokens import CHAT_TEMPLATES
 
+# accelerate's trackers (accelerate.utils.LoggerType, less "all"), named here so the schema loads
+# without importing accelerate (a test keeps the two equal)
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -97,9 +101,11 @@ class TrainConfig(_Strict):
     save_every: int = Field(100, ge=0, description="steps between checkpoints; 0 for none")
     keep_checkpoints: int | None = Field(None, gt=0, description="keep only the last K checkpoints; null keeps all")
     log_every: int = Field(10, gt=0)
-    report_to: list[Literal["tensorboard"]] = Field(
-        default_factory=list, description="also log train/eval metrics to these trackers (through accelerate); "
-                                          "tensorboard writes to <output.dir>/tensorboard")
+    report_to: list[Literal[TRACKERS]] = Field(
+        default_factory=list, description="also log train/eval metrics (loss, lr, grad_norm, tokens/s, eval loss) to these "
+                                          "accelerate trackers; tensorboard (and aim) write to <output.dir>/tensorboard, wandb "
+                                          "to <output.dir>/wandb, the others where their own settings say (e.g. "
+                                          "MLFLOW_TRACKING_URI); each needs its package installed")
     eval_max_samples: int | None = Field(None, gt=0, description="eval rows used during training")
 
     @field_validator("mixed_precision", mode="before")

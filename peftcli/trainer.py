@@ -197,8 +197,9 @@ def setup(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = 
         _first_writes(rundir, prepared, replace, console)
     run.log = _open_log(rundir, checkpoint, prepared.datasets, main)
     if t.report_to:
+        run_name = {"wandb": {"dir": str(rundir.path), "name": rundir.path.name}, "mlflow": {"run_name": rundir.path.name}}
         with writing(rundir.tensorboard, "output.dir"):
-            accelerator.init_trackers("peftcli", config=_flat(recipe.model_dump(mode="json")))
+            accelerator.init_trackers("peftcli", config=_flat(recipe.model_dump(mode="json")), init_kwargs=run_name)
         run.log.accelerator, run.log.tracker_dir = accelerator, rundir.tensorboard
     return run
 
@@ -223,11 +224,22 @@ def _first_writes(rundir: RunDir, prepared: Prepared, replace: str, console) -> 
 
 
 def _accelerator(recipe: Recipe):
-    """The run's Accelerator: device, mixed precision, trackers logging to ``RUN/tensorboard``."""
+    """The run's Accelerator: device, mixed precision, ``train.report_to``'s trackers (local files
+    in ``RUN/tensorboard``).
+
+    Raises:
+        UserError: a tracker whose package is not installed (accelerate would drop it silently).
+    """
     from accelerate import Accelerator
+    from accelerate.tracking import get_available_trackers
     from accelerate.utils import ProjectConfiguration
 
     t, rundir = recipe.train, RunDir(recipe.output.dir)
+    available = {str(x) for x in get_available_trackers()}
+    missing = [name for name in t.report_to if name not in available]
+    if missing:
+        raise UserError(f"train.report_to: {', '.join(missing)} needs its Python package, which is not installed "
+                        f"(pip install {' '.join(missing)}), or remove it from train.report_to")
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=prepare.resolve_mixed_precision(t.mixed_precision),
                        log_with=t.report_to or None,
                        project_config=ProjectConfiguration(project_dir=str(rundir.path), logging_dir=str(rundir.tensorboard)))
@@ -440,7 +452,8 @@ def run_steps(run: Run) -> None:
     t = run.recipe.train
     progress = _progress(run.console, run.steps, run.start)
     with progress, StopSignals() as stop:
-        task = progress.add_task("train", total=run.steps, completed=run.start, loss="-", lr="-", tps="-")  # until the first step
+        task = progress.add_task("train", total=run.steps, completed=run.start, loss="-", lr="-", tps="-", eta="-:--:--")
+        stepping_since = time.perf_counter()  # the estimate: this session's mean step time, from its first step
         for step in range(run.start + 1, run.steps + 1):
             lr = _optimizer_step(run, step)
             run.trained = step
@@ -457,10 +470,12 @@ def run_steps(run: Run) -> None:
                     if step != run.steps or stopping:
                         raise
                     run.final_checkpoint_fault = fault  # the adapter (smaller) is still written; raised after it
-            c, shown = run.counters, {"lr": f"{lr:.2e}"}  # lr and tokens/s from the first step on, loss at each log
+            c = run.counters  # lr, tokens/s and time left from the first step on, loss at each log
+            per_step = (time.perf_counter() - stepping_since) / (step - run.start)
+            shown = {"lr": f"{lr:.2e}", "eta": _clock(per_step * (run.steps - step))}
             if c.window_tokens:  # tokens/s of the steps since the last log line (just after one: the logged value stays)
                 shown["tps"] = f"{c.window_tokens / max(time.perf_counter() - c.window_t0, 1e-9):.0f}"
-            progress.update(task, completed=step, **shown)
+            progress.update(task, completed=step, refresh=True, **shown)  # drawn each step (a step is ms or more)
 
 
 def _optimizer_step(run: Run, step: int) -> float:
@@ -770,11 +785,20 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return flat
 
 
+def _clock(seconds: float) -> str:
+    """``3725.2`` -> ``"1:02:05"`` (h:mm:ss)."""
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
 def _progress(console, steps: int, start: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    """The terminal's step bar: step N/M, loss, lr, tokens/s, time elapsed and the estimated time
+    left (this session's mean step time × steps left, shown from the first step; rich's own
+    estimate needs two steps). Off when the console is not a terminal (the log lines stand)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(
         TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(),
         TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not console.is_terminal,
+        TimeElapsedColumn(), TextColumn("left {task.fields[eta]}"), console=console, disable=not console.is_terminal,
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import random_example
+from helpers import peft_in_process, random_example
 from tiny import tiny_llama, tiny_run_recipe, tiny_tokenizer
 
 from peftcli import data, recipe, varlen
@@ -377,6 +377,77 @@ def test_report_to_tensorboard_logs_the_same_numbers(tmp_path, tiny_dir):
     assert eval_loss == [(e["step"], pytest.approx(e["eval_loss"], rel=1e-6)) for e in events if e.get("event") == "eval"]
 
 
+# a stand-in for the wandb package: records what accelerate's WandBTracker hands it
+STUB_WANDB = """
+import json, os
+config = type("Config", (), {"update": lambda self, values, **kw: None})()
+class _Run:
+    def log(self, values, step=None, **kw):
+        with open(os.environ["STUB_WANDB_LOG"], "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\\n")
+    def finish(self):
+        with open(os.environ["STUB_WANDB_LOG"], "a") as f:
+            f.write(json.dumps({"finished": True}) + "\\n")
+def init(project=None, dir=None, name=None, **kw):
+    with open(os.environ["STUB_WANDB_LOG"], "a") as f:
+        f.write(json.dumps({"init": project, "dir": dir, "name": name}) + "\\n")
+    return _Run()
+"""
+
+
+def test_report_to_passes_any_accelerate_tracker(tmp_path, tiny_dir, monkeypatch):
+    """train.report_to: [wandb] reaches accelerate's own WandBTracker (here with a stand-in
+    wandb package): every train event's loss, lr and grad_norm and every eval loss arrive at
+    their steps, equal to metrics.jsonl's."""
+    import sys
+
+    pkg = tmp_path / "site" / "wandb"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(STUB_WANDB)
+    (tmp_path / "site" / "wandb-0.0.1.dist-info").mkdir()
+    (tmp_path / "site" / "wandb-0.0.1.dist-info" / "METADATA").write_text("Name: wandb\nVersion: 0.0.1\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("STUB_WANDB_LOG", str(tmp_path / "wandb.jsonl"))
+    monkeypatch.delitem(sys.modules, "wandb", raising=False)
+    import accelerate.tracking
+    from accelerate.utils import LoggerType
+
+    # accelerate lists the installed trackers once, when it is imported: add the stand-in
+    monkeypatch.setattr(accelerate.tracking, "_available_trackers", [*accelerate.tracking._available_trackers, LoggerType.WANDB])
+    result = train(_tiny_recipe(tmp_path, tiny_dir, ROWS, report_to=["wandb"]))
+    logged = [json.loads(line) for line in (tmp_path / "wandb.jsonl").read_text().splitlines()]
+    assert logged[0] == {"init": "peftcli", "dir": str(result.run_dir), "name": result.run_dir.name}
+    assert logged[-1] == {"finished": True}
+    events = read_events(result.run_dir / "metrics.jsonl")
+    trains = [e for e in events if e["event"] == "train"]
+    got = {e["step"]: e for e in logged[1:-1] if "train/loss" in e}
+    assert sorted(got) == [e["step"] for e in trains] == [2, 4, 6]
+    for e in trains:
+        for key in ("loss", "lr", "grad_norm"):
+            assert got[e["step"]][f"train/{key}"] == pytest.approx(e[key], rel=1e-6), key
+    evals = {e["step"]: e["eval/eval_loss"] for e in logged if "eval/eval_loss" in e}
+    assert evals == {e["step"]: pytest.approx(e["eval_loss"], rel=1e-6) for e in events if e["event"] == "eval"}
+
+
+def test_report_to_a_tracker_not_installed_is_one_line(tmp_path, tiny_dir, capsys):
+    """accelerate drops a tracker whose package is missing without a word; peft stops, exit 2,
+    before anything is written."""
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(recipe.dump(_tiny_recipe(tmp_path, tiny_dir, ROWS, report_to=["mlflow"])))
+    code, err = peft_in_process(["train", str(recipe_file)], capsys)
+    assert code == 2 and err.count("error:") == 1 and "Traceback" not in err, err
+    assert "train.report_to: mlflow needs its Python package" in err, err
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_the_tracker_names_are_accelerates():
+    from accelerate.utils import LoggerType
+
+    from peftcli.recipe import TRACKERS
+
+    assert sorted(TRACKERS) == sorted(x.value for x in LoggerType if x.value != "all")
+
+
 @pytest.mark.parametrize("schedule,hf_name", [("constant", "constant_with_warmup"), ("linear", "linear"), ("cosine", "cosine")])
 def test_lr_schedule_equals_transformers(schedule, hf_name):
     """Our schedules give transformers' get_scheduler learning rates at every step (the reference)."""
@@ -489,9 +560,9 @@ def test_grad_norm_is_logged_and_equals_the_models_own_gradient_norm(tmp_path, t
 
 
 def test_the_progress_bar_shows_no_nan_before_the_first_log_line(tmp_path, tiny_dir):
-    """On a terminal the bar shows "loss -" until the first logged loss, lr and tokens/s from the
-    first step, never "loss nan  0 tok/s" (issue 17, item 5). (How often the bar redraws is
-    rich's: only what any drawing shows is asserted.)"""
+    """On a terminal the bar shows "loss -" until the first logged loss, lr, tokens/s and the time
+    left from the first step, never "loss nan  0 tok/s" (issue 17, item 5). The bar is drawn at
+    every step, so step 1's drawing (before the first log line) is in the output."""
     import io
 
     from rich.console import Console
@@ -502,3 +573,4 @@ def test_the_progress_bar_shows_no_nan_before_the_first_log_line(tmp_path, tiny_
     shown = buf.getvalue()
     assert "nan" not in shown and " 0 tok/s" not in shown, shown[-2000:]
     assert re.search(r"loss \d+\.\d{4}  lr \d\.\d\de-\d\d  [1-9]\d* tok/s", shown), shown[-2000:]
+    assert re.search(r"loss -  lr \d\.\d\de-\d\d  [1-9]\d* tok/s .*left \d:\d\d:\d\d", shown), shown[-2000:]
