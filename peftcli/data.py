@@ -3,15 +3,19 @@
 The flow, top to bottom:
 
     load_rows(source)        JSON / JSONL / CSV / Parquet -> list of row dicts, fields checked
+                             (chat_messages: chat and sharegpt rows as template messages)
     render_prompt, reference the text shown before the answer, and the answer itself
     prompt_ids               the prompt's token ids, as generation gets them
-    tokenize_row(s)          -> {"input_ids", "labels"}; labels are -100 where nothing is learned
+    tokenize_examples        a row -> its {"input_ids", "labels"} examples (a text row: one per
+                             window, text_windows); labels are -100 where nothing is learned
+    tokenize_rows            every row, with DataStats: what was dropped or cut, by reason
     build(cfg, tokenizer)    train + eval examples for a recipe
     batches, collate         seeded micro-batch order; right-padded tensors
 
 Labels follow the Hugging Face convention: ``labels[i]`` is the target for token ``i`` (not
 shifted here; the loss shifts). A row that leaves no supervised token (an empty answer, or a
-prompt that fills ``max_seq_len``) is dropped and counted in :class:`DataStats`.
+prompt that fills ``max_seq_len``) is dropped, and a row cut at ``max_seq_len`` kept; both are
+counted by reason in :class:`DataStats`. Text is split into windows, never cut.
 
 Special tokens come from :func:`peftcli.tokens.special_tokens`: a sequence holds the tokenizer's
 BOS once (for chat rows: exactly what the template renders, as ``apply_chat_template(tokenize=True)``),
