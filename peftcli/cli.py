@@ -226,8 +226,7 @@ def validate(
     prepare.fit_micro_batch(r, len(p.datasets.train), out.print)
     out.print(recipes.dump(r), highlight=False, markup=False)  # resolved: the method's default targets filled in
     s = p.datasets.train_stats
-    out.print(f"data: {s.kept} of {s.rows} train rows kept ({s.dropped_empty_answer} empty answers, "
-              f"{s.dropped_truncated} prompts over max_seq_len), {len(p.datasets.eval)} eval examples")
+    out.print(f"data: {s.describe()}, {len(p.datasets.eval)} eval examples", highlight=False, soft_wrap=True)
     out.print(f"base: {p.base_path}")
     out.print(f"matched {len(p.targets)} modules: {', '.join(p.targets[:6])}{' ...' if len(p.targets) > 6 else ''}")
     out.print(f"trainable parameters: {p.trainable:,} = {100 * p.trainable / p.base_params:.3f}% of the base's {p.base_params:,}")

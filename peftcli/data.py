@@ -3,15 +3,19 @@
 The flow, top to bottom:
 
     load_rows(source)        JSON / JSONL / CSV / Parquet -> list of row dicts, fields checked
+                             (chat_messages: chat and sharegpt rows as template messages)
     render_prompt, reference the text shown before the answer, and the answer itself
     prompt_ids               the prompt's token ids, as generation gets them
-    tokenize_row(s)          -> {"input_ids", "labels"}; labels are -100 where nothing is learned
+    tokenize_examples        a row -> its {"input_ids", "labels"} examples (a text row: one per
+                             window, text_windows); labels are -100 where nothing is learned
+    tokenize_rows            every row, with DataStats: what was dropped or cut, by reason
     build(cfg, tokenizer)    train + eval examples for a recipe
     batches, collate         seeded micro-batch order; right-padded tensors
 
 Labels follow the Hugging Face convention: ``labels[i]`` is the target for token ``i`` (not
 shifted here; the loss shifts). A row that leaves no supervised token (an empty answer, or a
-prompt that fills ``max_seq_len``) is dropped and counted in :class:`DataStats`.
+prompt that fills ``max_seq_len``) is dropped, and a row cut at ``max_seq_len`` kept; both are
+counted by reason in :class:`DataStats`. Text is split into windows, never cut.
 
 Special tokens come from :func:`peftcli.tokens.special_tokens`: a sequence holds the tokenizer's
 BOS once (for chat rows: exactly what the template renders, as ``apply_chat_template(tokenize=True)``),
@@ -25,7 +29,7 @@ import contextlib
 import csv
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -44,9 +48,17 @@ REQUIRED_FIELDS = {
     "alpaca": ("instruction", "output"),
     "completion": ("prompt", "completion"),
     "chat": ("messages",),
+    "sharegpt": ("conversations",),
     "text": ("text",),
+    "tokenized": ("input_ids",),
 }
 TEXT_FIELDS = ("instruction", "input", "output", "prompt", "completion", "text")
+CHAT_FORMATS = ("chat", "sharegpt")  # rendered with the chat template; labels on assistant turns
+NO_PROMPT_FORMATS = ("text", "tokenized")  # every token is the answer: no prompt, no reference
+# role names as datasets spell them (case ignored) -> the chat template's: ShareGPT's
+# human/gpt (and its chatgpt/bing/bard), Gemma's model
+ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+         "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant", "tool": "tool"}
 
 # Taori et al. 2023, Stanford Alpaca (github.com/tatsu-lab/stanford_alpaca, train.py
 # PROMPT_DICT), with the newline after "### Response:" as in tloen/alpaca-lora's templates.
@@ -190,25 +202,104 @@ def _quiet_datasets():
 
 
 def _check_row(row: dict, fmt: str, where: str) -> None:
-    """Check (and normalise in place) the fields ``fmt`` needs: text fields become ``str``.
+    """Check (and normalise in place) the fields ``fmt`` needs: text fields become ``str``; chat and
+    sharegpt rows get ``messages`` of ``{role, content}`` with the template's role names and text
+    content (:func:`chat_messages`); tokenized rows' ``input_ids`` / ``labels`` are checked.
 
     Raises:
         UserError: "WHERE: missing field 'F' for format FMT", or a field of the wrong kind.
     """
-    for field in REQUIRED_FIELDS[fmt]:
-        if field not in row:
-            raise UserError(f"{where}: missing field {field!r} for format {fmt}")
-    for field in TEXT_FIELDS:
-        if field in row:
-            row[field] = _as_text(row[field], f"{where}: field {field!r}")
-    if fmt == "chat":
-        messages = row["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise UserError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
-                raise UserError(f"{where}: messages[{i}] needs a 'role' and a 'content'")
-            m["content"] = _as_text(m["content"], f"{where}: messages[{i}].content")
+    for name in REQUIRED_FIELDS[fmt]:
+        if name not in row:
+            raise UserError(f"{where}: missing field {name!r} for format {fmt}")
+    for name in TEXT_FIELDS:
+        if name in row:
+            row[name] = _as_text(row[name], f"{where}: field {name!r}")
+    if fmt in CHAT_FORMATS:
+        name = "messages" if fmt == "chat" else "conversations"
+        row["messages"] = _normalise_turns(row[name], f"{where}: {name}")
+    if fmt == "tokenized":
+        _check_tokenized(row, where)
+
+
+def chat_messages(row: dict, fmt: str, where: str = "row") -> list[dict]:
+    """A chat or sharegpt row's conversation as chat-template messages: ``{role, content}`` with
+    role names mapped (:data:`ROLES`: human -> user, gpt -> assistant, ...) and content as text
+    (a list of OpenAI text parts is joined). A sharegpt row reads ``messages`` once it has them
+    (:func:`_check_row`, :func:`add_system_prompt`), else its ``conversations``.
+
+    Raises:
+        UserError: "WHERE: messages[I] has unknown role 'R' (known: ...)", a turn without a role or
+            content, or content that is not text (see :func:`_content_text`).
+    """
+    name = "messages" if fmt == "chat" or "messages" in row else "conversations"
+    return _normalise_turns(row[name], f"{where}: {name}")
+
+
+def _normalise_turns(turns, what: str) -> list[dict]:
+    """``{role, content}`` messages from ``{role, content}`` or ShareGPT ``{from, value}`` turns;
+    other keys of a turn (``name``, ``tool_calls``, ...) are kept for the template. ``what``
+    names the list in errors ("FILE:LINE (row N): conversations")."""
+    if not isinstance(turns, list) or not turns:
+        raise UserError(f"{what} must be a non-empty list of {{role, content}} (or {{from, value}}) objects")
+    messages = []
+    for i, turn in enumerate(turns):
+        role_key, content_key = ("from", "value") if isinstance(turn, dict) and turn.get("from") is not None \
+            else ("role", "content")
+        if not isinstance(turn, dict) or not isinstance(turn.get(role_key), str) or content_key not in turn:
+            raise UserError(f"{what}[{i}] needs a 'role' and a 'content' (or a 'from' and a 'value')")
+        role = ROLES.get(turn[role_key].strip().lower())
+        if role is None:
+            raise UserError(f"{what}[{i}] has unknown role {turn[role_key]!r} (known: {', '.join(ROLES)})")
+        rest = {k: v for k, v in turn.items() if k not in ("from", "value", "role", "content")}
+        messages.append({**rest, "role": role, "content": _content_text(turn[content_key], f"{what}[{i}]")})
+    return messages
+
+
+def _content_text(content, where: str) -> str:
+    """A message's content as text: a string (or number) as is, a list of OpenAI text parts
+    (``[{"type": "text", "text": ...}]``) joined with nothing between them, as a list-aware chat
+    template renders them.
+
+    Raises:
+        UserError: "WHERE.content[J] is of type 'image_url'; only text parts ... can be trained ...".
+    """
+    if not isinstance(content, list):
+        return _as_text(content, f"{where}.content")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise UserError(f"{where}.content[{j}] is of type {kind!r}; only text parts "
+                            "({\"type\": \"text\", \"text\": ...}) can be trained: remove the other parts or the row")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _check_tokenized(row: dict, where: str) -> None:
+    """``input_ids``: a non-empty list of ints >= 0; ``labels`` (optional): ints, -100 or >= 0, as
+    many as ``input_ids``. (The tokenizer's vocabulary size is checked when tokenising.)
+
+    Raises:
+        UserError: naming the field and the first bad entry.
+    """
+    ids, labels = row["input_ids"], row.get("labels")
+    if not isinstance(ids, list) or not ids:
+        raise UserError(f"{where}: field 'input_ids' must be a non-empty list of token ids")
+    _check_ints(ids, f"{where}: input_ids", allowed=())
+    if labels is not None:
+        if not isinstance(labels, list) or len(labels) != len(ids):
+            got = f"{len(labels)} labels" if isinstance(labels, list) else type(labels).__name__
+            raise UserError(f"{where}: field 'labels' must be a list as long as input_ids ({len(ids)}), got {got}")
+        _check_ints(labels, f"{where}: labels", allowed=(IGNORE_INDEX,))
+
+
+def _check_ints(values: list, what: str, allowed: tuple[int, ...]) -> None:
+    """Raise UserError naming the first entry of ``values`` that is not an int >= 0 (or in ``allowed``)."""
+    for j, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, int) or (v < 0 and v not in allowed):
+            extra = f" or {allowed[0]}" if allowed else ""
+            raise UserError(f"{what}[{j}] is {v!r}; expected a token id (an int >= 0{extra})")
 
 
 def _as_text(value, what: str) -> str:
@@ -234,19 +325,20 @@ def render_prompt(row: dict, fmt: str, tokenizer) -> str:
     """The text the model sees before its answer (what generation starts from).
 
     alpaca: the Stanford Alpaca template (Taori et al. 2023), with the "### Input:" block only
-    when the row's input is not empty; completion: ``row["prompt"]``; chat: the tokenizer's
-    chat template over the messages before the last assistant message, plus the generation
-    prompt; text: ``""``.
+    when the row's input is not empty; completion: ``row["prompt"]``; chat / sharegpt: the
+    tokenizer's chat template over the messages (:func:`chat_messages`) before the last assistant
+    message, plus the generation prompt; text / tokenized: ``""``.
     """
     if fmt == "alpaca":
         template = ALPACA_WITH_INPUT if (row.get("input") or "").strip() else ALPACA_NO_INPUT
         return template.format(instruction=row["instruction"], input=row.get("input") or "")
     if fmt == "completion":
         return row["prompt"]
-    if fmt == "chat":
-        last = _assistant_turns(row["messages"])[-1:] or [len(row["messages"])]
-        return render_chat(tokenizer, row["messages"][: last[0]], add_generation_prompt=True)
-    if fmt == "text":
+    if fmt in CHAT_FORMATS:
+        messages = chat_messages(row, fmt)
+        last = _assistant_turns(messages)[-1:] or [len(messages)]
+        return render_chat(tokenizer, messages[: last[0]], add_generation_prompt=True)
+    if fmt in NO_PROMPT_FORMATS:
         return ""
     raise ValueError(f"unknown data format {fmt!r}")
 
@@ -254,12 +346,12 @@ def render_prompt(row: dict, fmt: str, tokenizer) -> str:
 def prompt_ids(row: dict, fmt: str, tokenizer, special: SpecialTokens | None = None) -> list[int]:
     """Token ids generation starts from, exactly the prompt part of the training ids.
 
-    chat: the rendered template tokenized without additions (= ``apply_chat_template(...,
-    add_generation_prompt=True, tokenize=True)``; the template places any BOS); other formats:
+    chat / sharegpt: the rendered template tokenized without additions (= ``apply_chat_template(
+    ..., add_generation_prompt=True, tokenize=True)``; the template places any BOS); other formats:
     :func:`render_prompt` with the tokenizer's BOS once and never its appended EOS.
     """
     text = render_prompt(row, fmt, tokenizer)
-    if fmt == "chat":
+    if fmt in CHAT_FORMATS:
         return _ids(tokenizer, text)
     return tokens.encode_start(tokenizer, text, special or tokens.special_tokens(tokenizer))
 
@@ -284,13 +376,17 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = F
 
 
 def add_system_prompt(rows: list[dict], fmt: str, system_prompt: str | None) -> list[dict]:
-    """``rows`` with ``system_prompt`` as the first message of every chat conversation that has no
-    system message (rows that have one keep theirs); other formats and None: unchanged."""
-    if system_prompt is None or fmt != "chat":
+    """``rows`` with ``system_prompt`` as the first message of every chat / sharegpt conversation
+    that has no system message (rows that have one keep theirs; the others get ``messages``, see
+    :func:`chat_messages`); other formats and None: unchanged."""
+    if system_prompt is None or fmt not in CHAT_FORMATS:
         return rows
     system = {"role": "system", "content": system_prompt}
-    return [r if any(m["role"] == "system" for m in r["messages"]) else {**r, "messages": [system, *r["messages"]]}
-            for r in rows]
+    out = []
+    for r in rows:
+        messages = chat_messages(r, fmt)
+        out.append(r if any(m["role"] == "system" for m in messages) else {**r, "messages": [system, *messages]})
+    return out
 
 
 def use_recipe_chat(tokenizer, recipe: Recipe | None) -> str | None:
@@ -306,60 +402,62 @@ def generation_prompt(prompt: str, recipe: Recipe | None, tokenizer, system: str
     """What ``peft generate`` sends for ``prompt``: the prompt in the run's training format.
 
     The tokenizer first gets the run's chat template (:func:`use_recipe_chat`; generation's stop
-    ids read it too). Then: ``raw``, a ``text``-format run or no recipe (an adapter HF peft
-    saved) -> ``prompt`` as is (text); alpaca / completion -> the prompt ids of a row with
-    ``prompt`` as its instruction / prompt; chat -> the ids of a user turn, after the system
-    message ``system`` (default: the run's data.system_prompt). Ids are :func:`prompt_ids`.
+    ids read it too). Then: ``raw``, a ``text`` or ``tokenized`` run or no recipe (an adapter HF
+    peft saved) -> ``prompt`` as is (text); alpaca / completion -> the prompt ids of a row with
+    ``prompt`` as its instruction / prompt; chat / sharegpt -> the ids of a user turn, after the
+    system message ``system`` (default: the run's data.system_prompt). Ids are :func:`prompt_ids`.
 
     Raises:
         UserError: ``system`` given for a run that is not a chat run, or with ``raw``.
     """
     run_system = use_recipe_chat(tokenizer, recipe)
     fmt = recipe.data.train.format if recipe else "text"
-    if system is not None and (raw or fmt != "chat"):
+    if system is not None and (raw or fmt not in CHAT_FORMATS):
         raise UserError(f"--system: only a chat run's prompt has a system message (this one: {'--raw' if raw else fmt})")
-    if raw or fmt == "text":
+    if raw or fmt in NO_PROMPT_FORMATS:
         return prompt
     rows = add_system_prompt([_prompt_row(prompt, fmt)], fmt, system if system is not None else run_system)
     return prompt_ids(rows[0], fmt, tokenizer)
 
 
 def _prompt_row(prompt: str, fmt: str) -> dict:
-    """A row of format ``fmt`` (alpaca, completion or chat) asking ``prompt``, with an empty answer."""
+    """A row of format ``fmt`` (alpaca, completion, chat or sharegpt: as ``messages``) asking
+    ``prompt``, with an empty answer."""
+    if fmt in CHAT_FORMATS:
+        return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]}
     return {"alpaca": {"instruction": prompt, "input": "", "output": ""},
-            "completion": {"prompt": prompt, "completion": ""},
-            "chat": {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]},
-            }[fmt]
+            "completion": {"prompt": prompt, "completion": ""}}[fmt]
 
 
 def reference(row: dict, fmt: str) -> str | None:
     """The expected answer for exact-match scoring: alpaca ``output``, completion
-    ``completion``, chat the last assistant message's content; ``None`` for text (and for a
-    chat without an assistant message)."""
+    ``completion``, chat / sharegpt the last assistant message's content; ``None`` for text and
+    tokenized (and for a conversation without an assistant message)."""
     if fmt == "alpaca":
         return row["output"]
     if fmt == "completion":
         return row["completion"]
-    if fmt == "chat":
-        turns = _assistant_turns(row["messages"])
-        return row["messages"][turns[-1]]["content"] if turns else None
+    if fmt in CHAT_FORMATS:
+        messages = chat_messages(row, fmt)
+        turns = _assistant_turns(messages)
+        return messages[turns[-1]]["content"] if turns else None
     return None
 
 
 def with_answer(row: dict, fmt: str, answer: str) -> dict:
     """A copy of ``row`` whose expected answer (see :func:`reference`) is ``answer``: alpaca
-    ``output``, completion ``completion``, chat the last assistant message (appended when the
-    conversation has none).
+    ``output``, completion ``completion``, chat / sharegpt the last assistant message of its
+    ``messages`` (appended when the conversation has none).
 
     Raises:
-        ValueError: ``text`` rows have no separate answer.
+        ValueError: ``text`` and ``tokenized`` rows have no separate answer.
     """
     if fmt == "alpaca":
         return {**row, "output": answer}
     if fmt == "completion":
         return {**row, "completion": answer}
-    if fmt == "chat":
-        messages = [dict(m) for m in row["messages"]]
+    if fmt in CHAT_FORMATS:
+        messages = chat_messages(row, fmt)
         turns = _assistant_turns(messages)
         if turns:
             messages = messages[: turns[-1] + 1]
@@ -375,13 +473,16 @@ def _assistant_turns(messages: list[dict]) -> list[int]:
     return [i for i, m in enumerate(messages) if m["role"] == "assistant"]
 
 
-def _answer_is_empty(row: dict, fmt: str) -> bool:
-    """True when the row has no answer text to learn (blank answer / text / assistant turns)."""
-    if fmt == "text":
-        return not row["text"].strip()
-    if fmt == "chat":
-        return not any(row["messages"][i]["content"].strip() for i in _assistant_turns(row["messages"]))
-    return not reference(row, fmt).strip()
+def _nothing_to_answer(row: dict, fmt: str) -> str | None:
+    """Why a prompt/answer row has no answer text to learn (a key of :data:`DROP_REASONS`), or
+    None when it has some."""
+    if fmt in CHAT_FORMATS:
+        messages = chat_messages(row, fmt)
+        turns = _assistant_turns(messages)
+        if not turns:
+            return "no_assistant_turn"
+        return None if any(messages[i]["content"].strip() for i in turns) else "empty_answer"
+    return None if reference(row, fmt).strip() else "empty_answer"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,46 +491,131 @@ def _answer_is_empty(row: dict, fmt: str) -> bool:
 
 def tokenize_row(row: dict, fmt: str, tokenizer, max_seq_len: int, train_on_prompt: bool,
                  special: SpecialTokens | None = None) -> dict | None:
-    """Token ids and labels of one row.
+    """Token ids and labels of one row that makes one example (see :func:`tokenize_examples`).
+
+    Returns:
+        ``{"input_ids": list[int], "labels": list[int]}``, or ``None`` when the row is dropped.
+
+    Raises:
+        ValueError: a text row longer than ``max_seq_len`` (it makes several windows: use
+            :func:`tokenize_examples`).
+    """
+    examples = tokenize_examples(row, fmt, tokenizer, max_seq_len, train_on_prompt, special)
+    if len(examples) > 1:
+        raise ValueError(f"this text row makes {len(examples)} windows of {max_seq_len} tokens; use tokenize_examples")
+    return examples[0] if examples else None
+
+
+def tokenize_examples(row: dict, fmt: str, tokenizer, max_seq_len: int, train_on_prompt: bool,
+                      special: SpecialTokens | None = None, text_overlap: int = 0) -> list[dict]:
+    """The training examples of one row: token ids and labels.
 
     alpaca / completion: :func:`prompt_ids` (BOS once, no EOS) ``+ ids(answer) + [EOS]``; prompt
     and answer are tokenised apart so the boundary is exact (the same split generation sees),
-    and the EOS is supervised so the model learns to stop. text: BOS once, every token + EOS
-    supervised. chat: the chat template over the whole conversation, tokenised once as
+    and the EOS is supervised so the model learns to stop. chat / sharegpt: the chat template
+    over the whole conversation (:func:`chat_messages`), tokenised once as
     ``apply_chat_template(tokenize=True)`` does, labels cut at the assistant replies; only
     assistant content and the end-of-turn token right after it (``<|im_end|>``,
     ``<end_of_turn>``, ``<|eot_id|>``, ...) are supervised; system/user turns and the
     ``<|im_start|>assistant\\n`` header are not. A template whose turns end in no special token
     gets an EOS after each reply, so the model still learns to stop. With ``train_on_prompt``
-    everything is supervised.
+    everything is supervised. These are cut to ``max_seq_len`` tokens from the right.
+
+    text: BOS once at the start of the document, EOS at its end, every token supervised, split
+    into windows of ``max_seq_len`` (:func:`text_windows`, with ``text_overlap``): no token is
+    dropped. tokenized: ``input_ids`` as given (nothing added), ``labels`` as given (default: the
+    ids; ``train_on_prompt`` supervises their -100 positions too), cut at ``max_seq_len``.
 
     ``special``: :func:`peftcli.tokens.special_tokens` of ``tokenizer`` (computed when None).
 
-    Truncated to ``max_seq_len`` tokens from the right.
-
     Returns:
-        ``{"input_ids": list[int], "labels": list[int]}`` (same length, labels unshifted,
-        ``-100`` where not supervised), or ``None`` when the answer is blank or no supervised
-        token survives truncation.
+        examples ``{"input_ids": list[int], "labels": list[int]}`` (same length, labels unshifted,
+        ``-100`` where not supervised): one per row, one per window for text, none when the
+        row is dropped (:func:`tokenize_rows` counts why).
+
+    Raises:
+        UserError: the chat template cannot render the row; a tokenized id outside the vocabulary.
     """
-    return _tokenize(row, fmt, tokenizer, max_seq_len, train_on_prompt, special or tokens.special_tokens(tokenizer))[0]
+    special = special or tokens.special_tokens(tokenizer)
+    return _tokenize(row, fmt, tokenizer, max_seq_len, train_on_prompt, special, text_overlap)[0]
 
 
 def _tokenize(row: dict, fmt: str, tokenizer, max_seq_len: int, train_on_prompt: bool,
-              special: SpecialTokens) -> tuple[dict | None, str]:
-    """(example or None, what happened): "ok", "truncated" (kept, cut to ``max_seq_len``),
-    "empty" (blank answer) or "too_long" (no supervised token within ``max_seq_len``)."""
-    if _answer_is_empty(row, fmt):
-        return None, "empty"
-    input_ids, labels = _encode(row, fmt, tokenizer, train_on_prompt, special)
+              special: SpecialTokens, text_overlap: int = 0) -> tuple[list[dict], str]:
+    """(examples, what happened): "ok"; "cut" (kept, cut at ``max_seq_len``); "windows" (a text
+    split into several windows); or why the row is dropped (a key of :data:`DROP_REASONS`, no
+    examples)."""
+    if fmt == "text":
+        return _text_examples(row["text"], tokenizer, max_seq_len, text_overlap, special)
+    if fmt == "tokenized":
+        input_ids, labels = _tokenized_ids(row, len(tokenizer), train_on_prompt)
+    else:
+        if why := _nothing_to_answer(row, fmt):
+            return [], why
+        input_ids, labels = _encode(row, fmt, tokenizer, train_on_prompt, special)
     if all(label == IGNORE_INDEX for label in labels[:max_seq_len]):
-        return None, "too_long"
+        return [], "prompt_over_max_seq_len" if any(label != IGNORE_INDEX for label in labels) else "no_labels"
     example = {"input_ids": input_ids[:max_seq_len], "labels": labels[:max_seq_len]}
-    return example, "truncated" if len(input_ids) > max_seq_len else "ok"
+    return [example], "cut" if len(input_ids) > max_seq_len else "ok"
+
+
+def _text_examples(text: str, tokenizer, max_seq_len: int, overlap: int, special: SpecialTokens) -> tuple[list[dict], str]:
+    """A text row's windows and what happened ("ok", "windows" or "empty_text")."""
+    if not text.strip():
+        return [], "empty_text"
+    eos = [special.eos_id] if special.eos_id is not None else []
+    windows = text_windows(tokens.encode_start(tokenizer, text, special) + eos, max_seq_len, overlap)
+    return windows, "windows" if len(windows) > 1 else "ok"
+
+
+def text_windows(ids: list[int], max_seq_len: int, overlap: int = 0) -> list[dict]:
+    """A document's token ids cut into windows of at most ``max_seq_len`` tokens, every token used.
+
+    Window ``k`` starts at ``k * (max_seq_len - overlap)``; each window after the first begins
+    with the last ``overlap`` tokens of the one before, as context only: their labels are -100,
+    so every token is a supervised label exactly once. A window's first token has nothing before
+    it in that window, so it is never predicted: with ``overlap`` 0 the first token of every
+    window is context only; with ``overlap`` >= 1 every token after the document's first is
+    predicted once, from at least ``overlap`` tokens before it. A new window is started only while
+    tokens remain, so the last one may be shorter.
+
+    Returns:
+        ``[{"input_ids", "labels"}, ...]``, ``1 + ceil(max(0, len(ids) - max_seq_len) /
+        (max_seq_len - overlap))`` windows.
+
+    Raises:
+        ValueError: ``overlap`` not in ``[0, max_seq_len)`` (the recipe schema refuses it first).
+    """
+    if not 0 <= overlap < max_seq_len:
+        raise ValueError(f"overlap {overlap} must be in [0, max_seq_len {max_seq_len})")
+    windows = []
+    for start in range(0, max(len(ids) - overlap, 1), max_seq_len - overlap):
+        window = ids[start : start + max_seq_len]
+        repeated = overlap if start else 0
+        windows.append({"input_ids": window, "labels": [IGNORE_INDEX] * repeated + window[repeated:]})
+    return windows
+
+
+def _tokenized_ids(row: dict, vocab_size: int, train_on_prompt: bool) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a tokenized row (already checked by :func:`_check_row`).
+
+    Raises:
+        UserError: an id or label outside ``[0, vocab_size)`` (-100 allowed in labels).
+    """
+    input_ids = list(row["input_ids"])
+    labels = list(row["labels"]) if row.get("labels") is not None else list(input_ids)
+    for name, values in (("input_ids", input_ids), ("labels", labels)):
+        for j, v in enumerate(values):
+            if v >= vocab_size:
+                raise UserError(f"{name}[{j}] = {v} is outside the tokenizer's vocabulary (ids 0..{vocab_size - 1}); "
+                                "tokenize the data with this model's tokenizer")
+    if train_on_prompt:
+        labels = [i if label == IGNORE_INDEX else label for i, label in zip(input_ids, labels)]
+    return input_ids, labels
 
 
 def _encode(row: dict, fmt: str, tokenizer, train_on_prompt: bool, special: SpecialTokens) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of the whole row, before truncation."""
+    """(input_ids, labels) of a prompt/answer row (alpaca, completion, chat, sharegpt), before truncation."""
     input_ids, labels = [], []
     for ids, supervised in _segments(row, fmt, tokenizer, special):
         input_ids += ids
@@ -439,11 +625,9 @@ def _encode(row: dict, fmt: str, tokenizer, train_on_prompt: bool, special: Spec
 
 def _segments(row: dict, fmt: str, tokenizer, special: SpecialTokens) -> list[tuple[list[int], bool]]:
     """The row as consecutive token pieces, each marked supervised or not."""
+    if fmt in CHAT_FORMATS:
+        return _chat_segments(chat_messages(row, fmt), tokenizer, special)
     eos = [special.eos_id] if special.eos_id is not None else []
-    if fmt == "text":
-        return [(tokens.encode_start(tokenizer, row["text"], special) + eos, True)]
-    if fmt == "chat":
-        return _chat_segments(row, tokenizer, special)
     return [(prompt_ids(row, fmt, tokenizer, special), False), (_ids(tokenizer, reference(row, fmt)) + eos, True)]
 
 
@@ -452,7 +636,7 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _chat_segments(row: dict, tokenizer, special: SpecialTokens) -> list[tuple[list[int], bool]]:
+def _chat_segments(messages: list[dict], tokenizer, special: SpecialTokens) -> list[tuple[list[int], bool]]:
     """The conversation's token pieces, each marked assistant reply or not.
 
     A fast tokenizer tokenises the rendered text once (so the ids are those of
@@ -460,7 +644,7 @@ def _chat_segments(row: dict, tokenizer, special: SpecialTokens) -> list[tuple[l
     token belongs to the piece its first character is in; a slow one tokenises piece by piece.
     Without an end-of-turn token in the template, an EOS follows each reply.
     """
-    pieces = _chat_pieces(row, tokenizer)
+    pieces = _chat_pieces(messages, tokenizer)
     if getattr(tokenizer, "is_fast", False):
         text, owner = "", []  # owner[c]: index of the piece character c is in
         for k, (piece, _) in enumerate(pieces):
@@ -485,7 +669,7 @@ def _chat_segments(row: dict, tokenizer, special: SpecialTokens) -> list[tuple[l
     return with_eos
 
 
-def _chat_pieces(row: dict, tokenizer) -> list[tuple[str, bool]]:
+def _chat_pieces(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
     """The rendered conversation cut into (text, is_assistant_reply) pieces.
 
     Each assistant reply's span is found by rendering growing prefixes of the conversation:
@@ -497,7 +681,6 @@ def _chat_pieces(row: dict, tokenizer) -> list[tuple[str, bool]]:
         UserError: the chat template does not render a conversation as the extension of its
             prefixes (so reply spans cannot be found), or from :func:`render_chat`.
     """
-    messages = row["messages"]
     full = render_chat(tokenizer, messages)
     pieces, pos = [], 0
     for i in _assistant_turns(messages):
@@ -514,14 +697,33 @@ def _chat_pieces(row: dict, tokenizer) -> list[tuple[str, bool]]:
     return [(text, supervised) for text, supervised in pieces if text]
 
 
+# why a row is dropped -> how the console says it ({s}: plural ending, {max_seq_len}: the limit)
+DROP_REASONS = {
+    "empty_answer": "empty answer{s}",
+    "no_assistant_turn": "conversation{s} without an assistant turn",
+    "empty_text": "empty text{s}",
+    "no_labels": "tokenized row{s} with every label -100",
+    "prompt_over_max_seq_len": "prompt{s} over max_seq_len {max_seq_len}",
+}
+
+
+def _counted(n: int, label: str, max_seq_len: int = 0) -> str:
+    """``n`` and ``label`` in the plural when ``n != 1``: ``_counted(2, "row{s}")`` -> "2 rows"."""
+    return f"{n} {label.format(s='s' * (n != 1), max_seq_len=max_seq_len)}"
+
+
 @dataclass
 class DataStats:
-    """Counts for the log and summary.json.
+    """Counts for the log, metrics.jsonl's data event and summary.json.
 
-    rows: rows read; kept: rows with at least one supervised token; dropped_empty_answer: rows
-    whose answer is blank; dropped_truncated: rows whose prompt fills ``max_seq_len`` (nothing
-    supervised left); supervised_tokens: labels != -100 over kept rows; truncated: kept rows
-    that were cut to ``max_seq_len``.
+    rows: rows read; kept: rows that gave at least one example; examples: examples made (a text
+    row gives one per window); dropped: rows dropped, by reason (the keys of
+    :data:`DROP_REASONS`, only those that occurred); dropped_empty_answer: rows dropped with
+    nothing to learn (every reason but the prompt's length); dropped_truncated: rows whose prompt
+    fills ``max_seq_len`` (nothing supervised left); truncated: kept rows cut at ``max_seq_len``
+    (the end of their answer, or of a tokenized row, is not learned); documents: text rows
+    kept, split into ``windows`` examples (``text_overlap`` tokens repeated between
+    neighbours, as context); supervised_tokens: labels != -100 over the examples.
     """
 
     rows: int
@@ -530,39 +732,77 @@ class DataStats:
     dropped_truncated: int
     supervised_tokens: int
     truncated: int = 0
+    examples: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    documents: int = 0
+    windows: int = 0
+    max_seq_len: int = 0
+    text_overlap: int = 0
+
+    def dropped_rows(self) -> int:
+        """Rows dropped for any reason."""
+        return sum(self.dropped.values())
+
+    def describe(self, what: str = "train") -> str:
+        """The console's account of every row, e.g. "3 of 5 train rows kept -> 3 examples
+        (dropped 1 empty answer, 1 prompt over max_seq_len 256; 1 kept row cut at max_seq_len
+        256)", or "1 of 1 train row kept -> 37 examples (1 document -> 37 windows of max_seq_len
+        256; none dropped)"."""
+        parts = []
+        if self.windows:
+            overlap = f", each repeating {self.text_overlap} tokens of the one before" if self.text_overlap else ""
+            parts.append(f"{_counted(self.documents, 'document{s}')} -> {_counted(self.windows, 'window{s}')} "
+                         f"of max_seq_len {self.max_seq_len}{overlap}")
+        dropped = [_counted(n, DROP_REASONS[why], self.max_seq_len) for why, n in self.dropped.items()]
+        parts.append(f"dropped {', '.join(dropped)}" if dropped else "none dropped")
+        if self.truncated:
+            parts.append(f"{_counted(self.truncated, 'kept row{s}')} cut at max_seq_len {self.max_seq_len}")
+        return (f"{self.kept} of {_counted(self.rows, what + ' row{s}')} kept -> {_counted(self.examples, 'example{s}')} "
+                f"({'; '.join(parts)})")
+
+    def __add__(self, other: DataStats) -> DataStats:
+        """The counts of two sets of rows together (e.g. two sources); the limits are the recipe's,
+        taken from ``self``."""
+        summed = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)
+                  if f.name not in ("dropped", "max_seq_len", "text_overlap")}
+        dropped = {why: n for why in DROP_REASONS if (n := self.dropped.get(why, 0) + other.dropped.get(why, 0))}
+        return DataStats(**summed, dropped=dropped, max_seq_len=self.max_seq_len, text_overlap=self.text_overlap)
 
 
 def tokenize_rows(rows: list[dict], fmt: str, tokenizer, max_seq_len: int, train_on_prompt: bool,
-                  name: str) -> tuple[list[dict], DataStats]:
-    """Tokenise every row (see :func:`tokenize_row`), dropping and counting those with nothing
-    to learn.
+                  name: str, text_overlap: int = 0) -> tuple[list[dict], DataStats]:
+    """Tokenise every row (see :func:`tokenize_examples`), dropping and counting by reason those
+    with nothing to learn, and counting those cut or split into windows.
 
     Returns:
-        (examples in row order, stats).
+        (examples in row order, a text row's windows one after another; stats).
 
     Raises:
         UserError: "NAME: no row has anything to learn (N rows: X empty answers (rows ...),
-            Y prompts longer than max_seq_len M (rows ...))" when no row is kept; "NAME (row N):
-            ..." when the chat template cannot render a row.
+            Y prompts over max_seq_len M (rows ...))" (every reason that occurred) when no row
+            is kept; "NAME (row N): ..." when the chat template cannot render a row or a
+            tokenized id is outside the vocabulary.
     """
-    examples, status = [], {"ok": [], "truncated": [], "empty": [], "too_long": []}
+    examples, status = [], {}
     special = tokens.special_tokens(tokenizer)
     for n, row in enumerate(rows, start=1):
         try:
-            example, what = _tokenize(row, fmt, tokenizer, max_seq_len, train_on_prompt, special)
+            made, what = _tokenize(row, fmt, tokenizer, max_seq_len, train_on_prompt, special, text_overlap)
         except UserError as e:
             raise UserError(f"{name} (row {n}): {e}") from None
-        status[what].append(n)
-        if example is not None:
-            examples.append(example)
-    empty, too_long = status["empty"], status["too_long"]
-    stats = DataStats(rows=len(rows), kept=len(examples), dropped_empty_answer=len(empty),
-                      dropped_truncated=len(too_long), truncated=len(status["truncated"]),
+        status.setdefault(what, []).append(n)
+        examples += made
+    dropped = {why: len(status[why]) for why in DROP_REASONS if why in status}
+    text_rows = len(status.get("windows", [])) + len(status.get("ok", [])) if fmt == "text" else 0
+    stats = DataStats(rows=len(rows), kept=len(rows) - sum(dropped.values()), examples=len(examples),
+                      dropped_empty_answer=sum(dropped.values()) - dropped.get("prompt_over_max_seq_len", 0),
+                      dropped_truncated=dropped.get("prompt_over_max_seq_len", 0), truncated=len(status.get("cut", [])),
+                      dropped=dropped, documents=text_rows, windows=len(examples) if fmt == "text" else 0,
+                      max_seq_len=max_seq_len, text_overlap=text_overlap if fmt == "text" else 0,
                       supervised_tokens=sum(sum(label != IGNORE_INDEX for label in e["labels"]) for e in examples))
     if not examples:
-        raise UserError(f"{name}: no row has anything to learn ({len(rows)} rows: "
-                        f"{len(empty)} empty answers{_row_list(empty)}, "
-                        f"{len(too_long)} prompts longer than max_seq_len {max_seq_len}{_row_list(too_long)})")
+        reasons = ", ".join(_counted(n, DROP_REASONS[why], max_seq_len) + _row_list(status[why]) for why, n in dropped.items())
+        raise UserError(f"{name}: no row has anything to learn ({_counted(len(rows), 'row{s}')}: {reasons})")
     return examples, stats
 
 
@@ -675,7 +915,8 @@ def build(cfg: DataConfig, tokenizer, seed: int) -> Datasets:
     rows come from ``cfg.eval``, or from a seeded random ``cfg.eval_split`` fraction of those
     train rows (at least one row each side; both keep file order), or there are none.
     ``tokenizer`` gets ``cfg.chat_template`` (:func:`peftcli.tokens.use_chat_template`); chat
-    rows get ``cfg.system_prompt`` (:func:`add_system_prompt`).
+    and sharegpt rows get ``cfg.system_prompt`` (:func:`add_system_prompt`); text rows are split
+    into windows overlapping by ``cfg.text_overlap`` tokens.
 
     Raises:
         UserError: from :func:`load_rows` / :func:`tokenize_rows` /
@@ -691,7 +932,8 @@ def build(cfg: DataConfig, tokenizer, seed: int) -> Datasets:
     elif cfg.eval_split is not None:
         rows, eval_rows = _split(rows, cfg.eval_split, seed, cfg.train.path)
         eval_name = f"{cfg.train.path} (eval_split)"
-    tokenize = dict(tokenizer=tokenizer, max_seq_len=cfg.max_seq_len, train_on_prompt=cfg.train_on_prompt)
+    tokenize = dict(tokenizer=tokenizer, max_seq_len=cfg.max_seq_len, train_on_prompt=cfg.train_on_prompt,
+                    text_overlap=cfg.text_overlap)
     train, train_stats = tokenize_rows(rows, cfg.train.format, name=cfg.train.path, **tokenize)
     eval_examples, eval_stats = [], None
     if eval_rows:

@@ -42,14 +42,18 @@ class DataSource(_Strict):
     """One data file."""
 
     path: str = Field(description="JSON, JSONL, CSV or Parquet file")
-    format: Literal["alpaca", "completion", "chat", "text"] = Field("alpaca", description="row layout, see Data formats")
+    format: Literal["alpaca", "completion", "chat", "sharegpt", "text", "tokenized"] = Field(
+        "alpaca", description="row layout, see Data formats")
 
 
 class DataConfig(_Strict):
     train: DataSource = Field(description="training data file")
     eval: DataSource | None = Field(None, description="held-out data file (loss, perplexity, exact match)")
     eval_split: float | None = Field(None, gt=0, lt=1, description="hold out this fraction of train when no eval file is given")
-    max_seq_len: int = Field(512, gt=1, description="tokens per example after truncation")
+    max_seq_len: int = Field(512, gt=1, description="tokens per example: longer rows are cut (and counted); text is split "
+                             "into windows of this many tokens")
+    text_overlap: int = Field(0, ge=0, description="text only: tokens each window repeats from the one before, as context "
+                              "(not learned twice); must be less than max_seq_len")
     train_on_prompt: bool = Field(False, description="also supervise prompt tokens")
     padding_free: bool = Field(True, description="concatenate each micro-batch's examples into one row, attention kept within "
                                "each example (same loss and gradients as padded rows, no padding computed); methods that add "
@@ -63,7 +67,8 @@ class DataConfig(_Strict):
         None, description=f"chat rows' template: null = the tokenizer's own, a name ({', '.join(CHAT_TEMPLATES)}) or a "
                           "Jinja string; recorded in the run, so eval, generate and merge use the same one")
     system_prompt: str | None = Field(
-        None, description="chat only: a system message put first in every conversation that has none (and in peft generate)")
+        None, description="chat and sharegpt only: a system message put first in every conversation that has none (and in "
+                          "peft generate)")
 
     @field_validator("chat_template")
     @classmethod
@@ -78,8 +83,10 @@ class DataConfig(_Strict):
             raise ValueError("give data.eval or data.eval_split, not both")
         if self.packing:
             raise ValueError("packing is not available yet; set it to false")
-        if self.system_prompt is not None and "chat" not in {s.format for s in (self.train, self.eval) if s is not None}:
-            raise ValueError("system_prompt needs chat rows: set data.train.format to chat, or remove data.system_prompt")
+        if self.system_prompt is not None and not {"chat", "sharegpt"} & {s.format for s in (self.train, self.eval) if s is not None}:
+            raise ValueError("system_prompt needs chat rows: set data.train.format to chat or sharegpt, or remove data.system_prompt")
+        if self.text_overlap >= self.max_seq_len:
+            raise ValueError(f"text_overlap {self.text_overlap} must be less than max_seq_len {self.max_seq_len}")
         return self
 
 

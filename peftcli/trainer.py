@@ -388,8 +388,7 @@ def _print_prepared(console, p: Prepared, world: int, distributed_type) -> None:
     console.print(f"[bold]{p.recipe.method.name}[/] on {', '.join(targets[:2])}{', ...' if len(targets) > 2 else ''} "
                   f"({len(targets)} module{'s' * (len(targets) != 1)}): trainable parameters {p.trainable:,} = "
                   f"{100 * p.trainable / p.base_params:.3f}% of the base's {p.base_params:,} ({methods.kinds_line(p.model)})")
-    console.print(f"data: {s.kept} train example{'s' * (s.kept != 1)} ({s.dropped_empty_answer} empty answers and "
-                  f"{s.dropped_truncated} over-long prompts dropped), eval on {len(p.eval_examples)} examples")
+    console.print(f"data: {s.describe()}, eval on {len(p.eval_examples)} examples", highlight=False, soft_wrap=True)
     if world > 1:
         console.print(f"processes: {world} ({distributed_type}); {world * t.grad_accum} micro-batches per step")
 
@@ -601,7 +600,8 @@ def _summary(run: Run) -> dict:
             "processes": run.world, "final_train_loss": run.counters.last_logged,
             "trainable_params": p.trainable, "base_params": p.base_params,
             "trainable_pct_of_base": 100 * p.trainable / p.base_params,
-            "train_examples": len(p.datasets.train), "dropped_rows": s.dropped_empty_answer + s.dropped_truncated,
+            "train_examples": len(p.datasets.train), "dropped_rows": s.dropped_rows(),
+            "train_data": vars(s),
             "mixed_precision": p.mixed, "padding_free": run.path.padding_free, "loss_path": run.path.as_json(),
             "device": str(run.accelerator.device), "tokens_seen": run.counters.tokens_seen, "wall_s": run.counters.elapsed()}
 

@@ -187,11 +187,14 @@ def test_C10_rows_with_nothing_to_learn(tok, tmp_path):
     assert len(got.train) == 1
     assert got.train[0] == tokenize_row(normal, "alpaca", tok, max_len, False)
     assert got.train_stats == DataStats(rows=3, kept=1, dropped_empty_answer=1, dropped_truncated=1,
-                                        supervised_tokens=len(ids(tok, "dog")) + 1, truncated=0)
+                                        supervised_tokens=len(ids(tok, "dog")) + 1, truncated=0, examples=1,
+                                        dropped={"empty_answer": 1, "prompt_over_max_seq_len": 1}, max_seq_len=max_len)
+    assert got.train_stats.describe() == (f"1 of 3 train rows kept -> 1 example (dropped 1 empty answer, "
+                                          f"1 prompt over max_seq_len {max_len})")
 
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "count", "input": "", "output": ""}, long_prompt])
-    with pytest.raises(UserError, match=r"bad\.jsonl: no row has anything to learn \(2 rows: 1 empty answers \(row 1\), "
-                                        rf"1 prompts longer than max_seq_len {max_len} \(row 2\)\)"):
+    with pytest.raises(UserError, match=r"bad\.jsonl: no row has anything to learn \(2 rows: 1 empty answer \(row 1\), "
+                                        rf"1 prompt over max_seq_len {max_len} \(row 2\)\)"):
         build(DataConfig(train=DataSource(path=str(bad)), max_seq_len=max_len), tok, seed=0)
 
 
