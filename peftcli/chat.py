@@ -19,7 +19,7 @@ from transformers import TextStreamer
 
 from peftcli import data, tokens
 from peftcli.errors import UserError
-from peftcli.evaluate import GREEDY, Sampling, _until_stop, generate_ids, prompt_token_ids
+from peftcli.evaluate import GREEDY, Sampling, answer_text, generate_ids, prompt_token_ids
 
 HELP = "/reset clears the history, /exit (or Ctrl-D) quits, Ctrl-C stops a reply"
 
@@ -143,7 +143,7 @@ def reply(model, tokenizer, ids: list[int], max_new_tokens: int, sampling: Sampl
         printer.end()
         stopped = True
     stops = tokens.special_tokens(tokenizer, getattr(model, "generation_config", None)).stop_ids
-    return tokenizer.decode(_until_stop(printer.ids, stops), skip_special_tokens=True), stopped
+    return answer_text(tokenizer, printer.ids, stops), stopped
 
 
 def run(model, tokenizer, conversation: Conversation, read: Callable[[], str | None], write: Callable[[str], None],

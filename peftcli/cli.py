@@ -140,7 +140,9 @@ def eval_(
     no_exact_match: bool = typer.Option(False, "--no-exact-match", help="skip greedy generation (loss only; fast on long answers)"),
     no_base: bool = typer.Option(False, "--no-base", help="score only the adapted model (e.g. when the base was scored once already)"),
 ):
-    """Held-out loss, perplexity and exact match (and label accuracy with --labels): base vs adapted."""
+    """Held-out loss, perplexity and exact match (and label accuracy with --labels): base vs adapted.
+
+    Progress goes to stderr: a bar per phase on a terminal, one line per phase otherwise."""
     from peftcli.evaluate import evaluate
     from peftcli.phases import Phases
 

@@ -96,6 +96,12 @@ def generate(model: nn.Module, tokenizer, prompts: list[str | list[int]], max_ne
             for x in generate_ids(model, tokenizer, prompts, max_new_tokens, use_cache, sampling)]
 
 
+def answer_text(tokenizer, ids: list[int], stop_ids: tuple[int, ...]) -> str:
+    """Generated ``ids`` (e.g. a reply stopped half-way) as text: up to (without) the first stop
+    id, special tokens dropped."""
+    return tokenizer.decode(_until_stop(ids, stop_ids), skip_special_tokens=True)
+
+
 @contextmanager
 def _seeded(seed: int | None, device: torch.device):
     """Within: torch's RNG (the CPU's, and ``device``'s when it is a GPU) starts from ``seed``;
