@@ -303,6 +303,10 @@ def chat(
         sys.stdout.flush()
 
     if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401 - line editing and history in input()
+        except ImportError:
+            pass
         err.print(f"chat with {loaded.adapter_dir} ({chat_loop.HELP})", highlight=False, markup=False)
     chat_loop.run(model, tok, conversation, _read_message, write, lambda line: print(line, file=sys.stderr, flush=True),
                   max_new_tokens, sampling, use_cache=not no_cache, show_prompt=show_prompt)
