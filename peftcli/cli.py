@@ -140,11 +140,15 @@ def eval_(
     no_exact_match: bool = typer.Option(False, "--no-exact-match", help="skip greedy generation (loss only; fast on long answers)"),
     no_base: bool = typer.Option(False, "--no-base", help="score only the adapted model (e.g. when the base was scored once already)"),
 ):
-    """Held-out loss, perplexity and exact match (and label accuracy with --labels): base vs adapted."""
+    """Held-out loss, perplexity and exact match (and label accuracy with --labels): base vs adapted.
+
+    Progress goes to stderr: a bar per phase on a terminal, one line per phase otherwise."""
     from peftcli.evaluate import evaluate
+    from peftcli.phases import Phases
 
     label_list = [x.strip() for x in labels.split(",") if x.strip()] if labels else None
-    result = evaluate(target, data, fmt, max_samples, label_list, generate_answers=not no_exact_match, score_base=not no_base)
+    result = evaluate(target, data, fmt, max_samples, label_list, generate_answers=not no_exact_match, score_base=not no_base,
+                      phases=Phases(err))
     if as_json:
         print(json.dumps(result))
         return
@@ -183,32 +187,129 @@ def merge(
     out.print(f"merged model written to {path}")
 
 
+# the options `peft generate` and `peft chat` share
+MAX_NEW_TOKENS = typer.Option(64, "--max-new-tokens", min=1, help="the most tokens a reply has")
+NO_CACHE = typer.Option(False, "--no-cache", help="recompute the whole sequence each step (no KV cache)")
+SYSTEM = typer.Option(None, "--system", help="chat runs: the system message (default: the run's data.system_prompt)")
+TEMPERATURE = typer.Option(0.0, "--temperature", help="0: greedy, the default; above 0: sample (higher: more varied)")
+TOP_P = typer.Option(None, "--top-p", help="with --temperature: sample from the smallest set of tokens whose "
+                                           "probabilities add up to P, in (0, 1]")
+SEED = typer.Option(None, "--seed", help="seed of the sampling: the same seed gives the same text (default: a "
+                                         "fresh one, printed)")
+SHOW_PROMPT = typer.Option(False, "--show-prompt", help="print the exact text the model receives (its special "
+                                                        "tokens included) on stderr first")
+
+
+def _sampling(temperature: float, top_p: float | None, seed: int | None):
+    """The checked sampling flags; sampling without --seed gets a fresh seed, said on stderr, so
+    the answer can be repeated."""
+    import secrets
+    from dataclasses import replace
+
+    from peftcli.evaluate import Sampling
+
+    sampling = Sampling(temperature, top_p, seed).check()
+    if sampling.greedy or seed is not None:
+        return sampling
+    seed = secrets.randbelow(2**31)
+    err.print(f"sampling with seed {seed} (--seed {seed} repeats it)", highlight=False, markup=False)
+    return replace(sampling, seed=seed)
+
+
 @app.command()
 @user_errors
 def generate(
     target: str = typer.Argument(..., help="run dir or adapter dir"),
     prompt: str = typer.Argument(...),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+    max_new_tokens: int = MAX_NEW_TOKENS,
     raw: bool = typer.Option(False, "--raw", help="send the prompt as is, not in the run's train format"),
-    no_cache: bool = typer.Option(False, "--no-cache", help="recompute the whole sequence each step (no KV cache)"),
-    system: Optional[str] = typer.Option(None, "--system", help="chat runs: the system message (default: the run's "
-                                                                "data.system_prompt)"),
+    no_cache: bool = NO_CACHE,
+    system: Optional[str] = SYSTEM,
+    temperature: float = TEMPERATURE,
+    top_p: Optional[float] = TOP_P,
+    seed: Optional[int] = SEED,
+    show_prompt: bool = SHOW_PROMPT,
 ):
-    """Greedy generation with the adapted model.
+    """Generate with the adapted model: greedy, or sampled with --temperature.
 
     The prompt is put in the run's training format (alpaca template, the chat template the run
     trained with and its system prompt, ...); a ``text``-format run, or an adapter with no recipe
     (e.g. saved by HF peft), gets it as is. Generation stops at EOS and at the chat template's
     end-of-turn token."""
-    from peftcli import artifacts, data
-    from peftcli.evaluate import generate as greedy
-
     if not prompt.strip():
         raise UserError("generate: the prompt is empty")
+    sampling = _sampling(temperature, top_p, seed)
+    from peftcli import artifacts, data, tokens
+    from peftcli.chat import prompt_block
+    from peftcli.evaluate import generate as generate_text
+    from peftcli.evaluate import prompt_token_ids
+
     loaded = artifacts.load_adapted(target)
-    text = data.generation_prompt(prompt, loaded.recipe, loaded.tokenizer, system=system, raw=raw)
-    out.print(greedy(loaded.model, loaded.tokenizer, [text], max_new_tokens, use_cache=not no_cache)[0],
+    model, tok = loaded.model, loaded.tokenizer
+    text = data.generation_prompt(prompt, loaded.recipe, tok, system=system, raw=raw)
+    ids = prompt_token_ids(tok, text, tokens.special_tokens(tok, model.generation_config))
+    if show_prompt:
+        print(prompt_block(tok, ids), file=sys.stderr, flush=True)
+    out.print(generate_text(model, tok, [ids], max_new_tokens, use_cache=not no_cache, sampling=sampling)[0],
               highlight=False, markup=False)
+
+
+def _read_message() -> str | None:
+    """The next line of stdin (None at its end); on a terminal with a prompt and line editing,
+    and Ctrl-C there gives an empty line and a hint instead of quitting."""
+    if not sys.stdin.isatty():
+        return sys.stdin.readline() or None
+    try:
+        return input(">>> ")
+    except EOFError:
+        print(file=sys.stderr)
+        return None
+    except KeyboardInterrupt:
+        print("\n(/exit or Ctrl-D quits)", file=sys.stderr)
+        return ""
+
+
+@app.command()
+@user_errors
+def chat(
+    target: str = typer.Argument(..., help="run dir or adapter dir"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="the most tokens a reply has"),
+    no_cache: bool = NO_CACHE,
+    system: Optional[str] = SYSTEM,
+    temperature: float = TEMPERATURE,
+    top_p: Optional[float] = TOP_P,
+    seed: Optional[int] = SEED,
+    show_prompt: bool = SHOW_PROMPT,
+):
+    """Chat with the adapted model: one message a line on stdin, replies streamed to stdout.
+
+    Each turn the whole conversation is rendered with the run's chat template and system prompt
+    (an adapter with no recipe: the tokenizer's template); the oldest turns are dropped, with a
+    note, when it outgrows the model's context. A run that did not train on chat rows gets each
+    message as a fresh prompt in its own format (no history). /reset clears the history, /exit
+    or Ctrl-D quits, Ctrl-C stops a reply."""
+    sampling = _sampling(temperature, top_p, seed)
+    from peftcli import artifacts, data, tokens
+    from peftcli import chat as chat_loop
+
+    loaded = artifacts.load_adapted(target)
+    model, tok = loaded.model, loaded.tokenizer
+    data.use_recipe_chat(tok, loaded.recipe)
+    conversation = chat_loop.Conversation(tok, loaded.recipe, system, tokens.special_tokens(tok, model.generation_config),
+                                          chat_loop.context_length(model, tok), max_new_tokens)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401 - line editing and history in input()
+        except ImportError:
+            pass
+        err.print(f"chat with {loaded.adapter_dir} ({chat_loop.HELP})", highlight=False, markup=False)
+    chat_loop.run(model, tok, conversation, _read_message, write, lambda line: print(line, file=sys.stderr, flush=True),
+                  max_new_tokens, sampling, use_cache=not no_cache, show_prompt=show_prompt)
 
 
 @app.command()

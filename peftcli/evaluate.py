@@ -4,7 +4,8 @@ classification accuracy, base vs adapted."""
 from __future__ import annotations
 
 import re
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,32 +14,104 @@ from torch import nn
 
 from peftcli import artifacts, data, models, prepare, tokens
 from peftcli.errors import UserError
+from peftcli.phases import SILENT, Phases
 from peftcli.recipe import DataSource, Recipe, load_recipe
 from peftcli.rundir import RunDir
 
 
-@torch.no_grad()
-def generate(model: nn.Module, tokenizer, prompts: list[str | list[int]], max_new_tokens: int,
-             use_cache: bool = True) -> list[str]:
-    """Greedy continuations of ``prompts`` (a left-padded batch), each cut at its first stop id
-    and decoded without special tokens.
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: greedy (``temperature`` 0, the default) or sampled from the
+    softmax of the logits divided by ``temperature``, kept to the smallest set of tokens whose
+    probabilities add up to ``top_p`` (nucleus sampling, Holtzman et al. 2020, "The Curious Case
+    of Neural Text Degeneration", section 3.1). ``seed`` seeds the draw: the same seed, prompt and
+    model give the same tokens (None: a fresh seed each time).
 
-    A prompt is token ids (e.g. :func:`peftcli.data.prompt_ids`) or text, which gets the
-    tokenizer's BOS once and no EOS (:func:`peftcli.tokens.encode_start`). Generation stops at
-    every stop id of :func:`peftcli.tokens.special_tokens` — EOS, the chat template's end-of-turn
-    token and the model's generation-config EOS ids (CASES C17).
+    Raises (:meth:`check`):
+        UserError: ``temperature`` < 0, ``top_p`` outside (0, 1], or ``top_p`` with greedy decoding.
+    """
+
+    temperature: float = 0.0
+    top_p: float | None = None
+    seed: int | None = None
+
+    def check(self) -> Sampling:
+        if not self.temperature >= 0:  # also catches nan
+            raise UserError(f"--temperature: must be 0 (greedy) or more, got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p: must be in (0, 1], got {self.top_p}")
+        if self.top_p is not None and self.temperature == 0:
+            raise UserError("--top-p: only with sampling; give --temperature above 0 (0 is greedy)")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+GREEDY = Sampling()
+
+
+def prompt_token_ids(tokenizer, prompt: str | list[int], special: tokens.SpecialTokens) -> list[int]:
+    """The ids generation starts from: ``prompt`` itself when it is ids (e.g.
+    :func:`peftcli.data.prompt_ids`), else its text with the tokenizer's BOS once and no EOS
+    (:func:`peftcli.tokens.encode_start`)."""
+    return prompt if isinstance(prompt, list) else tokens.encode_start(tokenizer, prompt, special)
+
+
+@torch.no_grad()
+def generate_ids(model: nn.Module, tokenizer, prompts: list[str | list[int]], max_new_tokens: int,
+                 use_cache: bool = True, sampling: Sampling = GREEDY, streamer=None) -> list[list[int]]:
+    """New token ids after each of ``prompts`` (a left-padded batch), each cut before its first
+    stop id: every stop id of :func:`peftcli.tokens.special_tokens` — EOS, the chat template's
+    end-of-turn token and the model's generation-config EOS ids (CASES C17).
+
+    Prompts are as :func:`prompt_token_ids` takes them. ``sampling`` picks greedy or sampled
+    decoding (transformers' ``generate``: ``do_sample``, ``temperature``, ``top_p``; a sampled
+    call with a seed runs under a forked RNG, so it neither reads nor moves the global one).
+    ``streamer`` (one prompt only) gets the tokens as they are generated, e.g. a
+    ``transformers.TextStreamer``.
     """
     special = tokens.special_tokens(tokenizer, getattr(model, "generation_config", None))
-    ids = [p if isinstance(p, list) else tokens.encode_start(tokenizer, p, special) for p in prompts]
+    ids = [prompt_token_ids(tokenizer, p, special) for p in prompts]
     width = max(len(x) for x in ids)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])  # (B, T) left-padded
     attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
     device = next(model.parameters()).device
-    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=False,
-                         max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=list(special.stop_ids) or None,
-                         use_cache=use_cache, temperature=None, top_p=None, top_k=None)
-    return [tokenizer.decode(_until_stop(row[width:].tolist(), special.stop_ids), skip_special_tokens=True) for row in out]
+    draw = ({"do_sample": False, "temperature": None, "top_p": None} if sampling.greedy else
+            {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p or 1.0})
+    with _seeded(sampling.seed, device):
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                             max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=list(special.stop_ids) or None,
+                             use_cache=use_cache, top_k=None, streamer=streamer, **draw)
+    return [_until_stop(row[width:].tolist(), special.stop_ids) for row in out]
+
+
+def generate(model: nn.Module, tokenizer, prompts: list[str | list[int]], max_new_tokens: int,
+             use_cache: bool = True, sampling: Sampling = GREEDY) -> list[str]:
+    """The continuations of :func:`generate_ids` (greedy by default), decoded without special
+    tokens."""
+    return [tokenizer.decode(x, skip_special_tokens=True)
+            for x in generate_ids(model, tokenizer, prompts, max_new_tokens, use_cache, sampling)]
+
+
+def answer_text(tokenizer, ids: list[int], stop_ids: tuple[int, ...]) -> str:
+    """Generated ``ids`` (e.g. a reply stopped half-way) as text: up to (without) the first stop
+    id, special tokens dropped."""
+    return tokenizer.decode(_until_stop(ids, stop_ids), skip_special_tokens=True)
+
+
+@contextmanager
+def _seeded(seed: int | None, device: torch.device):
+    """Within: torch's RNG (the CPU's, and ``device``'s when it is a GPU) starts from ``seed``;
+    after: it is as before. No seed: nothing changes."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def _until_stop(ids: list[int], stop_ids: tuple[int, ...]) -> list[int]:
@@ -46,8 +119,10 @@ def _until_stop(ids: list[int], stop_ids: tuple[int, ...]) -> list[int]:
     return next((ids[:i] for i, t in enumerate(ids) if t in stop_ids), ids)
 
 
-def exact_match(model: nn.Module, tokenizer, rows: list[dict], fmt: str, batch_size: int = 16) -> dict:
-    """Share of rows with a reference whose greedy answer equals it (both stripped).
+def exact_match(model: nn.Module, tokenizer, rows: list[dict], fmt: str, batch_size: int = 16,
+                phases: Phases = SILENT, name: str = "") -> dict:
+    """Share of rows with a reference whose greedy answer equals it (both stripped); progress as
+    the phase ``"{name} exact match"`` of ``phases``.
 
     Returns {"exact_match": fraction in [0, 1] or None, "n_references": count, "samples": first 3
     (prompt, reference, answer)}.
@@ -57,23 +132,27 @@ def exact_match(model: nn.Module, tokenizer, rows: list[dict], fmt: str, batch_s
     if not pairs:
         return {"exact_match": None, "n_references": 0, "samples": []}
     hits, samples = 0, []
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i:i + batch_size]
-        longest = max(len(tokenizer(ref, add_special_tokens=False).input_ids) for _, ref in chunk)
-        answers = generate(model, tokenizer, [p for p, _ in chunk], max_new_tokens=min(longest + 8, 256))
-        for (_, ref), ans in zip(chunk, answers):
-            hits += ans.strip() == ref.strip()
-            if len(samples) < 3:
-                samples.append({"reference": ref, "answer": ans.strip()})
+    with phases.phase(f"{name} exact match".strip(), len(pairs), "rows") as advance:
+        for i in range(0, len(pairs), batch_size):
+            chunk = pairs[i:i + batch_size]
+            longest = max(len(tokenizer(ref, add_special_tokens=False).input_ids) for _, ref in chunk)
+            answers = generate(model, tokenizer, [p for p, _ in chunk], max_new_tokens=min(longest + 8, 256))
+            for (_, ref), ans in zip(chunk, answers):
+                hits += ans.strip() == ref.strip()
+                if len(samples) < 3:
+                    samples.append({"reference": ref, "answer": ans.strip()})
+            advance(len(chunk))
     return {"exact_match": hits / len(pairs), "n_references": len(pairs), "samples": samples}
 
 
 @torch.no_grad()
-def answer_logprobs(model: nn.Module, examples: list[dict], pad_id: int, micro_batch_size: int = 16) -> list[float]:
+def answer_logprobs(model: nn.Module, examples: list[dict], pad_id: int, micro_batch_size: int = 16,
+                    advance=None) -> list[float]:
     """Log-probability (nats, summed) of each example's supervised tokens given the tokens before them.
 
     Args:
         examples: tokenised rows (``input_ids``, ``labels``; -100 where not scored).
+        advance: told each micro-batch's example count as it is done (a progress bar), when given.
     Returns:
         one float per example, in order.
     """
@@ -88,6 +167,8 @@ def answer_logprobs(model: nn.Module, examples: list[dict], pad_id: int, micro_b
         logp = -F.cross_entropy(head(hidden[:, :-1][mask]).float(), targets[mask], reduction="none")
         sums = torch.zeros(len(targets), dtype=torch.float64, device=device).index_add_(0, mask.nonzero()[:, 0], logp.double())
         out += sums.tolist()
+        if advance is not None:
+            advance(len(targets))
     return out
 
 
@@ -104,7 +185,7 @@ def match_label(answer: str, labels: list[str]) -> str | None:
 
 
 def classify(model: nn.Module, tokenizer, rows: list[dict], fmt: str, labels: list[str], max_seq_len: int = data.DEFAULT_MAX_SEQ_LEN,
-             batch_size: int = 16) -> dict:
+             batch_size: int = 16, phases: Phases = SILENT, name: str = "") -> dict:
     """Label accuracy of a classifier-by-generation, measured two ways on rows whose reference
     answer is one of ``labels``:
 
@@ -112,6 +193,8 @@ def classify(model: nn.Module, tokenizer, rows: list[dict], fmt: str, labels: li
       the highest summed log-probability after the prompt — no generation, no parsing;
     - ``generation_accuracy``: the greedy answer mapped to a label by :func:`match_label`;
       answers that name no label (``unmatched``) count as wrong.
+
+    Progress: the phases ``"{name} label likelihood"`` and ``"{name} label answers"`` of ``phases``.
 
     Raises:
         UserError: a row's reference is not one of the labels; fewer than 2 labels.
@@ -130,13 +213,17 @@ def classify(model: nn.Module, tokenizer, rows: list[dict], fmt: str, labels: li
                 for row in rows for label in labels]
     if any(e is None for e in examples):
         raise UserError(f"eval rows: a prompt is longer than max_seq_len {max_seq_len}")
-    scores = torch.tensor(answer_logprobs(model, examples, tokenizer.pad_token_id, batch_size)).view(len(rows), len(labels))
+    with phases.phase(f"{name} label likelihood".strip(), len(examples), "examples") as advance:
+        logprobs = answer_logprobs(model, examples, tokenizer.pad_token_id, batch_size, advance)
+    scores = torch.tensor(logprobs).view(len(rows), len(labels))
     by_likelihood = [labels[i] for i in scores.argmax(1).tolist()]
     longest = max(len(tokenizer(label, add_special_tokens=False).input_ids) for label in labels)
     prompts = [data.prompt_ids(row, fmt, tokenizer, special) for row in rows]
     answers = []
-    for i in range(0, len(prompts), batch_size):
-        answers += generate(model, tokenizer, prompts[i:i + batch_size], max_new_tokens=longest + 4)
+    with phases.phase(f"{name} label answers".strip(), len(prompts), "rows") as advance:
+        for i in range(0, len(prompts), batch_size):
+            answers += generate(model, tokenizer, prompts[i:i + batch_size], max_new_tokens=longest + 4)
+            advance(len(prompts[i:i + batch_size]))
     by_generation = [match_label(a, labels) for a in answers]
     n = len(rows)
     return {"labels": labels, "n_labelled": n,
@@ -147,8 +234,10 @@ def classify(model: nn.Module, tokenizer, rows: list[dict], fmt: str, labels: li
 
 
 def score(model: nn.Module, tokenizer, examples: list[dict], rows: list[dict], fmt: str, micro_batch_size: int = 8,
-          labels: list[str] | None = None, max_seq_len: int = data.DEFAULT_MAX_SEQ_LEN, generate_answers: bool = True) -> dict:
-    """Loss (nats per supervised token), perplexity and exact match of one model (float32, eval mode)."""
+          labels: list[str] | None = None, max_seq_len: int = data.DEFAULT_MAX_SEQ_LEN, generate_answers: bool = True,
+          phases: Phases = SILENT, name: str = "") -> dict:
+    """Loss (nats per supervised token), perplexity and exact match of one model (float32, eval mode),
+    each a phase of ``phases`` named after the model (``name``: "base", "adapted")."""
     from peftcli.guard import choose_loss_path
     from peftcli.loss import eval_loss, make_collate
 
@@ -157,15 +246,17 @@ def score(model: nn.Module, tokenizer, examples: list[dict], rows: list[dict], f
     if examples:
         # the fast loss only where it equals the model's own on these rows (peftcli.guard)
         path = choose_loss_path(model, examples, tokenizer.pad_token_id, padding_free=False, gradients=False)
-        out = eval_loss(model, examples, make_collate(False, tokenizer.pad_token_id), micro_batch_size, nullcontext, path.loss_sum)
+        with phases.phase(f"{name} loss".strip(), len(examples), "examples") as advance:
+            out = eval_loss(model, examples, make_collate(False, tokenizer.pad_token_id), micro_batch_size, nullcontext,
+                            path.loss_sum, advance)
         result.update(loss=out["eval_loss"], perplexity=out["eval_ppl"], supervised_tokens=out["eval_tokens"],
                       loss_path=path.as_json(), loss_path_line=path.describe())
     if generate_answers:
-        result.update(exact_match(model, tokenizer, rows, fmt))
+        result.update(exact_match(model, tokenizer, rows, fmt, phases=phases, name=name))
     else:
         result.update(exact_match=None, n_references=0, samples=[])
     if labels:
-        result["classification"] = classify(model, tokenizer, rows, fmt, labels, max_seq_len)
+        result["classification"] = classify(model, tokenizer, rows, fmt, labels, max_seq_len, phases=phases, name=name)
     return result
 
 
@@ -188,7 +279,8 @@ def _eval_data(recipe: Recipe | None, data_path: str | None, fmt: str | None, to
 
 
 def evaluate(target: str, data_path: str | None = None, fmt: str | None = None, max_samples: int | None = None,
-             labels: list[str] | None = None, generate_answers: bool = True, score_base: bool = True) -> dict:
+             labels: list[str] | None = None, generate_answers: bool = True, score_base: bool = True,
+             phases: Phases = SILENT) -> dict:
     """Score the base model and the adapted one on held-out data.
 
     ``target`` is a run dir, an adapter dir, or a recipe (whose ``output.dir`` holds the run;
@@ -199,7 +291,8 @@ def evaluate(target: str, data_path: str | None = None, fmt: str | None = None, 
     With ``labels`` (e.g. ["negative", "positive"]) each model is also scored as a classifier
     (:func:`classify`: label likelihood and greedy answer), under ``"classification"``.
     ``generate_answers=False`` skips the greedy exact match (loss only: fast on long answers);
-    ``score_base=False`` scores only the adapted model (``"base"`` is None).
+    ``score_base=False`` scores only the adapted model (``"base"`` is None). ``phases`` shows the
+    progress of each model's loss, exact match, ... (:class:`peftcli.phases.Phases`).
 
     Returns {"base": metrics, "adapted": metrics or None, "data": str, "rows": n}.
     Raises:
@@ -219,13 +312,13 @@ def evaluate(target: str, data_path: str | None = None, fmt: str | None = None, 
         base, tokenizer, _ = models.load_base(**model_cfg.model_dump())
         data.use_recipe_chat(tokenizer, recipe)
         result["base"] = score(base, tokenizer, examples, rows, eval_fmt, labels=labels, max_seq_len=max_len,
-                               generate_answers=generate_answers)
+                               generate_answers=generate_answers, phases=phases, name="base")
         del base
     if files is not None:
         loaded = artifacts.load_adapted(files)
         data.use_recipe_chat(loaded.tokenizer, recipe)
         result["adapted"] = score(loaded.model, loaded.tokenizer, examples, rows, eval_fmt, labels=labels,
-                                  max_seq_len=max_len, generate_answers=generate_answers)
+                                  max_seq_len=max_len, generate_answers=generate_answers, phases=phases, name="adapted")
         result["adapter"] = str(loaded.adapter_dir)
     return result
 

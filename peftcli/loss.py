@@ -191,20 +191,23 @@ def make_collate(padding_free: bool, pad_id: int, multiple_of: int = 1):
 
 @torch.no_grad()
 def eval_loss(model: nn.Module, examples: list[dict], collate, micro_batch_size: int, autocast,
-              loss_sum=supervised_loss_sum) -> dict:
+              loss_sum=supervised_loss_sum, advance=None) -> dict:
     """Mean loss per supervised token (nats) and perplexity over tokenized examples.
 
     ``collate`` builds a micro-batch from a list of examples (see :func:`make_collate`);
-    ``loss_sum`` is the loss path (:meth:`peftcli.guard.LossPath.loss_sum`)."""
+    ``loss_sum`` is the loss path (:meth:`peftcli.guard.LossPath.loss_sum`); ``advance(n)``, when
+    given, is told each micro-batch's example count as it is done (a progress bar)."""
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
     for i in range(0, len(examples), micro_batch_size):
-        batch = collate(examples[i:i + micro_batch_size])
-        batch = {k: v.to(model_device(model)) for k, v in batch.items()}
+        chunk = examples[i:i + micro_batch_size]
+        batch = {k: v.to(model_device(model)) for k, v in collate(chunk).items()}
         with autocast():
             s, k = loss_sum(model, batch)
         total, n = total + float(s), n + k
+        if advance is not None:
+            advance(len(chunk))
     model.train(was_training)
     loss = total / max(n, 1)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": n}

@@ -74,3 +74,18 @@ def test_generate_with_an_hf_saved_adapter_sends_the_prompt_as_is(tiny_dir, tmp_
         assert result.exit_code == 0, result.output
         assert result.stdout.strip() == expected.strip()
     _one_line_error(CliRunner().invoke(app, ["generate", str(tmp_path / "hf"), "  "]), "the prompt is empty")
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "-1"], "--temperature: must be 0 (greedy) or more, got -1.0"),
+    (["--temperature", "nan"], "--temperature: must be 0 (greedy) or more, got nan"),
+    (["--temperature", "1", "--top-p", "0"], "--top-p: must be in (0, 1], got 0.0"),
+    (["--temperature", "1", "--top-p", "1.5"], "--top-p: must be in (0, 1], got 1.5"),
+    (["--top-p", "0.9"], "--top-p: only with sampling; give --temperature above 0 (0 is greedy)"),
+])
+def test_bad_sampling_flags_exit_2_before_any_model_loads(command, flags, message, tmp_path):
+    # the target does not exist: the flags are checked first, so their error is the one reported
+    args = [command, str(tmp_path / "no-run"), *(["Sort 3, 1"] if command == "generate" else []), *flags]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and result.stderr == f"error: {message}\n"
