@@ -62,7 +62,7 @@ class Conversation:
                  context: int | None, reserve: int):
         fmt = recipe.data.train.format if recipe else ("chat" if getattr(tokenizer, "chat_template", None) else "text")
         self.tokenizer, self.recipe, self.special, self.format = tokenizer, recipe, special, fmt
-        self.keeps_history = fmt == "chat"
+        self.keeps_history = fmt in data.CHAT_FORMATS
         if system is not None and not self.keeps_history:
             raise UserError(f"--system: only a chat run's prompt has a system message (this one: {fmt})")
         self.system = system if system is not None else (recipe.data.system_prompt if recipe else None)
