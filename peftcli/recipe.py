@@ -43,8 +43,8 @@ class DataSource(_Strict):
         "alpaca", description="row layout, see Data formats")
     columns: dict[str, str] = Field(default_factory=dict, description="the format's field names mapped to the file's, "
                                     "e.g. {instruction: question, output: answer}; unmapped fields keep their names")
-    weight: float = Field(1.0, gt=0, description="train only: how often each row is used per epoch (2: twice; 0.5: a "
-                          "half drawn with train.seed); mixes several train sources")
+    weight: float = Field(1.0, gt=0, description="train only: how many times each of this source's examples is used per "
+                          "epoch (2: twice; 0.5: a half drawn once with train.seed); mixes several train sources")
     split: str | None = Field(None, description="the split of a save_to_disk DatasetDict or a hub dataset (default train)")
 
 
@@ -70,7 +70,7 @@ class DataConfig(_Strict):
                                     "positions are padding, never supervised) so shapes repeat and compiled kernels are reused; "
                                     "1 turns it off")
     packing: bool = Field(False, description="pack several examples per row (not available yet: must be false)")
-    max_samples: int | None = Field(None, gt=0, description="use only the first N train rows")
+    max_samples: int | None = Field(None, gt=0, description="use only the first N rows of each train source")
     chat_template: str | None = Field(
         None, description=f"chat rows' template: null = the tokenizer's own, a name ({', '.join(CHAT_TEMPLATES)}) or a "
                           "Jinja string; recorded in the run, so eval, generate and merge use the same one")

@@ -86,6 +86,8 @@ def load(source: DataSource, key: str = "data.train") -> Rows:
         rows, lines = _read_file(path)
     elif path.is_dir():
         rows, lines = _read_saved(path, source, key), None
+    elif path.exists():
+        raise UserError(f"{_path_key(key)} {path}: neither a regular file nor a dir; give a data file or a dir")
     elif path.suffix.lower() in FILE_KINDS or not HUB_ID.fullmatch(source.path):
         raise UserError(f"{path}: data file not found" if path.suffix.lower() in FILE_KINDS else
                         f"{_path_key(key)} {source.path}: not a file or dir, and not a hub dataset id")
