@@ -229,7 +229,7 @@ def validate(
     out.print(f"data: {s.kept} of {s.rows} train rows kept ({s.dropped_empty_answer} empty answers, "
               f"{s.dropped_truncated} prompts over max_seq_len), {len(p.datasets.eval)} eval examples")
     for line in p.datasets.mixing:
-        out.print(f"mixing {line}", highlight=False, markup=False)
+        out.print(line, highlight=False, markup=False)
     out.print(f"base: {p.base_path}")
     out.print(f"matched {len(p.targets)} modules: {', '.join(p.targets[:6])}{' ...' if len(p.targets) > 6 else ''}")
     out.print(f"trainable parameters: {p.trainable:,} = {100 * p.trainable / p.base_params:.3f}% of the base's {p.base_params:,}")

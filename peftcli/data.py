@@ -551,9 +551,8 @@ class Datasets:
     eval_rows holds every raw eval row (for exact-match generation), including rows dropped
     from ``eval`` for having nothing to learn; ``eval`` and ``eval_stats`` are empty / None
     when the recipe has no eval data. ``train`` is the mixed list (:func:`peftcli.sources.mix`);
-    ``train_stats`` counts rows before mixing, over all train sources; ``mixing`` holds one
-    line per train source (:func:`peftcli.sources.mix_line`) when there are several or a
-    weight is not 1, else none.
+    ``train_stats`` counts rows before mixing, over all train sources; ``mixing`` holds the
+    console lines of the mix (:func:`peftcli.sources.mix_lines`; none for one source of weight 1).
     """
 
     train: list[dict]
@@ -602,12 +601,12 @@ def build(cfg: DataConfig, tokenizer, seed: int) -> Datasets:
         eval_examples += examples
         eval_stats.append(stats)
     weights = [s.weight for s in cfg.train_sources]
-    mixing = [sources.mix_line(s.path, len(part), s.weight) for s, part in zip(cfg.train_sources, train_parts)]
+    mixing = sources.mix_lines([s.path for s in cfg.train_sources], [len(part) for part in train_parts], weights)
     eval_format = cfg.eval_sources[0].format if cfg.eval_sources else cfg.train_format  # one format (recipe check)
     return Datasets(train=sources.mix(train_parts, weights, seed), eval=eval_examples,
                     eval_rows=[r for rows, _, _ in eval_parts for r in rows], eval_format=eval_format,
                     train_stats=_total(train_stats), eval_stats=_total(eval_stats) if eval_stats else None,
-                    mixing=mixing if weights != [1] else [])
+                    mixing=mixing)
 
 
 def _keyed(given, key: str) -> list[tuple[str, DataSource]]:

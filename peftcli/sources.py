@@ -402,3 +402,13 @@ def mix_line(name: str, n: int, weight: float) -> str:
     if weight == 1:
         return f"{name}: {n} examples (weight 1)"
     return f"{name}: {n} examples x {weight:g} = {count} (weight {weight:g})"
+
+
+def mix_lines(names: list[str], sizes: list[int], weights: list[float]) -> list[str]:
+    """What the console shows of a mix: a head line with the examples per epoch, then one
+    indented :func:`mix_line` per source; none for one source of weight 1 (nothing mixed)."""
+    if weights == [1]:
+        return []
+    total = sum(drawn(n, w) for n, w in zip(sizes, weights))
+    head = f"mixing {len(names)} source{'s' * (len(names) != 1)}: {total} train examples per epoch"
+    return [head] + [f"  {mix_line(*source)}" for source in zip(names, sizes, weights)]

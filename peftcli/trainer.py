@@ -379,7 +379,7 @@ def _print_prepared(console, p: Prepared, world: int, distributed_type) -> None:
     console.print(f"data: {s.kept} train example{'s' * (s.kept != 1)} ({s.dropped_empty_answer} empty answers and "
                   f"{s.dropped_truncated} over-long prompts dropped), eval on {len(p.eval_examples)} examples")
     for line in p.datasets.mixing:
-        console.print(f"mixing {line}", highlight=False, markup=False)
+        console.print(line, highlight=False, markup=False)
     if world > 1:
         console.print(f"processes: {world} ({distributed_type}); {world * t.grad_accum} micro-batches per step")
 

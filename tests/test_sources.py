@@ -294,8 +294,9 @@ def test_build_mixes_sources_tokenised_apart(tok, tmp_path):
     assert got.train == sources.mix([want_a, want_b, want_c], [0.5, 2, 1], seed=0)
     assert len(got.train) == 15 + 20 + 1
     assert got.train_stats.rows == 41 and got.train_stats.kept == 41
-    assert got.mixing == [f"{a}: 15 of 30 examples drawn (weight 0.5), 15 not used",
-                          f"{b}: 10 examples x 2 = 20 (weight 2)", f"{c}: 1 examples (weight 1)"]
+    assert got.mixing == ["mixing 3 sources: 36 train examples per epoch",
+                          f"  {a}: 15 of 30 examples drawn (weight 0.5), 15 not used",
+                          f"  {b}: 10 examples x 2 = 20 (weight 2)", f"  {c}: 1 examples (weight 1)"]
     assert len(got.eval_rows) == 80 and len(got.eval) == 80 and got.eval_stats.rows == 80  # both eval sources, all rows
     assert got.eval_format == "completion"
     one = data.build(DataConfig(train=DataSource(path=str(a), format="completion")), tok, seed=0)
