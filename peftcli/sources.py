@@ -48,7 +48,7 @@ HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 class Rows:
     """The raw rows of one source, and how messages name a row.
 
-    ``name`` is the path as the recipe gives it; ``lines[i]`` is row ``i``'s line in the file
+    ``name`` is the source's path; ``lines[i]`` is row ``i``'s line in the file
     (JSON lines only, else None).
     """
 
@@ -88,14 +88,15 @@ def load(source: DataSource, key: str = "data.train") -> Rows:
         rows, lines = _read_saved(path, source, key), None
     elif path.exists():
         raise UserError(f"{_path_key(key)} {path}: neither a regular file nor a dir; give a data file or a dir")
-    elif path.suffix.lower() in FILE_KINDS or not HUB_ID.fullmatch(source.path):
-        raise UserError(f"{path}: data file not found" if path.suffix.lower() in FILE_KINDS else
-                        f"{_path_key(key)} {source.path}: not a file or dir, and not a hub dataset id")
+    elif path.suffix.lower() in FILE_KINDS:
+        raise UserError(f"{path}: data file not found")
+    elif not HUB_ID.fullmatch(source.path):
+        raise UserError(f"{_path_key(key)} {source.path}: not a file or dir, and not a hub dataset id")
     else:
         rows, lines = _read_hub(source, key), None
     if not rows:
-        raise UserError(f"{source.path}: no rows")
-    return Rows(rows=_rename(rows, source, key), name=source.path, lines=lines)
+        raise UserError(f"{path}: no rows")
+    return Rows(rows=_rename(rows, source, key), name=str(path), lines=lines)
 
 
 # ---------------------------------------------------------------------------------------------

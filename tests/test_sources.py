@@ -189,6 +189,8 @@ def test_hub_id_read_from_the_local_cache(tok, datasets_cache):
     assert load("tatsu-lab/alpaca", split="test") == ROWS[2:]
     assert_tokens(tok, rows[1], "completion")
     assert (datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE) == online  # offline only for the call
+    with sources._offline():  # the reference: datasets' own load_dataset(ID), offline, reads this entry too
+        assert datasets.load_dataset("tatsu-lab/alpaca", split="test", cache_dir=str(datasets_cache)).to_list() == ROWS[2:]
     with pytest.raises(UserError, match=r"^data\.train\.split 'dev': tatsu-lab/alpaca has the splits train, test$"):
         load("tatsu-lab/alpaca", split="dev")
 
