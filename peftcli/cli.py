@@ -328,6 +328,8 @@ def validate(
     out.print(recipes.dump(r), highlight=False, markup=False)  # resolved: the method's default targets filled in
     s = p.datasets.train_stats
     out.print(f"data: {s.describe()}, {len(p.datasets.eval)} eval examples", highlight=False, soft_wrap=True)
+    for line in p.datasets.mixing:
+        out.print(line, highlight=False, markup=False)
     out.print(f"base: {p.base_path}")
     out.print(f"matched {len(p.targets)} modules: {', '.join(p.targets[:6])}{' ...' if len(p.targets) > 6 else ''}")
     out.print(f"trainable parameters: {p.trainable:,} = {100 * p.trainable / p.base_params:.3f}% of the base's {p.base_params:,}")

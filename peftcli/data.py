@@ -2,7 +2,7 @@
 
 The flow, top to bottom:
 
-    load_rows(source)        JSON / JSONL / CSV / Parquet -> list of row dicts, fields checked
+    load_rows(source)        a source's rows (peftcli.sources: files, dirs, hub cache), fields checked
                              (chat_messages: chat and sharegpt rows as template messages)
     render_prompt, reference the text shown before the answer, and the answer itself
     prompt_ids               the prompt's token ids, as generation gets them
@@ -25,16 +25,13 @@ between prompt and answer even when the tokenizer appends one to every text (CAS
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import json
-import tempfile
+import functools
+import operator
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
 import torch
 
-from peftcli import tokens
+from peftcli import sources, tokens
 from peftcli.errors import UserError
 from peftcli.recipe import DataConfig, DataSource, Recipe
 from peftcli.tokens import SpecialTokens
@@ -78,127 +75,24 @@ ALPACA_NO_INPUT = (
 # loading
 
 
-def load_rows(source: DataSource) -> list[dict]:
-    """Read every row of ``source.path`` and check it has the fields ``source.format`` needs.
+def load_rows(source: DataSource, key: str = "data.train") -> list[dict]:
+    """Read every row of ``source`` (:func:`peftcli.sources.load`: files, ``save_to_disk`` dirs,
+    cached hub datasets; ``columns`` applied) and check it has the fields ``source.format`` needs.
 
-    The file type comes from the extension: ``.jsonl`` (one object per line), ``.json`` (a list
-    of objects, or JSON lines), ``.csv`` (header row; every cell read as text, an empty cell is
-    ``""``), ``.parquet``. JSON is parsed with the ``json`` module so errors name the line;
-    CSV and Parquet are read with ``datasets`` (in memory, cache in a temporary dir, no network).
     Text fields that hold a number are turned into text (``15`` -> ``"15"``); ``null`` -> ``""``.
+    ``key``: the source's recipe key, named in errors about the source.
 
     Returns:
         the rows, in file order.
 
     Raises:
-        UserError: missing file ("FILE: data file not found"), unknown extension, bytes that
-            are not UTF-8, malformed JSON ("FILE:LINE: malformed JSON: ..."), no rows
-            ("FILE: no rows"), or a row without a needed field
+        UserError: from :func:`peftcli.sources.load`, or a row without a needed field
             ("FILE:LINE (row N): missing field 'output' for format alpaca").
     """
-    path = Path(source.path)
-    if not path.is_file():
-        raise UserError(f"{path}: data file not found")
-    suffix = path.suffix.lower()
-    if suffix in (".json", ".jsonl"):
-        rows, lines = _read_json(path)
-    elif suffix == ".csv":
-        rows, lines = _read_csv(path), None
-    elif suffix == ".parquet":
-        rows, lines = _read_with_datasets("parquet", path), None
-    else:
-        raise UserError(f"{path}: unknown data file type {suffix or '(none)'!r} (use .jsonl, .json, .csv or .parquet)")
-    if not rows:
-        raise UserError(f"{path}: no rows")
-    for n, row in enumerate(rows, start=1):
-        where = f"{path}:{lines[n - 1]} (row {n})" if lines else f"{path} (row {n})"
-        _check_row(row, source.format, where)
-    return rows
-
-
-def _decode(path: Path, data: bytes) -> str:
-    """UTF-8 text of a file (a leading byte-order mark is dropped).
-
-    Raises:
-        UserError: naming the file and the line of the first undecodable byte.
-    """
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); re-save the file as UTF-8") from None
-
-
-def _read_json(path: Path) -> tuple[list[dict], list[int]]:
-    """Rows and their line numbers from a JSON list (``[...]``) or JSON lines.
-
-    Raises:
-        UserError: "FILE:LINE: malformed JSON: ..." or "FILE:LINE: expected a JSON object".
-    """
-    text = _decode(path, path.read_bytes())
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-        # a JSON list gives no per-row line; rows are named by position only
-        for n, item in enumerate(items, start=1):
-            if not isinstance(item, dict):
-                raise UserError(f"{path} (row {n}): expected a JSON object, got {type(item).__name__}")
-        return items, []
-    rows, lines = [], []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-        if not isinstance(item, dict):
-            raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(item).__name__}")
-        rows.append(item)
-        lines.append(lineno)
-    return rows, lines
-
-
-def _read_csv(path: Path) -> list[dict]:
-    """CSV rows with every column read as text (so "15" stays "15", an empty cell is "")."""
-    header = next(csv.reader(_decode(path, path.read_bytes()).splitlines()), None)
-    if not header:
-        return []
-    import datasets
-
-    features = datasets.Features({name: datasets.Value("string") for name in header})
-    return _read_with_datasets("csv", path, features=features, keep_default_na=False)
-
-
-def _read_with_datasets(builder: str, path: Path, **kwargs) -> list[dict]:
-    """Rows of a CSV/Parquet file through ``datasets.load_dataset``, kept in memory; the Arrow
-    cache goes to a temporary dir that is removed afterwards (nothing left in ~/.cache)."""
-    import datasets
-
-    with tempfile.TemporaryDirectory(prefix="peftcli-data-") as cache, _quiet_datasets():
-        try:
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache,
-                                       keep_in_memory=True, **kwargs)
-        except Exception as e:  # pandas / pyarrow parse errors come in many types
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"{path}: cannot read {builder.upper()} file ({first})") from None
-        return ds.to_list()
-
-
-@contextlib.contextmanager
-def _quiet_datasets():
-    """Hide ``datasets``' progress bars while reading a small local file."""
-    from datasets.utils import logging as ds_logging
-
-    was_on = ds_logging.is_progress_bar_enabled()
-    ds_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_on:
-            ds_logging.enable_progress_bar()
+    loaded = sources.load(source, key)
+    for n, row in enumerate(loaded.rows, start=1):
+        _check_row(row, source.format, loaded.where(n))
+    return loaded.rows
 
 
 def _check_row(row: dict, fmt: str, where: str) -> None:
@@ -411,7 +305,7 @@ def generation_prompt(prompt: str, recipe: Recipe | None, tokenizer, system: str
         UserError: ``system`` given for a run that is not a chat run, or with ``raw``.
     """
     run_system = use_recipe_chat(tokenizer, recipe)
-    fmt = recipe.data.train.format if recipe else "text"
+    fmt = recipe.data.train_format if recipe else "text"
     if system is not None and (raw or fmt not in CHAT_FORMATS):
         raise UserError(f"--system: only a chat run's prompt has a system message (this one: {'--raw' if raw else fmt})")
     if raw or fmt in NO_PROMPT_FORMATS:
@@ -897,7 +791,9 @@ class Datasets:
 
     eval_rows holds every raw eval row (for exact-match generation), including rows dropped
     from ``eval`` for having nothing to learn; ``eval`` and ``eval_stats`` are empty / None
-    when the recipe has no eval data.
+    when the recipe has no eval data. ``train`` is the mixed list (:func:`peftcli.sources.mix`);
+    ``train_stats`` counts rows before mixing, over all train sources; ``mixing`` holds the
+    console lines of the mix (:func:`peftcli.sources.mix_lines`; none for one source of weight 1).
     """
 
     train: list[dict]
@@ -906,17 +802,21 @@ class Datasets:
     eval_format: str
     train_stats: DataStats
     eval_stats: DataStats | None
+    mixing: list[str] = field(default_factory=list)
 
 
 def build(cfg: DataConfig, tokenizer, seed: int) -> Datasets:
     """Load and tokenise a recipe's data.
 
-    Train rows are the first ``cfg.max_samples`` rows of ``cfg.train`` (all when unset). Eval
-    rows come from ``cfg.eval``, or from a seeded random ``cfg.eval_split`` fraction of those
-    train rows (at least one row each side; both keep file order), or there are none.
-    ``tokenizer`` gets ``cfg.chat_template`` (:func:`peftcli.tokens.use_chat_template`); chat
-    and sharegpt rows get ``cfg.system_prompt`` (:func:`add_system_prompt`); text rows are split
-    into windows overlapping by ``cfg.text_overlap`` tokens.
+    Each train source is read (:func:`load_rows`), cut to its first ``cfg.max_samples`` rows
+    (per source; all when unset) and tokenised on its own in its own format; the sources are
+    then mixed by weight (:func:`peftcli.sources.mix`, seeded with ``seed``). Eval rows come
+    from ``cfg.eval`` (every eval source, tokenised apart and scored together), or from a seeded
+    random ``cfg.eval_split`` fraction of each train source's rows (at least one row each side;
+    both keep file order), or there are none. ``tokenizer`` gets ``cfg.chat_template``
+    (:func:`peftcli.tokens.use_chat_template`); chat and sharegpt rows get ``cfg.system_prompt``
+    (:func:`add_system_prompt`); text rows are split into windows overlapping by
+    ``cfg.text_overlap`` tokens.
 
     Raises:
         UserError: from :func:`load_rows` / :func:`tokenize_rows` /
@@ -924,22 +824,45 @@ def build(cfg: DataConfig, tokenizer, seed: int) -> Datasets:
             (``packing: true`` is refused by the recipe schema.)
     """
     tokens.use_chat_template(tokenizer, cfg.chat_template)
-    rows = add_system_prompt(load_rows(cfg.train)[: cfg.max_samples], cfg.train.format, cfg.system_prompt)
-    eval_rows, eval_format, eval_name = [], cfg.train.format, None
-    if cfg.eval is not None:
-        eval_rows, eval_format, eval_name = load_rows(cfg.eval), cfg.eval.format, cfg.eval.path
-        eval_rows = add_system_prompt(eval_rows, eval_format, cfg.system_prompt)
-    elif cfg.eval_split is not None:
-        rows, eval_rows = _split(rows, cfg.eval_split, seed, cfg.train.path)
-        eval_name = f"{cfg.train.path} (eval_split)"
     tokenize = dict(tokenizer=tokenizer, max_seq_len=cfg.max_seq_len, train_on_prompt=cfg.train_on_prompt,
                     text_overlap=cfg.text_overlap)
-    train, train_stats = tokenize_rows(rows, cfg.train.format, name=cfg.train.path, **tokenize)
-    eval_examples, eval_stats = [], None
-    if eval_rows:
-        eval_examples, eval_stats = tokenize_rows(eval_rows, eval_format, name=eval_name, **tokenize)
-    return Datasets(train=train, eval=eval_examples, eval_rows=eval_rows, eval_format=eval_format,
-                    train_stats=train_stats, eval_stats=eval_stats)
+    train_parts, train_stats, eval_parts = [], [], []  # one entry per source
+    for key, source in _keyed(cfg.train, "data.train"):
+        rows = add_system_prompt(load_rows(source, key)[: cfg.max_samples], source.format, cfg.system_prompt)
+        if cfg.eval_split is not None:
+            rows, held = _split(rows, cfg.eval_split, seed, source.path)
+            eval_parts.append((held, source.format, f"{source.path} (eval_split)"))
+        examples, stats = tokenize_rows(rows, source.format, name=source.path, **tokenize)
+        train_parts.append(examples)
+        train_stats.append(stats)
+    for key, source in _keyed(cfg.eval, "data.eval"):
+        eval_parts.append((add_system_prompt(load_rows(source, key), source.format, cfg.system_prompt),
+                           source.format, source.path))
+    eval_examples, eval_stats = [], []
+    for rows, fmt, name in eval_parts:
+        examples, stats = tokenize_rows(rows, fmt, name=name, **tokenize)
+        eval_examples += examples
+        eval_stats.append(stats)
+    weights = [s.weight for s in cfg.train_sources]
+    mixing = sources.mix_lines([s.path for s in cfg.train_sources], [len(part) for part in train_parts], weights)
+    eval_format = cfg.eval_sources[0].format if cfg.eval_sources else cfg.train_format  # one format (recipe check)
+    return Datasets(train=sources.mix(train_parts, weights, seed), eval=eval_examples,
+                    eval_rows=[r for rows, _, _ in eval_parts for r in rows], eval_format=eval_format,
+                    train_stats=_total(train_stats), eval_stats=_total(eval_stats) if eval_stats else None,
+                    mixing=mixing)
+
+
+def _keyed(given, key: str) -> list[tuple[str, DataSource]]:
+    """(recipe key, source) of each source in ``data.train`` / ``data.eval`` (one, a list, or None):
+    ``data.train`` for a single source, ``data.train[1]`` in a list."""
+    if given is None:
+        return []
+    return [(f"{key}[{n}]", s) for n, s in enumerate(given)] if isinstance(given, list) else [(key, given)]
+
+
+def _total(stats: list[DataStats]) -> DataStats:
+    """Several sources' counts as one (:meth:`DataStats.__add__`); one source's unchanged."""
+    return functools.reduce(operator.add, stats)
 
 
 def _split(rows: list[dict], fraction: float, seed: int, name: str) -> tuple[list[dict], list[dict]]:

@@ -265,7 +265,7 @@ def _eval_data(recipe: Recipe | None, data_path: str | None, fmt: str | None, to
     """(examples, rows, format) from --data, else from the recipe's eval file / eval split."""
     if data_path:
         source = DataSource(path=data_path, format=fmt or "alpaca")
-        rows = data.add_system_prompt(data.load_rows(source)[:max_samples], source.format, system_prompt)
+        rows = data.add_system_prompt(data.load_rows(source, "--data")[:max_samples], source.format, system_prompt)
         examples, _ = data.tokenize_rows(rows, source.format, tokenizer, max_seq_len, False, data_path)
         return examples, rows, source.format
     if recipe is None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from peftcli.errors import UserError
 from peftcli.methods import METHOD_CONFIGS, METHODS
@@ -39,16 +39,31 @@ class ModelConfig(_Strict):
 
 
 class DataSource(_Strict):
-    """One data file."""
+    """One data source: a file, a ``save_to_disk`` dir or a cached hub dataset (see peftcli.sources)."""
 
-    path: str = Field(description="JSON, JSONL, CSV or Parquet file")
+    path: str = Field(description="a .jsonl, .json, .csv, .parquet, .txt or .arrow file, a datasets save_to_disk dir, "
+                                  "or a hub dataset id already in the local datasets cache (nothing is downloaded)")
     format: Literal["alpaca", "completion", "chat", "sharegpt", "text", "tokenized"] = Field(
         "alpaca", description="row layout, see Data formats")
+    columns: dict[str, str] = Field(default_factory=dict, description="the format's field names mapped to the file's, "
+                                    "e.g. {instruction: question, output: answer}; unmapped fields keep their names")
+    weight: float = Field(1.0, gt=0, description="train only: how many times each of this source's examples is used per "
+                          "epoch (2: twice; 0.5: a half drawn once with train.seed); mixes several train sources")
+    split: str | None = Field(None, description="the split of a save_to_disk DatasetDict or a hub dataset (default train)")
+
+
+# one source, or a list of them (the tag keeps error locations free of pydantic's union member names)
+Sources = Annotated[
+    Union[Annotated[DataSource, Tag("source")], Annotated[list[DataSource], Field(min_length=1), Tag("sources")]],
+    Discriminator(lambda v: "sources" if isinstance(v, list) else "source"),
+]
+_SOURCE_TAGS = ("source", "sources")
 
 
 class DataConfig(_Strict):
-    train: DataSource = Field(description="training data file")
-    eval: DataSource | None = Field(None, description="held-out data file (loss, perplexity, exact match)")
+    train: Sources = Field(description="training data: one source, or a list of sources mixed by their weight")
+    eval: Sources | None = Field(None, description="held-out data (loss, perplexity, exact match): one source or a list, "
+                                 "scored together")
     eval_split: float | None = Field(None, gt=0, lt=1, description="hold out this fraction of train when no eval file is given")
     max_seq_len: int = Field(512, gt=1, description="tokens per example: longer rows are cut (and counted); text is split "
                              "into windows of this many tokens")
@@ -62,7 +77,7 @@ class DataConfig(_Strict):
                                     "positions are padding, never supervised) so shapes repeat and compiled kernels are reused; "
                                     "1 turns it off")
     packing: bool = Field(False, description="pack several examples per row (not available yet: must be false)")
-    max_samples: int | None = Field(None, gt=0, description="use only the first N train rows")
+    max_samples: int | None = Field(None, gt=0, description="use only the first N rows of each train source")
     chat_template: str | None = Field(
         None, description=f"chat rows' template: null = the tokenizer's own, a name ({', '.join(CHAT_TEMPLATES)}) or a "
                           "Jinja string; recorded in the run, so eval, generate and merge use the same one")
@@ -77,17 +92,46 @@ class DataConfig(_Strict):
             raise ValueError(f"unknown template name {v!r}: choose from {', '.join(CHAT_TEMPLATES)} or give a Jinja string")
         return v
 
+    @field_validator("eval")
+    @classmethod
+    def _eval_sources(cls, v):
+        sources = v if isinstance(v, list) else [v] if v is not None else []
+        if any(s.weight != 1 for s in sources):
+            raise ValueError("weight mixes train sources; eval sources are all scored together, remove their weight")
+        if len({s.format for s in sources}) > 1:
+            raise ValueError("eval sources must share one format (eval is scored and generated in one format)")
+        return v
+
     @model_validator(mode="after")
     def _one_eval(self):
         if self.eval is not None and self.eval_split is not None:
             raise ValueError("give data.eval or data.eval_split, not both")
         if self.packing:
             raise ValueError("packing is not available yet; set it to false")
-        if self.system_prompt is not None and not {"chat", "sharegpt"} & {s.format for s in (self.train, self.eval) if s is not None}:
+        if self.system_prompt is not None and not {"chat", "sharegpt"} & {s.format for s in self.train_sources + self.eval_sources}:
             raise ValueError("system_prompt needs chat rows: set data.train.format to chat or sharegpt, or remove data.system_prompt")
         if self.text_overlap >= self.max_seq_len:
             raise ValueError(f"text_overlap {self.text_overlap} must be less than max_seq_len {self.max_seq_len}")
+        if self.eval_split is not None and len({s.format for s in self.train_sources}) > 1:
+            raise ValueError("eval_split: the train sources have different formats; give data.eval instead")
         return self
+
+    @property
+    def train_sources(self) -> list[DataSource]:
+        """``train`` as a list (one source: a list of one)."""
+        return self.train if isinstance(self.train, list) else [self.train]
+
+    @property
+    def eval_sources(self) -> list[DataSource]:
+        """``eval`` as a list (none: empty)."""
+        return [] if self.eval is None else self.eval if isinstance(self.eval, list) else [self.eval]
+
+    @property
+    def train_format(self) -> str:
+        """The format prompts are built in outside training (``peft generate``, ``peft chat``): the
+        first train source's."""
+        return self.train_sources[0].format
+
 
 
 class TrainConfig(_Strict):
@@ -153,7 +197,7 @@ class Recipe(_Strict):
 def _format_error(err: ValidationError) -> str:
     """One line naming the first bad key, e.g. ``method.lorra_alpha: unknown key``."""
     e = err.errors()[0]
-    loc = [str(p) for p in e["loc"]]
+    loc = _key_parts(e["loc"])
     # the discriminated union puts the method name into the location: method.lora.r -> method.r
     method = loc.pop(1) if len(loc) >= 2 and loc[0] == "method" and loc[1] in METHOD_CONFIGS else None
     key = ".".join(loc) or "recipe"
@@ -168,6 +212,20 @@ def _format_error(err: ValidationError) -> str:
         return f"{key}.name: missing required key (choose from {', '.join(METHOD_CONFIGS)})"
     msg = e["msg"].removeprefix("Value error, ")
     return f"{key}: {msg} (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else f"{key}: {msg}"
+
+
+def _key_parts(loc: tuple) -> list[str]:
+    """A pydantic error location as recipe key parts: the union member tags of data.train /
+    data.eval dropped, a list index joined to its key (``data.train[1].weight``)."""
+    parts: list[str] = []
+    for i, p in enumerate(loc):
+        if p in _SOURCE_TAGS and i >= 2 and loc[i - 1] in ("train", "eval") and loc[0] == "data":
+            continue
+        if isinstance(p, int) and parts:
+            parts[-1] += f"[{p}]"
+        else:
+            parts.append(str(p))
+    return parts
 
 
 # other tools' names for our keys (axolotl, HF peft / Trainer, torchtune, TRL), named in the hint
@@ -190,7 +248,7 @@ def _section_keys(loc: list[str], method: str | None) -> list[str]:
         return list(METHOD_CONFIGS[method].model_fields) if method else []
     node = Recipe.model_fields[loc[0]].annotation if loc[0] in Recipe.model_fields else None
     for part in loc[1:-1]:  # a nested section, e.g. data.train.<key>
-        field = getattr(node, "model_fields", {}).get(part)
+        field = getattr(node, "model_fields", {}).get(part.split("[")[0])
         annotation = getattr(field, "annotation", None)
         node = next((a for a in getattr(annotation, "__args__", ()) if hasattr(a, "model_fields")), annotation)
     return list(getattr(node, "model_fields", {}))

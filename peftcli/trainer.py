@@ -389,6 +389,8 @@ def _print_prepared(console, p: Prepared, world: int, distributed_type) -> None:
                   f"({len(targets)} module{'s' * (len(targets) != 1)}): trainable parameters {p.trainable:,} = "
                   f"{100 * p.trainable / p.base_params:.3f}% of the base's {p.base_params:,} ({methods.kinds_line(p.model)})")
     console.print(f"data: {s.describe()}, eval on {len(p.eval_examples)} examples", highlight=False, soft_wrap=True)
+    for line in p.datasets.mixing:
+        console.print(line, highlight=False, markup=False)
     if world > 1:
         console.print(f"processes: {world} ({distributed_type}); {world * t.grad_accum} micro-batches per step")
 
@@ -397,7 +399,8 @@ def _open_log(rundir: RunDir, checkpoint: Path | None, ds: data.Datasets, main: 
     """``metrics.jsonl``: kept up to a resumed checkpoint's step, else started with the data event."""
     log = RunLog(rundir.metrics, upto_step=None if checkpoint is None else RunDir.step_of(checkpoint), enabled=main)
     if checkpoint is None:
-        log.write({"event": "data", "train": vars(ds.train_stats), "eval": vars(ds.eval_stats) if ds.eval_stats else None})
+        log.write({"event": "data", "train": vars(ds.train_stats), "eval": vars(ds.eval_stats) if ds.eval_stats else None,
+                   "mixing": ds.mixing})
     return log
 
 
@@ -600,7 +603,7 @@ def _summary(run: Run) -> dict:
             "processes": run.world, "final_train_loss": run.counters.last_logged,
             "trainable_params": p.trainable, "base_params": p.base_params,
             "trainable_pct_of_base": 100 * p.trainable / p.base_params,
-            "train_examples": len(p.datasets.train), "dropped_rows": s.dropped_rows(),
+            "train_examples": len(p.datasets.train), "mixing": p.datasets.mixing, "dropped_rows": s.dropped_rows(),
             "train_data": vars(s),
             "mixed_precision": p.mixed, "padding_free": run.path.padding_free, "loss_path": run.path.as_json(),
             "device": str(run.accelerator.device), "tokens_seen": run.counters.tokens_seen, "wall_s": run.counters.elapsed()}

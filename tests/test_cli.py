@@ -47,7 +47,7 @@ def data_file(tmp_path):
     (lambda r: r.replace("max_steps: 1", "max_steps: many"), "train.max_steps:"),
     (lambda r: r.replace("name: lora", "name: loraa"), "method.name: unknown method 'loraa'"),
     (lambda r: r + "trainer: {}\n", "trainer: unknown key"),
-    (lambda r: r.replace("format: alpaca", "format: sharegpt"), "data.train.format:"),
+    (lambda r: r.replace("format: alpaca", "format: vicuna"), "data.train.format:"),
 ])
 def test_bad_recipe_exits_2_with_one_line(tmp_path, data_file, edit, expect):
     recipe = write(tmp_path, edit(GOOD.format(model="smollm2-135m", data=data_file, out=tmp_path / "run")))

@@ -263,9 +263,9 @@ def test_missing_empty_and_undecodable_files(tmp_path):
     (tmp_path / "latin1.jsonl").write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n')
     with pytest.raises(UserError, match=r"latin1\.jsonl:2: not UTF-8"):
         load_rows(DataSource(path=str(tmp_path / "latin1.jsonl")))
-    (tmp_path / "rows.txt").write_text("hello")
-    with pytest.raises(UserError, match=r"rows\.txt: unknown data file type '\.txt'"):
-        load_rows(DataSource(path=str(tmp_path / "rows.txt"), format="text"))
+    (tmp_path / "rows.xml").write_text("hello")
+    with pytest.raises(UserError, match=r"rows\.xml: unknown data file type '\.xml'"):
+        load_rows(DataSource(path=str(tmp_path / "rows.xml"), format="text"))
 
 
 def test_json_csv_parquet_load_the_same_rows(tmp_path):
