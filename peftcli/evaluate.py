@@ -266,7 +266,8 @@ def _eval_data(recipe: Recipe | None, data_path: str | None, fmt: str | None, to
     if data_path:
         source = DataSource(path=data_path, format=fmt or "alpaca")
         rows = data.add_system_prompt(data.load_rows(source, "--data")[:max_samples], source.format, system_prompt)
-        examples, _ = data.tokenize_rows(rows, source.format, tokenizer, max_seq_len, False, data_path)
+        examples, _ = data.tokenize_rows(rows, source.format, tokenizer, max_seq_len, False, data_path,
+                                         text_overlap=recipe.data.text_overlap if recipe else 0)
         return examples, rows, source.format
     if recipe is None:
         raise UserError("no eval data: pass --data PATH [--format F]")
