@@ -680,7 +680,7 @@ def build(cfg: DataConfig, tokenizer, seed: int) -> Datasets:
     Raises:
         UserError: from :func:`load_rows` / :func:`tokenize_rows` /
             :func:`peftcli.tokens.use_chat_template`; an ``eval_split`` of fewer than two rows.
-            (``packing: true`` is refused by the recipe schema.)
+            (``packing: true`` packs the tokenised train examples later: :func:`peftcli.packing.pack`.)
     """
     tokens.use_chat_template(tokenizer, cfg.chat_template)
     rows = add_system_prompt(load_rows(cfg.train)[: cfg.max_samples], cfg.train.format, cfg.system_prompt)
