@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from peftcli import data
+from peftcli.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -94,8 +95,16 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
 
 def pack(examples: list[dict], max_seq_len: int) -> Packing:
     """Pack tokenised examples (``input_ids``, at most ``max_seq_len`` each, as
-    :func:`peftcli.data.tokenize_rows` makes them) into rows (:func:`first_fit_decreasing`)."""
+    :func:`peftcli.data.tokenize_rows` makes them) into rows (:func:`first_fit_decreasing`).
+
+    Raises:
+        UserError: an example longer than ``max_seq_len`` (it fits no row).
+    """
     lengths = [len(e["input_ids"]) for e in examples]
+    longer = next((i for i, n in enumerate(lengths) if n > max_seq_len), None)
+    if longer is not None:
+        raise UserError(f"data.packing: train example {longer + 1} has {lengths[longer]} tokens, more than "
+                        f"data.max_seq_len {max_seq_len}, so it fits no packed row; raise data.max_seq_len")
     return Packing(first_fit_decreasing(lengths, max_seq_len), max_seq_len, sum(lengths))
 
 

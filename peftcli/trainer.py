@@ -515,9 +515,13 @@ def _log_train(run: Run, step: int, lr: float, progress, task) -> None:
 
 
 def _evaluate(run: Run) -> dict:
-    """Eval loss/perplexity on the run's eval examples, on its loss path (:func:`peftcli.loss.eval_loss`)."""
-    return eval_loss(run.prepared.model, run.prepared.eval_examples, run.collate, run.recipe.train.micro_batch_size,
-                     run.accelerator.autocast, run.path.loss_sum)
+    """Eval loss/perplexity on the run's eval examples, on its loss path (:func:`peftcli.loss.eval_loss`).
+    Eval is never packed: micro-batches of ``micro_batch_size`` examples, or with ``data.packing``
+    as many as that many packed rows hold on average (the loss is the same for any grouping)."""
+    p, size = run.prepared, run.recipe.train.micro_batch_size
+    if p.packing:
+        size = max(1, round(size * p.packing.examples / len(p.packing.rows)))
+    return eval_loss(p.model, p.eval_examples, run.collate, size, run.accelerator.autocast, run.path.loss_sum)
 
 
 def _log_eval(run: Run, step: int, console) -> None:

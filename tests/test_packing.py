@@ -44,6 +44,8 @@ def test_first_fit_decreasing_by_hand():
     assert packing.first_fit_decreasing([], 8) == []
     with pytest.raises(ValueError, match="item 1 has size 9"):
         packing.first_fit_decreasing([3, 9], 8)
+    with pytest.raises(UserError, match="data.packing: train example 2 has 9 tokens, more than data.max_seq_len 8"):
+        packing.pack([random_example(3, 1, 0), random_example(9, 1, 1)], 8)
 
 
 @pytest.mark.parametrize("capacity", [16, 64, 512])
@@ -264,4 +266,7 @@ def test_validate_reports_packing_and_fits_the_micro_batch_to_the_rows(tmp_path,
     m = re.search(r"packing: 14 examples into (\d+) rows", err)
     assert m, err
     assert f"is more than the {m.group(1)} packed rows; micro-batches hold {m.group(1)}" in err
-    assert "padding-free" in err
+    # the peak-memory dry step ran on the largest packed micro-batch: all the rows, so every token
+    tok = models.load_tokenizer(str(tiny_dir))
+    tokens = sum(len(e["input_ids"]) for e in data.tokenize_rows(ROWS, "completion", tok, SEQ, False, "rows")[0])
+    assert f"{-(-tokens // 8) * 8} tokens padding-free)" in err
