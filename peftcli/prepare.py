@@ -2,7 +2,8 @@
 ``--smoke`` and ``peft eval`` all go through it, in this order:
 
     resolve the base -> tokenizer -> data (so a bad data file is reported before the model
-    loads) -> packed rows (``data.packing``) -> model (+ tokenizer fitted to it, base fingerprint) -> method -> parameter counts
+    loads) -> packed rows (``data.packing``) -> model (+ tokenizer fitted to it, base
+    fingerprint) -> method -> parameter counts
 
 (:func:`load`), then, once the caller has placed the model where it will run, the loss path
 (:func:`choose_loss_path`). Also the precision and memory settings a run resolves once:

@@ -1,7 +1,8 @@
 """The training loop, read top to bottom: :func:`train` = :func:`setup` -> :func:`run_steps` ->
 :func:`finish`.
 
-One optimizer step = ``grad_accum`` micro-batches of ``micro_batch_size`` examples. The loss of
+One optimizer step = ``grad_accum`` micro-batches of ``micro_batch_size`` examples (with
+``data.packing``, rows of several examples: :mod:`peftcli.packing`). The loss of
 a step is the mean cross-entropy over **all supervised tokens of the step** (each micro-batch
 contributes its token sum divided by the step's token count), so micro-batch 2 × accumulation 1
 and micro-batch 1 × accumulation 2 give the same gradients. Accelerate provides the device,
