@@ -324,12 +324,14 @@ def validate(
 
     r = recipes.load_recipe(recipe, set_)
     p = prepare.load(r)  # data is read before the model loads, as in train
-    prepare.fit_micro_batch(r, len(p.datasets.train), out.print)
+    prepare.fit_micro_batch(r, p.train_units, out.print)
     out.print(recipes.dump(r), highlight=False, markup=False)  # resolved: the method's default targets filled in
     s = p.datasets.train_stats
     out.print(f"data: {s.describe()}, {len(p.datasets.eval)} eval examples", highlight=False, soft_wrap=True)
     for line in p.datasets.mixing:
         out.print(line, highlight=False, markup=False)
+    if p.packing:
+        out.print(p.packing.describe())
     out.print(f"base: {p.base_path}")
     out.print(f"matched {len(p.targets)} modules: {', '.join(p.targets[:6])}{' ...' if len(p.targets) > 6 else ''}")
     out.print(f"trainable parameters: {p.trainable:,} = {100 * p.trainable / p.base_params:.3f}% of the base's {p.base_params:,}")

@@ -821,7 +821,7 @@ def build(cfg: DataConfig, tokenizer, seed: int) -> Datasets:
     Raises:
         UserError: from :func:`load_rows` / :func:`tokenize_rows` /
             :func:`peftcli.tokens.use_chat_template`; an ``eval_split`` of fewer than two rows.
-            (``packing: true`` is refused by the recipe schema.)
+            (``packing: true`` packs the tokenised train examples later: :func:`peftcli.packing.pack`.)
     """
     tokens.use_chat_template(tokenizer, cfg.chat_template)
     tokenize = dict(tokenizer=tokenizer, max_seq_len=cfg.max_seq_len, train_on_prompt=cfg.train_on_prompt,

@@ -106,10 +106,10 @@ class LossPath:
     def describe(self) -> str:
         """One line for the console: the path, what it is, and the measured difference."""
         if self.name == "reference":
-            failed = "; ".join(f"{t['path']} differed by {_fmt_diff(t)}" for t in self.tried if not t["agrees"])
+            failed = "; ".join(f"{t['path']} differed by {format_diff(t)}" for t in self.tried if not t["agrees"])
             return f"loss path: reference ({PATHS['reference']}): {failed or 'chosen'}"
         what = PATHS[self.name] + FUSED * self.fused
-        return (f"loss path: {self.name} ({what}); the model's own forward agrees: {_fmt_diff(asdict(self))} "
+        return (f"loss path: {self.name} ({what}); the model's own forward agrees: {format_diff(asdict(self))} "
                 f"(tolerance {self.tolerance[0]:.0e}·max(1, loss) nats, {self.tolerance[1]:.0e} relative; checked in {self.seconds:.1f}s)")
 
     def as_json(self) -> dict:
@@ -118,7 +118,9 @@ class LossPath:
         return d
 
 
-def _fmt_diff(t: dict) -> str:
+def format_diff(t: dict) -> str:
+    """A candidate's measured difference from the reference (an entry of :attr:`LossPath.tried`,
+    or a LossPath as a dict), in words: "loss 3.1e-02 nats, gradients 2.0e-01 relative"."""
     if t["loss_diff"] == 0 and not t.get("grad_diff"):
         return "bit for bit (loss and gradients)" if t.get("grad_diff") == 0 else "bit for bit (loss)"
     grad = "" if t.get("grad_diff") is None else f", gradients {t['grad_diff']:.1e} relative"

@@ -3,7 +3,7 @@
 A formula over layer shapes misses what the allocator and the kernels actually keep, so the
 estimate is measured instead: with the model and method already loaded as ``peft train`` would,
 run forward + backward on the recipe's *largest* micro-batch (the ``micro_batch_size`` longest
-examples) under the run's autocast, allocate the optimizer state, and read the process's peak
+examples, or packed rows with ``data.packing``) under the run's autocast, allocate the optimizer state, and read the process's peak
 memory — the peak resident set on CPU (``getrusage``), the allocator's peak on CUDA. No weight
 is changed. Steps with shorter examples use less; the in-run evaluation (no gradients) less still.
 """
@@ -16,6 +16,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from peftcli import packing
 from peftcli.loss import make_collate, supervised_loss_sum
 from peftcli.prepare import AUTOCAST_DTYPES, enable_gradient_checkpointing
 
@@ -71,9 +72,12 @@ def estimate(prepared, path) -> tuple[int, int]:
     path (:class:`peftcli.guard.LossPath`): gradient checkpointing as the recipe sets it, then
     :func:`dry_step_peak` on :func:`largest_micro_batch`. Returns (peak bytes, tokens in that
     micro-batch)."""
-    r = prepared.recipe
-    batch = largest_micro_batch(prepared.datasets.train, r.train.micro_batch_size, path.padding_free,
-                                prepared.tokenizer.pad_token_id, r.data.pad_to_multiple_of)
+    r, train, pad_id = prepared.recipe, prepared.datasets.train, prepared.tokenizer.pad_token_id
+    if prepared.packing:
+        examples = packing.largest_micro_batch(prepared.packing.rows, train, r.train.micro_batch_size)
+        batch = make_collate(path.padding_free, pad_id, r.data.pad_to_multiple_of)(examples)
+    else:
+        batch = largest_micro_batch(train, r.train.micro_batch_size, path.padding_free, pad_id, r.data.pad_to_multiple_of)
     if r.train.gradient_checkpointing:
         enable_gradient_checkpointing(prepared.model)
     return dry_step_peak(prepared.model, batch, prepared.mixed, path.loss_sum), batch["input_ids"].numel()

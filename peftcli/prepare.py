@@ -2,7 +2,8 @@
 ``--smoke`` and ``peft eval`` all go through it, in this order:
 
     resolve the base -> tokenizer -> data (so a bad data file is reported before the model
-    loads) -> model (+ tokenizer fitted to it, base fingerprint) -> method -> parameter counts
+    loads) -> packed rows (``data.packing``) -> model (+ tokenizer fitted to it, base
+    fingerprint) -> method -> parameter counts
 
 (:func:`load`), then, once the caller has placed the model where it will run, the loss path
 (:func:`choose_loss_path`). Also the precision and memory settings a run resolves once:
@@ -18,7 +19,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from peftcli import data, guard, methods, models
+from peftcli import data, guard, methods, models, packing
+from peftcli.errors import UserError
 from peftcli.loss import model_device, prepare_padding_free
 from peftcli.recipe import ModelConfig, Recipe
 
@@ -33,7 +35,8 @@ class Prepared:
     ``eval_examples``: the eval examples the run scores (``train.eval_max_samples`` of them);
     ``method``: the method module; ``targets``: the module names it wrapped; ``fingerprint``:
     :func:`peftcli.models.fingerprint` of the base before the method; ``trainable`` / ``total``:
-    parameter counts (:func:`parameter_counts`); ``mixed``: the resolved mixed precision.
+    parameter counts (:func:`parameter_counts`); ``mixed``: the resolved mixed precision;
+    ``packing``: the packed train rows with ``data.packing`` (:func:`peftcli.packing.pack`), else None.
     """
 
     recipe: Recipe
@@ -48,6 +51,12 @@ class Prepared:
     trainable: int
     total: int
     mixed: str
+    packing: packing.Packing | None = None
+
+    @property
+    def train_units(self) -> int:
+        """What a micro-batch counts, in the train set: packed rows with ``data.packing``, else examples."""
+        return len(self.packing.rows) if self.packing else len(self.datasets.train)
 
     @property
     def base_params(self) -> int:
@@ -63,34 +72,41 @@ def load(recipe: Recipe, check_base: Callable[[nn.Module], object] | None = None
         check_base: called with the loaded base before the method is applied (``--resume``
             refuses a checkpoint of another base there).
     Raises:
-        UserError: a bad data file (before the model loads), a base that cannot be loaded, a
-            method that cannot apply to it, or what ``check_base`` raises.
+        UserError: ``data.packing`` with a method that adds virtual tokens, a bad data file (both
+            before the model loads), a base that cannot be loaded, a method that cannot apply to
+            it, or what ``check_base`` raises.
     """
     m, t = recipe.model, recipe.train
+    method = methods.get(recipe.method.name)
+    refusal = packing.refuse_method(recipe.method.name, method) if recipe.data.packing else None
+    if refusal:
+        raise UserError(refusal)
     base_path, tok = load_tokenizer(m)
     ds = data.build(recipe.data, tok, t.seed)
+    packed = packing.pack(ds.train, recipe.data.max_seq_len) if recipe.data.packing else None
     model = models.load_model(base_path, m.quantization, m.dtype, m.double_quant, m.trust_remote_code)
     tok = models.fit_tokenizer(tok, model)
     if check_base is not None:
         check_base(model)
     fingerprint = models.fingerprint(model)
-    method = methods.get(recipe.method.name)
     targets = method.apply(model, recipe.method, tokenizer=tok)  # writes the model's default target_modules into recipe.method
     trainable, total = parameter_counts(model)
     return Prepared(recipe=recipe, base_path=base_path, tokenizer=tok, datasets=ds,
                     eval_examples=ds.eval[: t.eval_max_samples] if t.eval_max_samples else ds.eval,
                     model=model, method=method, targets=targets, fingerprint=fingerprint,
-                    trainable=trainable, total=total, mixed=resolve_mixed_precision(t.mixed_precision))
+                    trainable=trainable, total=total, mixed=resolve_mixed_precision(t.mixed_precision), packing=packed)
 
 
 def fit_micro_batch(recipe: Recipe, n_train: int, say: Callable[[str], None]) -> None:
     """A micro-batch larger than the train set holds the whole set: ``train.micro_batch_size``
-    is lowered to ``n_train`` and ``say`` gets a note (the resolved recipe, recipe.yaml and
+    is lowered to ``n_train`` (train examples, or packed rows with ``data.packing``:
+    :attr:`Prepared.train_units`) and ``say`` gets a note (the resolved recipe, recipe.yaml and
     summary.json then show the size used)."""
     t = recipe.train
     if 0 < n_train < t.micro_batch_size:
-        say(f"note: train.micro_batch_size {t.micro_batch_size} is more than the {n_train} train "
-            f"example{'s' * (n_train != 1)}; micro-batches hold {n_train}")
+        what = "packed row" if recipe.data.packing else "train example"
+        say(f"note: train.micro_batch_size {t.micro_batch_size} is more than the {n_train} {what}"
+            f"{'s' * (n_train != 1)}; micro-batches hold {n_train}")
         t.micro_batch_size = n_train
 
 
@@ -106,7 +122,7 @@ def load_tokenizer(model_config: ModelConfig) -> tuple[str, object]:
 
 
 def choose_loss_path(model: nn.Module, recipe: Recipe, method, examples: list[dict], pad_id: int, mixed: str,
-                     autocast=None, console=None) -> guard.LossPath:
+                     autocast=None, console=None, packed: packing.Packing | None = None) -> guard.LossPath:
     """The loss path this run trains and evaluates on, proven on its first micro-batch
     (:func:`peftcli.guard.choose_loss_path`): padding-free rows where the recipe
     (``data.padding_free``), the method and the model allow them, else right-padded rows.
@@ -117,8 +133,12 @@ def choose_loss_path(model: nn.Module, recipe: Recipe, method, examples: list[di
         autocast: the run's autocast context factory (default: torch.autocast for ``mixed`` on
             the model's device, or none).
         console: where the note that padding-free rows are off goes (a rich Console; None: nowhere).
+        packed: the packed rows of ``examples`` (``data.packing``): the check runs on the first
+            packed micro-batch, and packing needs the padding-free path to agree.
     Raises:
-        UserError: from :func:`peftcli.guard.choose_loss_path` (the method is off the forward's way).
+        UserError: from :func:`peftcli.guard.choose_loss_path` (the method is off the forward's way);
+            ``data.packing`` on a model that attends across examples in a padding-free row, or whose
+            padding-free path differs from its own forward (the guard's difference in the message).
     """
     dtype = AUTOCAST_DTYPES.get(mixed)
     if autocast is None:
@@ -126,12 +146,23 @@ def choose_loss_path(model: nn.Module, recipe: Recipe, method, examples: list[di
         autocast = (lambda: torch.autocast(device, dtype=dtype)) if dtype else nullcontext
     padding_free = recipe.data.padding_free and method.PADDING_FREE
     if padding_free and not prepare_padding_free(model):
+        if packed is not None:
+            raise UserError(f"data.packing: {type(model).__name__} attends across examples in a padding-free row, so packed "
+                            "examples would see each other; set data.packing: false")
         if console is not None:
             console.print("note: this model class attends across examples in a padding-free row; using padded rows")
         padding_free = False
     t = recipe.train
-    first = [examples[i] for i in data.batches(examples, t.micro_batch_size, t.seed, 0)[0]]
-    return guard.choose_loss_path(model, first, pad_id, padding_free, autocast, dtype)
+    first = (packing.micro_batches(packed.rows, t.micro_batch_size, t.seed, 0) if packed is not None
+             else data.batches(examples, t.micro_batch_size, t.seed, 0))[0]
+    path = guard.choose_loss_path(model, [examples[i] for i in first], pad_id, padding_free, autocast, dtype)
+    if packed is not None and not path.padding_free:
+        fast = next((c for c in path.tried if c["path"] == "fast"), None)
+        differ = f"differ from {type(model).__name__}'s own forward by {guard.format_diff(fast)}" if fast else "are off"
+        raise UserError(f"data.packing: padding-free rows {differ} (tolerance {path.tolerance[0]:.0e}·max(1, loss) nats, "
+                        f"{path.tolerance[1]:.0e} relative), so packed rows would not train like unpacked ones; "
+                        f"set data.packing: false (it then trains on the {path.name} path)")
+    return path
 
 
 def loss_path(prepared: Prepared, autocast=None, console=None) -> guard.LossPath:
@@ -139,7 +170,7 @@ def loss_path(prepared: Prepared, autocast=None, console=None) -> guard.LossPath
     id and mixed precision). Place the model where it will run first."""
     p = prepared
     return choose_loss_path(p.model, p.recipe, p.method, p.datasets.train, p.tokenizer.pad_token_id, p.mixed,
-                            autocast, console)
+                            autocast, console, p.packing)
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

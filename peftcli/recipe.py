@@ -76,7 +76,9 @@ class DataConfig(_Strict):
     pad_to_multiple_of: int = Field(64, gt=0, description="round each micro-batch's length up to a multiple of this (the extra "
                                     "positions are padding, never supervised) so shapes repeat and compiled kernels are reused; "
                                     "1 turns it off")
-    packing: bool = Field(False, description="pack several examples per row (not available yet: must be false)")
+    packing: bool = Field(False, description="pack several examples into each row of up to max_seq_len tokens (first-fit "
+                          "decreasing), attention kept within each example; train.micro_batch_size then counts rows. Same "
+                          "loss as unpacked training on the same examples; needs padding_free; eval stays unpacked")
     max_samples: int | None = Field(None, gt=0, description="use only the first N rows of each train source")
     chat_template: str | None = Field(
         None, description=f"chat rows' template: null = the tokenizer's own, a name ({', '.join(CHAT_TEMPLATES)}) or a "
@@ -106,8 +108,8 @@ class DataConfig(_Strict):
     def _one_eval(self):
         if self.eval is not None and self.eval_split is not None:
             raise ValueError("give data.eval or data.eval_split, not both")
-        if self.packing:
-            raise ValueError("packing is not available yet; set it to false")
+        if self.packing and not self.padding_free:
+            raise ValueError("packing: packed rows are padding-free rows; set padding_free: true or packing: false")
         if self.system_prompt is not None and not {"chat", "sharegpt"} & {s.format for s in self.train_sources + self.eval_sources}:
             raise ValueError("system_prompt needs chat rows: set data.train.format to chat or sharegpt, or remove data.system_prompt")
         if self.text_overlap >= self.max_seq_len:
@@ -137,7 +139,7 @@ class DataConfig(_Strict):
 class TrainConfig(_Strict):
     max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
     epochs: float | None = Field(None, gt=0, description="passes over the train rows (default 1 when max_steps is unset)")
-    micro_batch_size: int = Field(4, gt=0, description="examples per forward pass")
+    micro_batch_size: int = Field(4, gt=0, description="examples per forward pass (packed rows with data.packing)")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     lr: float = Field(2.0e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)

@@ -1,7 +1,8 @@
 """The training loop, read top to bottom: :func:`train` = :func:`setup` -> :func:`run_steps` ->
 :func:`finish`.
 
-One optimizer step = ``grad_accum`` micro-batches of ``micro_batch_size`` examples. The loss of
+One optimizer step = ``grad_accum`` micro-batches of ``micro_batch_size`` examples (with
+``data.packing``, rows of several examples: :mod:`peftcli.packing`). The loss of
 a step is the mean cross-entropy over **all supervised tokens of the step** (each micro-batch
 contributes its token sum divided by the step's token count), so micro-batch 2 × accumulation 1
 and micro-batch 1 × accumulation 2 give the same gradients. Accelerate provides the device,
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from peftcli import artifacts, data, guard, methods, prepare
+from peftcli import artifacts, data, guard, methods, packing, prepare
 from peftcli.errors import Interrupted, UserError, WriteFault, write_error, writing
 from peftcli.loss import SupervisedLoss, count_supervised, eval_loss, make_collate
 from peftcli.prepare import Prepared
@@ -183,7 +184,7 @@ def setup(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = 
     checkpoint, replace = _earlier_run(rundir, resume, overwrite, skip_corrupt, console)
     seed_everything(t.seed)
     prepared = prepare.load(recipe, check_base=partial(_check_resumed_base, checkpoint))
-    prepare.fit_micro_batch(recipe, len(prepared.datasets.train), console.print)
+    prepare.fit_micro_batch(recipe, prepared.train_units, console.print)
     _check_resumed_recipe(rundir, recipe, checkpoint)
     _print_prepared(console, prepared, accelerator.num_processes, accelerator.distributed_type)
     if recipe.model.quantization == "none":
@@ -213,7 +214,7 @@ def _first_writes(rundir: RunDir, prepared: Prepared, replace: str, console) -> 
         UserError: too little free space; WriteFault: a write failed.
     """
     recipe = prepared.recipe
-    rundir.check_room(bytes_needed(prepared, total_steps(recipe, len(prepared.datasets.train))),
+    rundir.check_room(bytes_needed(prepared, total_steps(recipe, prepared.train_units)),
                       freed=rundir.bytes_held() if replace else 0)
     if replace:
         console.print(f"note: {rundir.path} held an earlier run; {replace}")
@@ -391,6 +392,8 @@ def _print_prepared(console, p: Prepared, world: int, distributed_type) -> None:
     console.print(f"data: {s.describe()}, eval on {len(p.eval_examples)} examples", highlight=False, soft_wrap=True)
     for line in p.datasets.mixing:
         console.print(line, highlight=False, markup=False)
+    if p.packing:
+        console.print(p.packing.describe())
     if world > 1:
         console.print(f"processes: {world} ({distributed_type}); {world * t.grad_accum} micro-batches per step")
 
@@ -412,17 +415,21 @@ def _start_optimizing(accelerator, console, rundir: RunDir, prepared: Prepared, 
     t = recipe.train
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, recipe)
-    steps = total_steps(recipe, len(train_set))
+    steps = total_steps(recipe, prepared.train_units)
     scheduler = make_scheduler(optimizer, recipe, steps)
     loss_fn, optimizer = accelerator.prepare(SupervisedLoss(model, path.loss_sum), optimizer)
     start, position, done = 0, {"epoch": 0, "index": 0}, {}
     if checkpoint is not None:
         start, position, done = _restore(checkpoint, prepared, optimizer, scheduler, accelerator.process_index)
         console.print(f"resumed from {checkpoint} (step {start})" + (" — the run was complete" if start >= steps else ""))
-    stream = MicroBatches(train_set, t.micro_batch_size, t.seed, **position)
+    rows = prepared.packing.rows if prepared.packing else None
+    stream = MicroBatches(train_set, t.micro_batch_size, t.seed, **position, rows=rows)
     model.train()
     collate = make_collate(path.padding_free, prepared.tokenizer.pad_token_id, recipe.data.pad_to_multiple_of)
-    console.print(f"micro-batches: {'padding-free rows (no padding computed)' if path.padding_free else 'right-padded rows'}")
+    shape = "padding-free rows (no padding computed)" if path.padding_free else "right-padded rows"
+    if rows:
+        shape = f"{t.micro_batch_size} packed row{'s' * (t.micro_batch_size != 1)} each, as {shape}"
+    console.print(f"micro-batches: {shape}")
     return Run(accelerator, console, rundir, prepared, path, None, params, optimizer, scheduler, loss_fn, collate, stream,
                steps, start, Counters.resumed(done))  # elapsed time and counters carry over a resume; the log comes next
 
@@ -526,9 +533,13 @@ def _log_train(run: Run, step: int, lr: float, progress, task) -> None:
 
 
 def _evaluate(run: Run) -> dict:
-    """Eval loss/perplexity on the run's eval examples, on its loss path (:func:`peftcli.loss.eval_loss`)."""
-    return eval_loss(run.prepared.model, run.prepared.eval_examples, run.collate, run.recipe.train.micro_batch_size,
-                     run.accelerator.autocast, run.path.loss_sum)
+    """Eval loss/perplexity on the run's eval examples, on its loss path (:func:`peftcli.loss.eval_loss`).
+    Eval is never packed: micro-batches of ``micro_batch_size`` examples, or with ``data.packing``
+    as many as that many packed rows hold on average (the loss is the same for any grouping)."""
+    p, size = run.prepared, run.recipe.train.micro_batch_size
+    if p.packing:
+        size = max(1, round(size * p.packing.examples / len(p.packing.rows)))
+    return eval_loss(p.model, p.eval_examples, run.collate, size, run.accelerator.autocast, run.path.loss_sum)
 
 
 def _log_eval(run: Run, step: int, console) -> None:
@@ -596,16 +607,24 @@ def finish(run: Run) -> TrainResult:
 
 
 def _summary(run: Run) -> dict:
-    """``summary.json``'s fields known once the steps are done (the final eval is added to them)."""
+    """``summary.json``'s fields known once the steps are done (the final eval is added to them).
+    With ``data.packing``, ``packing`` holds the packed rows' counts and the rows per step, and
+    ``examples_per_step`` is the mean over the packed rows."""
     p, t = run.prepared, run.recipe.train
     s = p.datasets.train_stats
-    return {"method": run.recipe.method.name, "steps": run.steps, "examples_per_step": t.micro_batch_size * t.grad_accum * run.world,
+    per_step = t.micro_batch_size * t.grad_accum * run.world
+    packed = None
+    if p.packing:
+        packed = {**p.packing.as_json(), "rows_per_step": per_step}
+        per_step = round(per_step * p.packing.examples / len(p.packing.rows), 2)
+    return {"method": run.recipe.method.name, "steps": run.steps, "examples_per_step": per_step,
             "processes": run.world, "final_train_loss": run.counters.last_logged,
             "trainable_params": p.trainable, "base_params": p.base_params,
             "trainable_pct_of_base": 100 * p.trainable / p.base_params,
             "train_examples": len(p.datasets.train), "mixing": p.datasets.mixing, "dropped_rows": s.dropped_rows(),
             "train_data": vars(s),
-            "mixed_precision": p.mixed, "padding_free": run.path.padding_free, "loss_path": run.path.as_json(),
+            "mixed_precision": p.mixed, "padding_free": run.path.padding_free,
+            "packing": packed, "loss_path": run.path.as_json(),
             "device": str(run.accelerator.device), "tokens_seen": run.counters.tokens_seen, "wall_s": run.counters.elapsed()}
 
 
@@ -676,12 +695,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def total_steps(recipe: Recipe, n_examples: int) -> int:
-    """Optimizer steps: ``max_steps``, else ``epochs`` (default 1) passes over the train set."""
+def total_steps(recipe: Recipe, n_units: int) -> int:
+    """Optimizer steps: ``max_steps``, else ``epochs`` (default 1) passes over the train set of
+    ``n_units`` examples (packed rows with ``data.packing``: :attr:`peftcli.prepare.Prepared.train_units`)."""
     t = recipe.train
     if t.max_steps:
         return t.max_steps
-    per_epoch = math.ceil(n_examples / t.micro_batch_size) / t.grad_accum
+    per_epoch = math.ceil(n_units / t.micro_batch_size) / t.grad_accum
     return max(1, math.ceil((t.epochs or 1.0) * per_epoch))
 
 
@@ -720,17 +740,27 @@ def make_scheduler(optimizer, recipe: Recipe, steps: int) -> torch.optim.lr_sche
 
 
 class MicroBatches:
-    """Endless seeded stream of micro-batch index lists; ``position`` = (epoch, index) to resume."""
+    """Endless seeded stream of micro-batch example-index lists; ``position`` = (epoch, index) to
+    resume. With ``rows`` (packed rows of example indices, :class:`peftcli.packing.Packing`) a
+    micro-batch is ``micro_batch_size`` rows (:func:`peftcli.packing.micro_batches`), else
+    ``micro_batch_size`` examples (:func:`peftcli.data.batches`); either order is drawn from
+    ``seed + epoch`` alone, so a position names the same micro-batches in a resumed run."""
 
-    def __init__(self, examples: list[dict], micro_batch_size: int, seed: int, epoch: int = 0, index: int = 0):
-        self.examples, self.mbs, self.seed = examples, micro_batch_size, seed
+    def __init__(self, examples: list[dict], micro_batch_size: int, seed: int, epoch: int = 0, index: int = 0,
+                 rows: list[list[int]] | None = None):
+        self.examples, self.mbs, self.seed, self.rows = examples, micro_batch_size, seed, rows
         self.epoch, self.index = epoch, index
-        self._order = data.batches(examples, micro_batch_size, seed, epoch)
+        self._order = self._epoch(epoch)
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        if self.rows is not None:
+            return packing.micro_batches(self.rows, self.mbs, self.seed, epoch)
+        return data.batches(self.examples, self.mbs, self.seed, epoch)
 
     def next(self) -> list[int]:
         if self.index >= len(self._order):
             self.epoch, self.index = self.epoch + 1, 0
-            self._order = data.batches(self.examples, self.mbs, self.seed, self.epoch)
+            self._order = self._epoch(self.epoch)
         batch = self._order[self.index]
         self.index += 1
         return batch
