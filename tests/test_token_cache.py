@@ -8,6 +8,7 @@ Reference: the examples of tokenize_row called row by row (no cache, no workers)
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 
@@ -221,3 +222,68 @@ def test_a_bad_row_in_a_worker_is_named_by_its_row_number(tok, monkeypatch):
     monkeypatch.setattr(data, "_tokenize", refuse)
     with pytest.raises(UserError, match=r"^rows \(row 1701\): cannot render this row$"):
         data.tokenize_rows(MANY, "alpaca", tok, 512, False, "rows")
+
+
+def test_progress_bar_on_a_terminal_for_large_sets_only(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    def run(total):
+        buf = io.StringIO()
+        with data._progress(total, "data/[big].jsonl", Console(file=buf, force_terminal=True, width=120)) as advance:
+            for _ in range(total // 1000):
+                advance(1000)
+        return buf.getvalue()
+
+    assert "tokenising data/[big].jsonl" in run(data.PROGRESS_MIN_ROWS) and "/10000" in run(data.PROGRESS_MIN_ROWS)
+    assert run(data.PROGRESS_MIN_ROWS - 1) == ""
+    plain = io.StringIO()
+    with data._progress(10 * data.PROGRESS_MIN_ROWS, "rows", Console(file=plain)) as advance:  # not a terminal
+        advance(5)
+    assert plain.getvalue() == ""
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_every_row_advances_the_progress(tok, monkeypatch, workers):
+    monkeypatch.setattr(data, "PARALLEL_MIN_ROWS", 100)
+    monkeypatch.setattr(data, "_workers", lambda n: workers)
+    steps = []
+
+    @contextlib.contextmanager
+    def progress(total, name):
+        steps.append(total)
+        yield steps.append
+
+    monkeypatch.setattr(data, "_progress", progress)
+    special = data.tokens.special_tokens(tok)
+    assert len(data._tokenize_each(MANY, "rows", "alpaca", tok, 512, False, special)) == len(MANY)
+    assert steps == [2500, 1000, 1000, 500]
+
+
+@pytest.mark.parametrize("v2, v1, cores", [("150000 100000", None, 2), ("50000 100000", None, 1),
+                                            ("max 100000", None, None), (None, ("100000", "100000"), 1),
+                                            (None, ("-1", "100000"), None), ("garbled", None, None)])
+def test_usable_cores_follow_a_container_cpu_quota(tmp_path, monkeypatch, v2, v1, cores):
+    import os
+
+    files = []
+    if v2 is not None:
+        (tmp_path / "cpu.max").write_text(v2 + "\n")
+    files.append((str(tmp_path / "cpu.max"), None))
+    if v1 is not None:
+        (tmp_path / "quota").write_text(v1[0] + "\n")
+        (tmp_path / "period").write_text(v1[1] + "\n")
+    files.append((str(tmp_path / "quota"), str(tmp_path / "period")))
+    monkeypatch.setattr(data, "_CGROUP_CPU_FILES", tuple(files))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)))
+    assert data._usable_cores() == (cores or 4)
+
+
+def test_workers_env_and_threshold(monkeypatch):
+    monkeypatch.setattr(data, "_usable_cores", lambda: 16)
+    monkeypatch.delenv("PEFTCLI_TOKENIZE_WORKERS", raising=False)
+    assert data._workers(data.PARALLEL_MIN_ROWS - 1) == 1
+    assert data._workers(data.PARALLEL_MIN_ROWS) == (8 if data.sys.platform.startswith("linux") else 1)
+    monkeypatch.setenv("PEFTCLI_TOKENIZE_WORKERS", "1")
+    assert data._workers(10 * data.PARALLEL_MIN_ROWS) == 1
