@@ -287,3 +287,12 @@ def test_workers_env_and_threshold(monkeypatch):
     assert data._workers(data.PARALLEL_MIN_ROWS) == (8 if data.sys.platform.startswith("linux") else 1)
     monkeypatch.setenv("PEFTCLI_TOKENIZE_WORKERS", "1")
     assert data._workers(10 * data.PARALLEL_MIN_ROWS) == 1
+
+
+@pytest.mark.parametrize("examples", [[{"input_ids": [1, 2], "weights": [0.5, 1.0]}],
+                                      [{"input_ids": [1]}, {"labels": [1]}],
+                                      [{"input_ids": [2**40]}]])
+def test_save_refuses_what_it_cannot_store_exactly(cache_home, examples):
+    with pytest.raises((ValueError, OverflowError)):
+        token_cache.save("k" * 64, examples, {})
+    assert token_cache.load("k" * 64) is None
