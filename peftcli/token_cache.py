@@ -56,8 +56,12 @@ def cache_root() -> Path:
 
 
 def _canonical(value) -> bytes:
-    """One canonical JSON text of ``value`` (sorted keys; anything JSON lacks by its repr)."""
-    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=repr).encode()
+    """One canonical JSON text of ``value`` (sorted keys; anything JSON lacks by its repr; a
+    dict whose keys cannot be sorted, by its repr as a whole)."""
+    try:
+        return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=repr).encode()
+    except TypeError:  # keys of mixed types
+        return repr(value).encode()
 
 
 def rows_digest(rows: list[dict]) -> str:
