@@ -29,6 +29,7 @@ import inspect
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -542,10 +543,11 @@ class DataStats:
 # tokenising many rows: the cache, worker processes, a progress bar
 
 # From this many rows on they are tokenised by worker processes, one per core. Measured on alpaca
-# rows with SmolLM2's tokenizer (2-core x86_64): 0.45 ms CPU a row serial; the workers' CPU sum
-# is about 10% more (the examples sent back) and the pool starts in about 0.1 s, so 5k rows
-# (2.2 s on one core) already take about 1.2 s on two.
-PARALLEL_MIN_ROWS = 5_000
+# rows with SmolLM2's tokenizer (2-core x86_64, other jobs running): serial 0.27-0.45 ms CPU a
+# row; the workers' CPU sum is 15-30% more (the examples pickled back, 0.05 ms a row in the
+# parent); 20k rows took 6.9 s serial and 4.1 s on two workers, while 5k and 10k rows were not
+# faster (1.5 s -> 1.8-2.1 s, 2.6 s -> 3.4-4.0 s) with the second core shared.
+PARALLEL_MIN_ROWS = 20_000
 PROGRESS_MIN_ROWS = 10_000  # a progress bar from here on (about 5 s of tokenising on one core)
 _CHUNK = 1_000  # rows per task sent to a worker (and per progress-bar step)
 _cache_unwritable_said = False  # the "cannot write the token cache" note, once per process
@@ -672,8 +674,11 @@ _worker_job: tuple = ()  # a worker process's (name, args), given at its start (
 
 
 def _start_worker(name: str, args: tuple) -> None:
+    """A worker's start: its job, and Ctrl-C left to the parent (which stops the pool), so the
+    workers print no tracebacks of their own."""
     global _worker_job
     _worker_job = (name, args)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _tokenize_chunk_in_worker(job: tuple[int, list[dict]]) -> list:
