@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped: {source} not found (the alpaca rows are not bundled)")
         return 0
 
-    from peftcli import data, models, token_cache, tokens
+    from peftcli import data, models, parallel, token_cache, tokens
 
     tok = models.load_tokenizer(models.resolve("smollm2-135m"))  # the conversion happens here, untimed
     base = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -63,19 +63,19 @@ def main(argv: list[str] | None = None) -> int:
         assert again == first, "the cached examples differ from the tokenised ones"
         size = sum(f.stat().st_size for f in Path(home).rglob("*") if f.is_file())
     t_serial = t_parallel = float("nan")
-    workers = data._workers(max(len(rows), data.PARALLEL_MIN_ROWS))
+    workers = parallel.workers(max(len(rows), parallel.PARALLEL_MIN_ROWS))
     if not args.no_compare:
         special = tokens.special_tokens(tok)
-        one_pass = lambda: data._tokenize_each(rows, "alpaca", "alpaca", tok, args.max_seq_len, False, special)  # noqa: E731
-        keep = data.PARALLEL_MIN_ROWS
+        one_pass = lambda: parallel.map_rows(data.tokenize_row, rows, "alpaca", ("alpaca", tok, args.max_seq_len, False, special))  # noqa: E731
+        keep = parallel.PARALLEL_MIN_ROWS
         try:
-            data.PARALLEL_MIN_ROWS = len(rows) + 1
-            serial, t_serial = _timed(one_pass)
-            data.PARALLEL_MIN_ROWS = 0
-            parallel, t_parallel = _timed(one_pass)
+            parallel.PARALLEL_MIN_ROWS = len(rows) + 1
+            serial_out, t_serial = _timed(one_pass)
+            parallel.PARALLEL_MIN_ROWS = 0
+            parallel_out, t_parallel = _timed(one_pass)
         finally:
-            data.PARALLEL_MIN_ROWS = keep
-        assert parallel == serial, "parallel tokenisation differs from serial"
+            parallel.PARALLEL_MIN_ROWS = keep
+        assert parallel_out == serial_out, "parallel tokenisation differs from serial"
     n_tokens = sum(len(e["input_ids"]) for e in first)
     print("| rows | tokens | fingerprint | first run | cached run | cache size | tokenise serial | "
           f"tokenise parallel ({workers} workers) |")

@@ -27,9 +27,7 @@ import dataclasses
 import functools
 import inspect
 import json
-import multiprocessing
 import os
-import signal
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -37,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from peftcli import token_cache, tokens
+from peftcli import parallel, token_cache, tokens
 from peftcli.errors import UserError
 from peftcli.recipe import DataConfig, DataSource, Recipe
 from peftcli.tokens import SpecialTokens
@@ -540,16 +538,8 @@ class DataStats:
 
 
 # ---------------------------------------------------------------------------------------------
-# tokenising many rows: the cache, worker processes, a progress bar
+# tokenising many rows: the cache; worker processes and a progress bar (peftcli.parallel)
 
-# From this many rows on they are tokenised by worker processes, one per core. Measured on alpaca
-# rows with SmolLM2's tokenizer (2-core x86_64, other jobs running): serial 0.27-0.45 ms CPU a
-# row; the workers' CPU sum is 15-30% more (the examples pickled back, 0.05 ms a row in the
-# parent); 20k rows took 6.9 s serial and 4.1 s on two workers, while 5k and 10k rows were not
-# faster (1.5 s -> 1.8-2.1 s, 2.6 s -> 3.4-4.0 s) with the second core shared.
-PARALLEL_MIN_ROWS = 20_000
-PROGRESS_MIN_ROWS = 10_000  # a progress bar from here on (about 5 s of tokenising on one core)
-_CHUNK = 1_000  # rows per task sent to a worker (and per progress-bar step)
 _cache_unwritable_said = False  # the "cannot write the token cache" note, once per process
 
 
@@ -604,105 +594,13 @@ def cached_by_fingerprint(tokenize_all):
 
 
 def _tokenize_each(rows: list[dict], name: str, *args) -> list:
-    """``[_tokenize(row, *args) for row in rows]``, in row order; from :data:`PARALLEL_MIN_ROWS`
-    rows on, split across worker processes (forked, so the tokenizer is shared, not pickled;
-    serial off Linux), from :data:`PROGRESS_MIN_ROWS` with a progress bar on a terminal's stderr.
+    """``[_tokenize(row, *args) for row in rows]`` in row order, across worker processes on large
+    sets, with a progress bar (:func:`peftcli.parallel.map_rows`).
 
     Raises:
         UserError: "NAME (row N): ..." for a row that cannot be tokenised.
     """
-    jobs = [(start, rows[start : start + _CHUNK]) for start in range(0, len(rows), _CHUNK)]
-    workers = _workers(len(rows))
-    results: list = []
-    with contextlib.ExitStack() as stack:
-        if workers > 1:  # the pool forks before the progress bar's thread starts
-            pool = stack.enter_context(multiprocessing.get_context("fork").Pool(
-                workers, initializer=_start_worker, initargs=(name, args)))
-            done = pool.imap(_tokenize_chunk_in_worker, jobs)
-        else:
-            done = (_tokenize_chunk(start, chunk, name, args) for start, chunk in jobs)
-        advance = stack.enter_context(_progress(len(rows), name))
-        for part in done:
-            results += part
-            advance(len(part))
-    return results
-
-
-def _workers(n_rows: int) -> int:
-    """Worker processes for tokenising ``n_rows`` rows: ``$PEFTCLI_TOKENIZE_WORKERS`` when set
-    (1: serial), else one per usable core (:func:`_usable_cores`, at most 8) from
-    :data:`PARALLEL_MIN_ROWS` rows on; always 1 off Linux (the workers are forked) and in a
-    process that may not have children (a daemon)."""
-    if not sys.platform.startswith("linux") or multiprocessing.current_process().daemon:
-        return 1
-    asked = os.environ.get("PEFTCLI_TOKENIZE_WORKERS", "").strip()
-    if asked.isdigit():
-        return max(1, int(asked))
-    return 1 if n_rows < PARALLEL_MIN_ROWS else max(1, min(_usable_cores(), 8))
-
-
-# (quota file, period file): cgroup v2's cpu.max holds "QUOTA PERIOD"; v1 has two files
-_CGROUP_CPU_FILES = (("/sys/fs/cgroup/cpu.max", None),
-                     ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"))
-
-
-def _usable_cores() -> int:
-    """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota (a container's
-    ``--cpus``, which the affinity does not show)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    for quota_file, period_file in _CGROUP_CPU_FILES:
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = Path(quota_file).read_text().split()
-            quota, period = fields[0], fields[1] if period_file is None else Path(period_file).read_text().strip()
-            if quota not in ("max", "-1"):
-                cores = min(cores, max(1, -(-int(quota) // int(period))))
-    return cores
-
-
-def _tokenize_chunk(start: int, chunk: list[dict], name: str, args: tuple) -> list:
-    """``_tokenize(row, *args)`` of each row of a chunk that starts at row index ``start``."""
-    results = []
-    for n, row in enumerate(chunk, start=start + 1):
-        try:
-            results.append(_tokenize(row, *args))
-        except UserError as e:
-            raise UserError(f"{name} (row {n}): {e}") from None
-    return results
-
-
-_worker_job: tuple = ()  # a worker process's (name, args), given at its start (inherited, not pickled)
-
-
-def _start_worker(name: str, args: tuple) -> None:
-    """A worker's start: its job, and Ctrl-C left to the parent (which stops the pool), so the
-    workers print no tracebacks of their own."""
-    global _worker_job
-    _worker_job = (name, args)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _tokenize_chunk_in_worker(job: tuple[int, list[dict]]) -> list:
-    """:func:`_tokenize_chunk` of one ``(start, chunk)`` task, in a worker process."""
-    return _tokenize_chunk(job[0], job[1], *_worker_job)
-
-
-@contextlib.contextmanager
-def _progress(total: int, name: str, console=None):
-    """Yields ``advance(n)``: a rich progress bar on ``console`` (default: stderr) for ``total``
-    rows when there are at least :data:`PROGRESS_MIN_ROWS` and it is a terminal; else a no-op."""
-    from rich.console import Console
-    from rich.markup import escape
-
-    console = console or Console(stderr=True)
-    if total < PROGRESS_MIN_ROWS or not console.is_terminal or os.environ.get("RANK", "0") != "0":
-        yield lambda n: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn(f"tokenising {escape(name)}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, transient=True) as bar:
-        task = bar.add_task("rows", total=total)
-        yield lambda n: bar.advance(task, n)
+    return parallel.map_rows(_tokenize, rows, name, args, what="tokenising")
 
 
 @cached_by_fingerprint

@@ -16,7 +16,7 @@ import pytest
 from helpers import write_jsonl
 from tiny import CHATML, tiny_tokenizer
 
-from peftcli import data, models, token_cache
+from peftcli import data, models, parallel, token_cache
 from peftcli.errors import UserError
 from peftcli.recipe import DataConfig, DataSource
 
@@ -191,27 +191,27 @@ MANY = [{"instruction": f"count {i}", "input": str(i % 7), "output": "" if i % 9
 def test_parallel_tokenisation_equals_serial_in_row_order(tok, monkeypatch):
     monkeypatch.setenv(token_cache.ENV, "0")
     serial, serial_stats = data.tokenize_rows(MANY, "alpaca", tok, 512, False, "rows")
-    monkeypatch.setattr(data, "PARALLEL_MIN_ROWS", 100)
-    monkeypatch.setattr(data, "_workers", lambda n: 2)  # two processes even on a one-core machine
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_ROWS", 100)
+    monkeypatch.setattr(parallel, "workers", lambda n: 2)  # two processes even on a one-core machine
     used = []
-    real_pool = data.multiprocessing.get_context("fork").Pool
+    real_pool = parallel.multiprocessing.get_context("fork").Pool
 
     def pool(*args, **kwargs):
         used.append(args)
         return real_pool(*args, **kwargs)
 
-    monkeypatch.setattr(data.multiprocessing.get_context("fork"), "Pool", pool)
-    parallel, parallel_stats = data.tokenize_rows(MANY, "alpaca", tok, 512, False, "rows")
+    monkeypatch.setattr(parallel.multiprocessing.get_context("fork"), "Pool", pool)
+    par, par_stats = data.tokenize_rows(MANY, "alpaca", tok, 512, False, "rows")
     assert used == [(2,)]
-    assert parallel == serial and parallel_stats == serial_stats
-    assert parallel_stats.dropped_empty_answer == 26  # rows 0, 97, ..., 2425
-    assert parallel[:2] == by_row(MANY[:3], tok) and parallel[-5:] == by_row(MANY[-5:], tok)  # row 0 dropped
+    assert par == serial and par_stats == serial_stats
+    assert par_stats.dropped_empty_answer == 26  # rows 0, 97, ..., 2425
+    assert par[:2] == by_row(MANY[:3], tok) and par[-5:] == by_row(MANY[-5:], tok)  # row 0 dropped
 
 
 def test_a_bad_row_in_a_worker_is_named_by_its_row_number(tok, monkeypatch):
     monkeypatch.setenv(token_cache.ENV, "0")
-    monkeypatch.setattr(data, "PARALLEL_MIN_ROWS", 100)
-    monkeypatch.setattr(data, "_workers", lambda n: 2)
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_ROWS", 100)
+    monkeypatch.setattr(parallel, "workers", lambda n: 2)
     real = data._tokenize
 
     def refuse(row, *args):  # inherited by the forked workers
@@ -231,34 +231,34 @@ def test_progress_bar_on_a_terminal_for_large_sets_only(monkeypatch):
 
     def run(total):
         buf = io.StringIO()
-        with data._progress(total, "data/[big].jsonl", Console(file=buf, force_terminal=True, width=120)) as advance:
+        with parallel.progress(total, "tokenising data/[big].jsonl", Console(file=buf, force_terminal=True, width=120)) as advance:
             for _ in range(total // 1000):
                 advance(1000)
         return buf.getvalue()
 
-    assert "tokenising data/[big].jsonl" in run(data.PROGRESS_MIN_ROWS) and "/10000" in run(data.PROGRESS_MIN_ROWS)
-    assert run(data.PROGRESS_MIN_ROWS - 1) == ""
+    assert "tokenising data/[big].jsonl" in run(parallel.PROGRESS_MIN_ROWS) and "/10000" in run(parallel.PROGRESS_MIN_ROWS)
+    assert run(parallel.PROGRESS_MIN_ROWS - 1) == ""
     plain = io.StringIO()
-    with data._progress(10 * data.PROGRESS_MIN_ROWS, "rows", Console(file=plain)) as advance:  # not a terminal
+    with parallel.progress(10 * parallel.PROGRESS_MIN_ROWS, "rows", Console(file=plain)) as advance:  # not a terminal
         advance(5)
     assert plain.getvalue() == ""
 
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_every_row_advances_the_progress(tok, monkeypatch, workers):
-    monkeypatch.setattr(data, "PARALLEL_MIN_ROWS", 100)
-    monkeypatch.setattr(data, "_workers", lambda n: workers)
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_ROWS", 100)
+    monkeypatch.setattr(parallel, "workers", lambda n: workers)
     steps = []
 
     @contextlib.contextmanager
-    def progress(total, name):
-        steps.append(total)
+    def progress(total, label):
+        steps.append((total, label))
         yield steps.append
 
-    monkeypatch.setattr(data, "_progress", progress)
+    monkeypatch.setattr(parallel, "progress", progress)
     special = data.tokens.special_tokens(tok)
     assert len(data._tokenize_each(MANY, "rows", "alpaca", tok, 512, False, special)) == len(MANY)
-    assert steps == [2500, 1000, 1000, 500]
+    assert steps == [(2500, "tokenising rows"), 1000, 1000, 500]
 
 
 @pytest.mark.parametrize("v2, v1, cores", [("150000 100000", None, 2), ("50000 100000", None, 1),
@@ -275,18 +275,21 @@ def test_usable_cores_follow_a_container_cpu_quota(tmp_path, monkeypatch, v2, v1
         (tmp_path / "quota").write_text(v1[0] + "\n")
         (tmp_path / "period").write_text(v1[1] + "\n")
     files.append((str(tmp_path / "quota"), str(tmp_path / "period")))
-    monkeypatch.setattr(data, "_CGROUP_CPU_FILES", tuple(files))
+    monkeypatch.setattr(parallel, "CGROUP_CPU_FILES", tuple(files))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)))
-    assert data._usable_cores() == (cores or 4)
+    assert parallel.usable_cores() == (cores or 4)
 
 
 def test_workers_env_and_threshold(monkeypatch):
-    monkeypatch.setattr(data, "_usable_cores", lambda: 16)
-    monkeypatch.delenv("PEFTCLI_TOKENIZE_WORKERS", raising=False)
-    assert data._workers(data.PARALLEL_MIN_ROWS - 1) == 1
-    assert data._workers(data.PARALLEL_MIN_ROWS) == (8 if data.sys.platform.startswith("linux") else 1)
-    monkeypatch.setenv("PEFTCLI_TOKENIZE_WORKERS", "1")
-    assert data._workers(10 * data.PARALLEL_MIN_ROWS) == 1
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 16)
+    monkeypatch.delenv(parallel.WORKERS_ENV, raising=False)
+    linux = parallel.sys.platform.startswith("linux")
+    assert parallel.workers(parallel.PARALLEL_MIN_ROWS - 1) == 1
+    assert parallel.workers(parallel.PARALLEL_MIN_ROWS) == (parallel.MAX_WORKERS if linux else 1)
+    monkeypatch.setenv(parallel.WORKERS_ENV, "1")
+    assert parallel.workers(10 * parallel.PARALLEL_MIN_ROWS) == 1
+    monkeypatch.setenv(parallel.WORKERS_ENV, "3")
+    assert parallel.workers(10) == (3 if linux else 1)
 
 
 @pytest.mark.parametrize("examples", [[{"input_ids": [1, 2], "weights": [0.5, 1.0]}],
