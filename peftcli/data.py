@@ -593,21 +593,15 @@ def cached_by_fingerprint(tokenize_all):
     return tokenize_or_read
 
 
-def _tokenize_each(rows: list[dict], name: str, *args) -> list:
-    """``[_tokenize(row, *args) for row in rows]`` in row order, across worker processes on large
-    sets, with a progress bar (:func:`peftcli.parallel.map_rows`).
-
-    Raises:
-        UserError: "NAME (row N): ..." for a row that cannot be tokenised.
-    """
-    return parallel.map_rows(_tokenize, rows, name, args, what="tokenising")
-
-
 @cached_by_fingerprint
 def tokenize_rows(rows: list[dict], fmt: str, tokenizer, max_seq_len: int, train_on_prompt: bool,
                   name: str) -> tuple[list[dict], DataStats]:
     """Tokenise every row (see :func:`tokenize_row`), dropping and counting those with nothing
     to learn.
+
+    The result is cached by fingerprint (:func:`cached_by_fingerprint`: a second call on the
+    same rows, tokenizer and arguments reads it back); large sets are tokenised across worker
+    processes in row order (:func:`peftcli.parallel.map_rows`).
 
     Returns:
         (examples in row order, stats).
@@ -619,8 +613,8 @@ def tokenize_rows(rows: list[dict], fmt: str, tokenizer, max_seq_len: int, train
     """
     examples, status = [], {"ok": [], "truncated": [], "empty": [], "too_long": []}
     special = tokens.special_tokens(tokenizer)
-    for n, (example, what) in enumerate(_tokenize_each(rows, name, fmt, tokenizer, max_seq_len, train_on_prompt, special),
-                                        start=1):
+    results = parallel.map_rows(_tokenize, rows, name, (fmt, tokenizer, max_seq_len, train_on_prompt, special), "tokenising")
+    for n, (example, what) in enumerate(results, start=1):
         status[what].append(n)
         if example is not None:
             examples.append(example)

@@ -256,8 +256,8 @@ def test_every_row_advances_the_progress(tok, monkeypatch, workers):
         yield steps.append
 
     monkeypatch.setattr(parallel, "progress", progress)
-    special = data.tokens.special_tokens(tok)
-    assert len(data._tokenize_each(MANY, "rows", "alpaca", tok, 512, False, special)) == len(MANY)
+    monkeypatch.setenv(token_cache.ENV, "0")
+    assert data.tokenize_rows(MANY, "alpaca", tok, 512, False, "rows")[1].rows == len(MANY)
     assert steps == [(2500, "tokenising rows"), 1000, 1000, 500]
 
 
