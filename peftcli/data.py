@@ -579,6 +579,8 @@ def cached_by_fingerprint(tokenize_all):
                 _say(f"{name}: tokens from cache (key {key[:12]}…)")
                 return examples, stats
         examples, stats = tokenize_all(*args, **kwargs)
+        if DataStats(**dataclasses.asdict(stats)) != stats:  # would not read back as it is (nested dataclasses)
+            return examples, stats
         try:
             token_cache.save(key, examples, dataclasses.asdict(stats))
             _say(f"{name}: tokenised {len(rows)} rows (cached for next time)")
