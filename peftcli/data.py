@@ -25,13 +25,18 @@ between prompt and answer even when the tokenizer appends one to every text (CAS
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
+import inspect
 import operator
+import os
+import sys
 from dataclasses import dataclass, field, fields
 
 import torch
 
-from peftcli import sources, tokens
+from peftcli import parallel, sources, token_cache, tokens
 from peftcli.errors import UserError
 from peftcli.recipe import DataConfig, DataSource, Recipe
 from peftcli.tokens import SpecialTokens
@@ -663,10 +668,73 @@ class DataStats:
         return DataStats(**summed, dropped=dropped, max_seq_len=self.max_seq_len, text_overlap=self.text_overlap)
 
 
+# ---------------------------------------------------------------------------------------------
+# tokenising many rows: the cache; worker processes and a progress bar (peftcli.parallel)
+
+_cache_unwritable_said = False  # the "cannot write the token cache" note, once per process
+
+
+def _say(message: str) -> None:
+    """A line on stderr, from the first process only (distributed runs tokenise in each)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
+
+
+def cached_by_fingerprint(tokenize_all):
+    """Wrap ``tokenize_rows`` so its result is read from :mod:`peftcli.token_cache` when the same
+    rows were tokenised before with the same tokenizer and arguments, and saved there otherwise.
+
+    The key takes every argument but ``rows``, ``tokenizer`` (both fingerprinted apart) and
+    ``name`` (messages only), so a new argument joins it by being declared, plus the source of
+    this module and :mod:`peftcli.tokens`. Says on stderr where the tokens came from; an
+    unwritable cache dir is said once and the data is tokenised without it.
+    ``PEFTCLI_TOKEN_CACHE=0`` turns it off.
+    """
+    signature = inspect.signature(tokenize_all)
+
+    @functools.wraps(tokenize_all)
+    def tokenize_or_read(*args, **kwargs):
+        global _cache_unwritable_said
+        if not token_cache.enabled():
+            return tokenize_all(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        given = dict(bound.arguments)
+        rows, tokenizer, name = given.pop("rows"), given.pop("tokenizer"), given.pop("name")
+        given["code"] = token_cache.source_digest(__file__, tokens.__file__)
+        key = token_cache.fingerprint(rows, tokenizer, given)
+        found = token_cache.load(key)
+        if found is not None:
+            with contextlib.suppress(TypeError):  # stats of another shape: tokenise again
+                examples, stats = found[0], DataStats(**found[1])
+                _say(f"{name}: tokens from cache (key {key[:12]}…)")
+                return examples, stats
+        examples, stats = tokenize_all(*args, **kwargs)
+        if DataStats(**dataclasses.asdict(stats)) != stats:  # would not read back as it is (nested dataclasses)
+            return examples, stats
+        try:
+            token_cache.save(key, examples, dataclasses.asdict(stats))
+            _say(f"{name}: tokenised {len(rows)} rows (cached for next time)")
+        except (OSError, UserError, ValueError, OverflowError) as e:  # UserError: a file in the way
+            if not _cache_unwritable_said:
+                _cache_unwritable_said = True
+                why = getattr(e, "strerror", None) or str(e)
+                _say(f"note: cannot write the token cache in {token_cache.cache_root()} ({why}); "
+                     f"tokenising without it (PEFTCLI_TOKEN_CACHE=0 turns it off)")
+        return examples, stats
+
+    return tokenize_or_read
+
+
+@cached_by_fingerprint
 def tokenize_rows(rows: list[dict], fmt: str, tokenizer, max_seq_len: int, train_on_prompt: bool,
                   name: str, text_overlap: int = 0) -> tuple[list[dict], DataStats]:
     """Tokenise every row (see :func:`tokenize_examples`), dropping and counting by reason those
     with nothing to learn, and counting those cut or split into windows.
+
+    The result is cached by fingerprint (:func:`cached_by_fingerprint`: a second call on the
+    same rows, tokenizer and arguments reads it back); large sets are tokenised across worker
+    processes in row order (:func:`peftcli.parallel.map_rows`).
 
     Returns:
         (examples in row order, a text row's windows one after another; stats).
@@ -679,11 +747,9 @@ def tokenize_rows(rows: list[dict], fmt: str, tokenizer, max_seq_len: int, train
     """
     examples, status = [], {}
     special = tokens.special_tokens(tokenizer)
-    for n, row in enumerate(rows, start=1):
-        try:
-            made, what = _tokenize(row, fmt, tokenizer, max_seq_len, train_on_prompt, special, text_overlap)
-        except UserError as e:
-            raise UserError(f"{name} (row {n}): {e}") from None
+    results = parallel.map_rows(_tokenize, rows, name, (fmt, tokenizer, max_seq_len, train_on_prompt, special, text_overlap),
+                                "tokenising")
+    for n, (made, what) in enumerate(results, start=1):
         status.setdefault(what, []).append(n)
         examples += made
     dropped = {why: len(status[why]) for why in DROP_REASONS if why in status}

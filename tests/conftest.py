@@ -5,6 +5,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite tokenises afresh (a user's token cache under ~/.cache/peftcli could hide a change of
+# the masking); tests/test_token_cache.py turns the cache on in a temporary peft home.
+os.environ.setdefault("PEFTCLI_TOKEN_CACHE", "0")
 # The suite's references are CPU float32 (bit-identical resume, 1e-5 parities), and its tests build
 # CPU inputs: it runs on the CPU even where a GPU is visible. The GPU paths are checked by
 # bench/gpu_check.py on a CUDA machine.
