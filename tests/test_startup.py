@@ -88,3 +88,26 @@ def test_methods_and_schema_in_process_import_nothing_heavy(capsys, no_heavy_imp
         code, err = peft_in_process(command, capsys)
         assert code == 0, (command, err)
     assert set(CARDS) == {"lora", "qlora", "adapter", "ia3", "prefix_tuning", "prompt_tuning", "p_tuning"}
+
+
+def test_the_first_use_of_the_embedded_model_says_it_converts_once(tmp_path, monkeypatch, capsys):
+    from peftcli import models
+
+    said_before = []
+
+    def convert(gguf, out):  # stands in for the ~30 s conversion: what stderr held when it began
+        said_before.append(capsys.readouterr().err)
+        (out / "config.json").parent.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        return out
+
+    monkeypatch.setenv("PEFTCLI_HOME", str(tmp_path))
+    monkeypatch.setattr(models, "package_file", lambda package, filename: tmp_path / filename)
+    monkeypatch.setattr(models, "convert_gguf", convert)
+    capsys.readouterr()
+    first = models.resolve("smollm2-135m")
+    again = models.resolve("smollm2-135m")
+    out = tmp_path / "models" / "smollm2-135m-instruct"
+    assert first == again == str(out) and len(said_before) == 1
+    assert said_before[0] == f"converting the embedded model once ({models.CONVERT_TIME}; cached in {out})\n"
+    assert capsys.readouterr().err == ""  # nothing on later runs
