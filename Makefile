@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(PEFT) train recipes/qlora-llama.yaml
+	$(PEFT) train peftcli/recipes/qlora-llama.yaml
 	$(PEFT) eval runs/qlora-llama
 
 test: install

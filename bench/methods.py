@@ -2,7 +2,7 @@
 
 Runs, one after another so the timings do not share the CPU:
 
-    peft train recipes/<name>.yaml --output-dir runs/compare/<name>
+    peft train peftcli/recipes/<name>.yaml --output-dir runs/compare/<name>
     peft eval  runs/compare/<name> --json
 
 and writes ``bench/methods.json`` and the table between the markers in ``docs/methods.md``.
@@ -51,7 +51,7 @@ def measure(label: str, recipe: str, sets: list[str], steps: int | None, out_roo
     run_dir = out_root / slug
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     overrides = [*sets, *([f"train.max_steps={steps}"] if steps else [])]
-    train_cmd = [*PEFT, "train", f"recipes/{recipe}.yaml", "--output-dir", str(run_dir)]
+    train_cmd = [*PEFT, "train", f"peftcli/recipes/{recipe}.yaml", "--output-dir", str(run_dir)]
     for item in overrides:
         train_cmd += ["--set", item]
     print(f"[{label}] training: {' '.join(train_cmd[2:])}", flush=True)
@@ -78,7 +78,7 @@ def table(rows: list[dict], meta: dict) -> str:
     """The markdown table of ``rows`` (one per method)."""
     base = rows[0]["base"]
     lines = [
-        f"Held-out: the {rows[0]['rows']} rows of `recipes/data/tasks/heldout.jsonl`. Base: the float32 model scores "
+        f"Held-out: the {rows[0]['rows']} rows of `peftcli/recipes/data/tasks/heldout.jsonl`. Base: the float32 model scores "
         f"loss {base['loss']:.4f} per supervised token, exact match {base['exact_match']:.1%}; the qlora row's base is "
         "the same model in NF4. Training time: the `peft train` loop (steps, in-run evals, checkpoints, save); "
         "CPU time (user + system) and peak RSS: the whole `peft train` process.",

@@ -8,7 +8,7 @@ memory are the whole process's (``wait4``). Both adapters are then scored by one
 (``bench/score.py``, through HF peft). Then how our cost grows with max_seq_len and r.
 
 Data: the first 160 rows of ``../shared/data/alpaca/train.jsonl`` and 100 of its held-out file
-when present; otherwise the bundled task data (``recipes/data/tasks``), said in the output.
+when present; otherwise the bundled task data (``peftcli/recipes/data/tasks``), said in the output.
 
 Writes ``bench/results.json`` and prepends a dated section to ``docs/benchmarks.md``.
 Usage: python bench/run.py [--rows N] [--skip-scaling] [--no-doc]
@@ -88,8 +88,8 @@ def prepare_data(n_rows: int) -> dict:
     if (SHARED_ALPACA / "train.jsonl").is_file():
         source, train_file, heldout_file = "alpaca (../shared/data/alpaca)", SHARED_ALPACA / "train.jsonl", SHARED_ALPACA / "heldout.jsonl"
     else:
-        source = "bundled task data (recipes/data/tasks; ../shared/data/alpaca not found)"
-        train_file, heldout_file = ROOT / "recipes/data/tasks/train.jsonl", ROOT / "recipes/data/tasks/heldout.jsonl"
+        source = "bundled task data (peftcli/recipes/data/tasks; ../shared/data/alpaca not found)"
+        train_file, heldout_file = ROOT / "peftcli/recipes/data/tasks/train.jsonl", ROOT / "peftcli/recipes/data/tasks/heldout.jsonl"
     out = OUT / "data"
     out.mkdir(parents=True, exist_ok=True)
     for name, path, n in (("train", train_file, n_rows), ("heldout", heldout_file, 100)):

@@ -41,17 +41,18 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 
 def _quiet_libraries() -> None:
+    """Only errors from the libraries, without importing any of them (a command that never loads
+    a model, or fails on its recipe, answers in a fraction of a second): transformers reads
+    ``TRANSFORMERS_VERBOSITY`` when it is first imported, and :mod:`peftcli.models` turns its
+    progress bars off when it loads a model."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore")
     for name in ("transformers", "bitsandbytes", "accelerate", "datasets", "torch"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        import transformers
-
+    transformers = sys.modules.get("transformers")
+    if transformers is not None:  # imported already (the CLI called in-process, as the tests do)
         transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 def user_errors(fn):
@@ -97,7 +98,6 @@ def train(
     from peftcli import launch as launcher
     from peftcli import recipe as recipes
     from peftcli import smoke as smoke_check
-    from peftcli.trainer import train as run_training
 
     if num_processes > 1 and "LOCAL_RANK" not in os.environ:
         recipes.load_recipe(recipe, list(set_), output_dir)  # a bad recipe fails here, once, not in N processes
@@ -106,6 +106,7 @@ def train(
     r = smoke_check.load_recipe(recipe, set_, output_dir) if smoke else recipes.load_recipe(recipe, set_, output_dir)
     if smoke and resume:
         raise UserError("--smoke and --resume: a smoke run always starts fresh; drop --resume")
+    from peftcli.trainer import train as run_training  # torch and transformers: only for a recipe that loads
     # a smoke run replaces the smoke run before it (a CI job's repeat), never a real run
     overwrite = overwrite or (smoke and smoke_check.replaces(r.output.dir))
     result = run_training(r, resume=resume, console=err, overwrite=overwrite, skip_corrupt=skip_corrupt)
@@ -319,10 +320,10 @@ def validate(
     set_: List[str] = typer.Option([], "--set"),
 ):
     """Resolve a recipe; list matched modules, trainable parameters and a peak-memory estimate."""
-    from peftcli import memory, methods, prepare
     from peftcli import recipe as recipes
 
     r = recipes.load_recipe(recipe, set_)
+    from peftcli import memory, methods, prepare  # torch and transformers: only for a recipe that loads
     p = prepare.load(r)  # data is read before the model loads, as in train
     prepare.fit_micro_batch(r, p.train_units, out.print)
     out.print(recipes.dump(r), highlight=False, markup=False)  # resolved: the method's default targets filled in
@@ -347,24 +348,24 @@ def validate(
 @user_errors
 def methods_():
     """List the method library."""
-    from peftcli.methods import METHODS
+    from peftcli.methods import CARDS
 
     table = Table()
     for col in ("name", "trains", "merges", "paper"):
         table.add_column(col)
-    for name, m in METHODS.items():
+    for name, m in CARDS.items():  # the cards: no method module (nor torch) is imported
         table.add_row(name, m.SUMMARY, "yes" if m.CANNOT_MERGE is None else "no", m.PAPER)
     out.print(table)
 
 
 @app.command("recipes")
 @user_errors
-def recipes_():
-    """List the bundled recipes."""
+def recipes_(folder: Optional[Path] = typer.Option(None, "--dir", help="list the recipes in this folder instead")):
+    """List the bundled recipes (inside the package; a recipes/ folder here is not read unless --dir names it)."""
     from peftcli.bundled import recipes
 
-    for name, method, path in recipes():
-        out.print(f"{name:24} {method:14} {path}")
+    for name, method, path in recipes(folder):
+        out.print(f"{name:24} {method:14} {path}", soft_wrap=True, highlight=False)
 
 
 @app.command()
@@ -379,8 +380,8 @@ def schema():
 @app.command()
 @user_errors
 def init(name: str = typer.Argument(..., help="bundled recipe name (see `peft recipes`)"), dest: Path = typer.Argument(...)):
-    """Copy a bundled recipe to start from; its data paths are made absolute, so the copy works
-    from any directory (they are relative to the project root in the bundled recipes)."""
+    """Copy a bundled recipe to start from; its data paths are made absolute (the task data
+    inside the installed package), so the copy works from any directory."""
     from peftcli.bundled import copy_recipe
 
     dest = copy_recipe(name, dest)

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from peftcli.errors import UserError
-from peftcli.methods import METHOD_CONFIGS, METHODS
+from peftcli.methods import CARDS, METHOD_CONFIGS
 from peftcli.tokens import CHAT_TEMPLATES
 
 # accelerate's trackers (accelerate.utils.LoggerType, less "all"), named here so the schema loads
@@ -186,7 +186,7 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _method_base(self):
         # a method may train on a base loaded its own way (qlora: 4-bit): resolve model.quantization for it
-        quantization = METHODS[self.method.name].base_quantization(self.model.quantization)
+        quantization = CARDS[self.method.name].base_quantization(self.model.quantization)
         if quantization != self.model.quantization:
             self.model.quantization = quantization
         return self

@@ -6,8 +6,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import torch
-
 SMOKE_OVERRIDES = [
     "train.max_steps=4", "data.max_samples=16", "train.micro_batch_size=2", "train.grad_accum=1",
     "train.log_every=1", "train.eval_every=0", "train.save_every=0", "train.eval_max_samples=4",
@@ -64,24 +62,27 @@ def write_report(run_dir, report: SmokeReport) -> None:
         write_json_atomic(path, {"ok": report.ok, "lines": report.lines})
 
 
-@torch.no_grad()
 def check(result) -> SmokeReport:
     """Check a finished smoke run (a :class:`peftcli.trainer.TrainResult`)."""
+    import torch  # here, not at the top: loading a --smoke recipe (a bad one included) stays light
+
     from peftcli import artifacts, data
     from peftcli.rundir import RunDir, read_events
 
-    report = SmokeReport()
-    losses = [e["loss"] for e in read_events(RunDir(result.run_dir).metrics) if e.get("event") == "train"]
-    report.record(bool(losses) and all(math.isfinite(x) for x in losses),
-                  f"loss finite over {len(losses)} steps (first {losses[0]:.4f}, last {losses[-1]:.4f})" if losses else "no loss logged")
-    reloaded = artifacts.load_adapted(result.run_dir)
-    batch = data.collate(result.datasets.train[:2], reloaded.tokenizer.pad_token_id)
-    device = next(result.model.parameters()).device
-    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
-    a = result.model.eval()(**inputs).logits.float()
-    b = reloaded.model(**inputs).logits.float().to(device)
-    diff = float((a - b).abs().max())
-    report.record(diff <= 1e-4 * max(1.0, float(a.abs().max())), f"adapter saved and reloaded: max logit difference {diff:.2e}")
-    adapter_finite = all(torch.isfinite(p).all() for p in result.model.parameters() if p.requires_grad)
-    report.record(bool(adapter_finite), "adapter weights finite")
-    return report
+    with torch.no_grad():
+        report = SmokeReport()
+        losses = [e["loss"] for e in read_events(RunDir(result.run_dir).metrics) if e.get("event") == "train"]
+        report.record(bool(losses) and all(math.isfinite(x) for x in losses),
+                      f"loss finite over {len(losses)} steps (first {losses[0]:.4f}, last {losses[-1]:.4f})"
+                      if losses else "no loss logged")
+        reloaded = artifacts.load_adapted(result.run_dir)
+        batch = data.collate(result.datasets.train[:2], reloaded.tokenizer.pad_token_id)
+        device = next(result.model.parameters()).device
+        inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+        a = result.model.eval()(**inputs).logits.float()
+        b = reloaded.model(**inputs).logits.float().to(device)
+        diff = float((a - b).abs().max())
+        report.record(diff <= 1e-4 * max(1.0, float(a.abs().max())), f"adapter saved and reloaded: max logit difference {diff:.2e}")
+        adapter_finite = all(torch.isfinite(p).all() for p in result.model.parameters() if p.requires_grad)
+        report.record(bool(adapter_finite), "adapter weights finite")
+        return report

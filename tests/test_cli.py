@@ -97,8 +97,8 @@ def test_methods_recipes_init(tmp_path):
     assert p.returncode == 0 and "qlora-llama" in p.stdout and "lora-llama" in p.stdout
     p = run("init", "qlora-llama", str(tmp_path / "mine.yaml"))
     # the copy is the bundled recipe with its data paths absolute, so it works from any directory
-    bundled, copied = (ROOT / "recipes" / "qlora-llama.yaml").read_text(), (tmp_path / "mine.yaml").read_text()
-    assert p.returncode == 0 and copied == bundled.replace("path: recipes/", f"path: {ROOT.resolve()}/recipes/")
+    bundled, copied = (ROOT / "peftcli" / "recipes" / "qlora-llama.yaml").read_text(), (tmp_path / "mine.yaml").read_text()
+    assert p.returncode == 0 and copied == bundled.replace("path: peftcli/recipes/", f"path: {ROOT.resolve()}/peftcli/recipes/")
     data = yaml.safe_load(copied)["data"]
     assert all(Path(data[k]["path"]).is_absolute() and Path(data[k]["path"]).is_file() for k in ("train", "eval"))
     p = run("init", "nope", str(tmp_path / "x.yaml"))

@@ -24,7 +24,7 @@ def peft(*args):
 def smoke_run(request, tmp_path_factory):
     """`peft train RECIPE --smoke` on the bundled recipe (4 steps on 16 rows)."""
     run = tmp_path_factory.mktemp(request.param) / "run"
-    p = peft("train", f"recipes/{request.param}.yaml", "--smoke", "--output-dir", str(run))
+    p = peft("train", f"peftcli/recipes/{request.param}.yaml", "--smoke", "--output-dir", str(run))
     return request.param, run, p
 
 

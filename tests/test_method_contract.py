@@ -95,6 +95,10 @@ def test_a_module_missing_or_mistyping_a_member_is_refused(name):
         methods.check(name, copy(apply=lambda model, cfg: []))
     with pytest.raises(TypeError, match=rf"toy_{name}: Config.name must default to 'other'"):
         methods.check("other", copy())
+    card = methods.CARDS[name]  # the schema and description are the card's, the very objects
+    assert all(getattr(real, member) is getattr(card, member) for member in methods.CARD_MEMBERS)
+    with pytest.raises(TypeError, match=rf"toy_{name}: SUMMARY is not its card's"):
+        methods.check(name, copy(SUMMARY=real.SUMMARY + " (changed)"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from peftcli.errors import UserError
 from peftcli.methods import METHODS
 from peftcli.recipe import load_recipe
 
-RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).parent.parent / "peftcli" / "recipes").glob("*.yaml"))
 BASE = yaml.safe_load(RECIPES[0].read_text())
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True, allow_infinity=True),

@@ -47,7 +47,7 @@ def test_pickle_is_never_imported():
 
 
 def test_remote_code_is_off_unless_the_recipe_sets_it(tmp_path):
-    recipe = yaml.safe_load((Path(__file__).parent.parent / "recipes" / "lora-llama.yaml").read_text())
+    recipe = yaml.safe_load((Path(__file__).parent.parent / "peftcli" / "recipes" / "lora-llama.yaml").read_text())
     assert load_recipe(write_recipe(tmp_path / "r.yaml", recipe)).model.trust_remote_code is False
     recipe["model"]["trust_remote_code"] = True
     assert load_recipe(write_recipe(tmp_path / "r.yaml", recipe)).model.trust_remote_code is True

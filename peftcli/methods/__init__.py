@@ -1,28 +1,44 @@
 """The method library: one module per method, registered by its recipe name.
 
-Every method module provides the surface :class:`Method` lists (checked by :func:`check` for
-each module registered in :data:`METHODS`, when this package is imported). What every method
-repeats is in the toolkit :mod:`peftcli.methods.common`.
+Every method module provides the surface :class:`Method` lists. Its recipe keys and description
+(the :data:`CARD_MEMBERS`) live in its card, the torch-free module
+``peftcli.methods.cards.<name>`` that the method module re-exports: the registry imports every
+card at once (:data:`CARDS`: the recipe schema, ``peft methods``) and a method module only when
+it is first used (:data:`METHODS`, :func:`get`), checking it then (:func:`check`). So a command
+that only reads recipes never imports torch. What every method repeats is in the toolkit
+:mod:`peftcli.methods.common`.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import types
-from typing import Protocol, Union, get_args, get_origin, get_type_hints
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Protocol, Union, get_args, get_origin, get_type_hints
 
-import torch
 from pydantic import BaseModel
-from torch import nn
 
-from peftcli.methods import adapter, ia3, lora, p_tuning, prefix_tuning, prompt_tuning, qlora
+if TYPE_CHECKING:  # the annotations of the Protocol's functions; never imported here at run time
+    import torch
+    from torch import nn
+
+NAMES = ("lora", "qlora", "adapter", "ia3", "prefix_tuning", "prompt_tuning", "p_tuning")
+"""The registered methods, in ``peft methods`` order: ``method.name`` X is the module
+``peftcli.methods.X``, with its card ``peftcli.methods.cards.X``."""
+
+CARDS: dict[str, types.ModuleType] = {name: importlib.import_module(f"peftcli.methods.cards.{name}") for name in NAMES}
+"""name -> the method's card module (torch-free)."""
+
+CARD_MEMBERS = ("Config", "PEFT_TYPE", "PAPER", "SUMMARY", "PADDING_FREE", "CANNOT_MERGE", "base_quantization")
+"""What a card holds; the method module re-exports each (the same objects)."""
 
 
 class Method(Protocol):
     """What a method module provides (a module satisfies this Protocol; its functions take no
     ``self``). Every member is required; :mod:`peftcli.methods.common` has defaults a module can
     re-export (``file_fields = common.no_file_fields``, ``reads_adapter =
-    common.reads_peft_type(PEFT_TYPE)``, ``base_quantization = common.any_quantization``)."""
+    common.reads_peft_type(PEFT_TYPE)``); the :data:`CARD_MEMBERS` come from its card."""
 
     Config: type[BaseModel]
     """The pydantic schema of its recipe keys; its ``name`` field (a ``Literal`` of the name the
@@ -97,7 +113,7 @@ class Method(Protocol):
     def base_quantization(self, quantization: str) -> str:
         """The ``model.quantization`` the method trains on, given the recipe's (``none``,
         ``nf4``, ``fp4``, ``int8``): most methods return it unchanged
-        (:func:`peftcli.methods.common.any_quantization`); qlora needs a 4-bit base (``none``
+        (:func:`peftcli.methods.cards.any_quantization`); qlora needs a 4-bit base (``none``
         resolves to ``nf4``).
 
         Raises:
@@ -162,25 +178,45 @@ def check(name: str, module) -> None:
             if lacking:
                 raise TypeError(f"method module {where}: {member}() takes no {lacking[0]!r} "
                                 f"(the Method surface calls {member}({', '.join(want)}))")
+    card = CARDS.get(name)
+    if card is None:
+        raise TypeError(f"method module {where}: no card peftcli.methods.cards.{name}")
+    for member in CARD_MEMBERS:
+        if getattr(module, member) is not getattr(card, member):
+            raise TypeError(f"method module {where}: {member} is not its card's ({card.__name__}.{member}); "
+                            f"re-export it from there")
 
 
-METHODS: dict[str, Method] = {
-    "lora": lora,
-    "qlora": qlora,
-    "adapter": adapter,
-    "ia3": ia3,
-    "prefix_tuning": prefix_tuning,
-    "prompt_tuning": prompt_tuning,
-    "p_tuning": p_tuning,
-}
-for _name, _module in METHODS.items():  # a module that lacks a member fails here, at import
-    check(_name, _module)
-del _name, _module
-METHOD_CONFIGS = {name: module.Config for name, module in METHODS.items()}
+class Registry(Mapping):
+    """name -> method module, each imported (and :func:`check`-ed) when first looked up; the
+    names themselves (``list(METHODS)``, ``name in METHODS``) import nothing."""
+
+    def __init__(self, names: tuple[str, ...]):
+        self._names = names
+        self._loaded: dict[str, Method] = {}
+
+    def __getitem__(self, name: str) -> Method:
+        if name not in self._loaded:
+            if name not in self._names:
+                raise KeyError(name)
+            module = importlib.import_module(f"peftcli.methods.{name}")
+            check(name, module)  # a module that lacks a member fails here, where it is first used
+            self._loaded[name] = module
+        return self._loaded[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+METHODS: Mapping[str, Method] = Registry(NAMES)
+METHOD_CONFIGS = {name: card.Config for name, card in CARDS.items()}
 
 
 def get(name: str) -> Method:
-    """The method module registered as ``name``.
+    """The method module registered as ``name`` (imported on first use).
 
     Raises:
         KeyError: unknown name (the recipe schema rejects those before this is reached).

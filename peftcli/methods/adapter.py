@@ -31,41 +31,21 @@ HF peft has no such method: files use ``peft_type: BOTTLENECK`` (see ``docs/form
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from peftcli.errors import UserError
 from peftcli.methods import common
+from peftcli.methods.cards.adapter import CANNOT_MERGE, PADDING_FREE, PAPER, PEFT_TYPE, SUMMARY, Config, base_quantization  # noqa: F401  (its card)
 from peftcli.methods.common import KEY_PREFIX
 from peftcli.models import is_linear, linear_features
-
-PEFT_TYPE = "BOTTLENECK"
-PAPER = "Houlsby et al. 2019, Parameter-Efficient Transfer Learning for NLP; pfeiffer: Pfeiffer et al. 2020"
-SUMMARY = "residual bottleneck MLPs after attention and/or FFN outputs"
-PADDING_FREE = True  # the token sequence is unchanged: padding-free rows work
-CANNOT_MERGE = "a bottleneck adapter adds a non-linear block; it cannot be folded into a Linear weight"
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 ATTENTION_NAMES = ("attn", "attention")
 MLP_NAMES = ("mlp", "feed_forward", "feedforward", "ffn")
 ATTENTION_OUT = ("o_proj", "out_proj", "dense", "c_proj", "wo", "proj")
 MLP_OUT = ("down_proj", "fc2", "c_proj", "dense_4h_to_h", "w2", "wo", "fc_out", "proj_out")
-
-
-class Config(BaseModel):
-    """Recipe keys of ``method: {name: adapter}``."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    name: Literal["adapter"] = "adapter"
-    variant: Literal["houlsby", "pfeiffer"] = Field(
-        "houlsby", description="houlsby: after attention and after the feed-forward block; pfeiffer: after the feed-forward block only")
-    reduction_factor: int = Field(16, gt=0, description="bottleneck size = hidden_size // reduction_factor")
-    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = Field("relu", description="activation inside the bottleneck")
-    layers: list[int] | None = Field(None, description="only these transformer block indices")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +288,6 @@ def config_from_adapter(d: dict) -> Config:
 
 
 file_fields = common.no_file_fields
-base_quantization = common.any_quantization
 reads_adapter = common.reads_peft_type(PEFT_TYPE)
 
 

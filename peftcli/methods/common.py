@@ -5,7 +5,7 @@ takes the same way: freezing the base (:func:`freeze_base`), swapping a module i
 (:func:`replace`), listing its own layers (:func:`layers_of`), checking and copying saved
 weights (:func:`check_keys`, :func:`copy_weights`), claiming an ``adapter_config.json``
 (:func:`reads_peft_type`), refusing a merge (:func:`refuse_merge`), and the defaults of the
-surface a method may re-export (:func:`no_file_fields`, :func:`any_quantization`). The decoder body of a model is found by
+surface a method may re-export (:func:`no_file_fields`). The decoder body of a model is found by
 :func:`peftcli.models.decoder_body` (no method keeps its own lookup).
 """
 
@@ -119,12 +119,6 @@ def refuse_merge(name: str, reason: str) -> UserError:
     """The error a method that cannot merge raises from ``merge``:
     ``method {name} cannot be merged: {reason}`` (``reason``: its ``CANNOT_MERGE``)."""
     return UserError(f"method {name} cannot be merged: {reason}")
-
-
-def any_quantization(quantization: str) -> str:
-    """``base_quantization`` of a method that trains on a base loaded as the recipe says:
-    ``quantization`` unchanged."""
-    return quantization
 
 
 def no_file_fields(model: nn.Module) -> dict:

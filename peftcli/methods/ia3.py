@@ -24,24 +24,16 @@ Files are Hugging Face peft's IA3 format: one key per target,
 from __future__ import annotations
 
 import re
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from peftcli import models
 from peftcli.errors import UserError
 from peftcli.methods import common
+from peftcli.methods.cards.ia3 import CANNOT_MERGE, PADDING_FREE, PAPER, PEFT_TYPE, SUMMARY, Config, base_quantization  # noqa: F401  (its card)
 from peftcli.methods.common import KEY_PREFIX
 from peftcli.methods.lora import find_targets, linear_names, module_names
-
-PEFT_TYPE = "IA3"
-PAPER = "Liu et al. 2022, Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning"
-SUMMARY = "learned rescaling vectors on keys, values and the FFN activation"
-CANNOT_MERGE = None  # merges: each vector scales its W
-PADDING_FREE = True  # the token sequence is unchanged: padding-free rows work
-
 
 DEFAULT_ROLES = {"key", "value", "ffn_out"}  # Liu et al. 2022, §3.3: keys, values, the FFN activation
 # model types whose default in HF peft (peft.utils.constants, 0.21.2) rescales other attention
@@ -51,37 +43,6 @@ HF_DEFAULT_ROLES = {
                     {"query", "value", "ffn_out"}),
     "opt": {"query", "key", "ffn_out"},
 }
-
-
-class Config(BaseModel):
-    """Recipe keys of ``method: {name: ia3}``. Null (the default) means the paper's layers of
-    this model (:func:`default_targets`)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    name: Literal["ia3"] = "ia3"
-    target_modules: str | list[str] | None = Field(
-        None,
-        description="Linear modules to rescale: names (suffix match), a regex (full match of the "
-        "module path), or all-linear; null: this model's attention keys and values (a fused query/key/value "
-        "Linear where the family fuses them) and feed-forward output projections, as in the IA3 paper, "
-        "written out as names in the run's recipe.yaml and adapter files",
-    )
-    feedforward_modules: str | list[str] | None = Field(
-        None,
-        description="targets whose input (not output) is rescaled: names (the module path ends "
-        "with the name) or a regex (full match); a list must be a subset of target_modules; "
-        "null: the feed-forward output projections among the targets",
-    )
-
-    @model_validator(mode="after")
-    def _feedforward_within_targets(self):
-        # HF peft's rule (IA3Config.__post_init__), checked when both are lists
-        if isinstance(self.feedforward_modules, list) and isinstance(self.target_modules, list):
-            extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
-            if extra:
-                raise ValueError(f"feedforward_modules {extra} are not in target_modules {self.target_modules}")
-        return self
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,7 +271,6 @@ def file_fields(model: nn.Module) -> dict:
     return {"fan_in_fan_out": common.wraps_conv1d(model)}
 
 
-base_quantization = common.any_quantization
 reads_adapter = common.reads_peft_type(PEFT_TYPE)
 
 

@@ -27,35 +27,16 @@ table: right for eval and generate, but the encoder is gone, so training cannot 
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from peftcli.errors import UserError
 from peftcli.methods import common
+from peftcli.methods.cards.p_tuning import CANNOT_MERGE, PADDING_FREE, PAPER, PEFT_TYPE, SUMMARY, Config, base_quantization  # noqa: F401  (its card)
 from peftcli.methods.prompt_tuning import EMBEDDINGS_KEY, attach, check_prompt_learning_config, check_shape, token_dim
 
-PEFT_TYPE = "P_TUNING"
-PAPER = "Liu et al. 2021, GPT Understands, Too"
-SUMMARY = "virtual token embeddings produced by a trainable MLP or LSTM prompt encoder"
-PADDING_FREE = False  # virtual tokens are added per row: padded rows only
-CANNOT_MERGE = "its virtual tokens are extra inputs prepended to every sequence, not a change of any base weight"
 ENCODER_PREFIX = "prompt_encoder."  # our extra keys: the encoder weights, for resuming training
 LSTM_LAYERS = 2  # HF peft's encoder_num_layers default; an MLP always has the three Linears
-
-
-class Config(BaseModel):
-    """Recipe keys of ``method: {name: p_tuning}``."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    name: Literal["p_tuning"] = "p_tuning"
-    num_virtual_tokens: int = Field(20, gt=0, description="number of virtual tokens n prepended to every input")
-    encoder: Literal["mlp", "lstm"] = Field(
-        "mlp", description="mlp: 3 Linears with ReLU; lstm: 2-layer bidirectional LSTM then a 2-Linear MLP")
-    encoder_hidden_size: int | None = Field(None, gt=0, description="hidden width of the encoder (default: the model's hidden size)")
 
 
 class PromptEncoder(nn.Module):
@@ -189,7 +170,6 @@ def config_from_adapter(d: dict) -> Config:
 
 
 file_fields = common.no_file_fields
-base_quantization = common.any_quantization
 reads_adapter = common.reads_peft_type(PEFT_TYPE)
 
 

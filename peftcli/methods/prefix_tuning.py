@@ -39,37 +39,17 @@ Limitation: gradient checkpointing cannot carry a KV cache through the recompute
 from __future__ import annotations
 
 import inspect
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from peftcli.errors import UserError
 from peftcli.methods import common
+from peftcli.methods.cards.prefix_tuning import CANNOT_MERGE, PADDING_FREE, PAPER, PEFT_TYPE, SUMMARY, Config, base_quantization  # noqa: F401  (its card)
 from peftcli.models import decoder_body, decoder_body_name, one_token_forward
 
-PEFT_TYPE = "PREFIX_TUNING"
-PAPER = "Li & Liang 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation"
-SUMMARY = "trainable key/value prefixes for every attention layer (optional MLP reparameterisation)"
-PADDING_FREE = False  # virtual tokens are added per row: padded rows only
-CANNOT_MERGE = ("a prefix adds virtual key/value positions to every attention layer; "
-                        "it is not a change of any weight")
 ENCODER = "prefix_encoder"  # the attribute of the model that holds the PrefixEncoder
 WEIGHT_KEY = "prompt_embeddings"  # HF peft's key
-
-
-class Config(BaseModel):
-    """Recipe keys of ``method: {name: prefix_tuning}``."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    name: Literal["prefix_tuning"] = "prefix_tuning"
-    num_virtual_tokens: int = Field(20, gt=0, description="prefix length n: virtual key/value positions per layer")
-    projection: bool = Field(False, description="reparameterise the prefix through an MLP while training (§4.3); "
-                             "folded into the plain prefix when saved")
-    encoder_hidden_size: int | None = Field(None, gt=0, description="hidden width of the projection MLP "
-                                            "(default: kv_heads · head_dim, as HF peft)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,7 +372,6 @@ def config_from_adapter(d: dict) -> Config:
 
 
 file_fields = common.no_file_fields
-base_quantization = common.any_quantization
 reads_adapter = common.reads_peft_type(PEFT_TYPE)
 
 

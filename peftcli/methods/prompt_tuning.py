@@ -24,45 +24,18 @@ Files are Hugging Face peft's PROMPT_TUNING format: one tensor ``prompt_embeddin
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from peftcli.errors import UserError
 from peftcli.methods import common
+from peftcli.methods.cards.prompt_tuning import CANNOT_MERGE, PADDING_FREE, PAPER, PEFT_TYPE, SUMMARY, Config, base_quantization  # noqa: F401  (its card)
 from peftcli.models import decoder_body, decoder_body_name
 
-PEFT_TYPE = "PROMPT_TUNING"
-PAPER = "Lester et al. 2021, The Power of Scale for Parameter-Efficient Prompt Tuning"
-SUMMARY = "n trainable virtual token embeddings prepended to the input (init random, vocab or text)"
-PADDING_FREE = False  # virtual tokens are added per row: padded rows only
-CANNOT_MERGE = "its virtual tokens are extra inputs prepended to every sequence, not a change of any base weight"
 EMBEDDINGS_KEY = "prompt_embeddings"  # HF peft's key for every prompt-learning adapter file
 HF_INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
-
-
-class Config(BaseModel):
-    """Recipe keys of ``method: {name: prompt_tuning}``."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    name: Literal["prompt_tuning"] = "prompt_tuning"
-    num_virtual_tokens: int = Field(20, gt=0, description="number of virtual tokens n prepended to every input")
-    init: Literal["random", "vocab", "text"] = Field(
-        "random", description="random: uniform in [-0.5, 0.5]; vocab: embeddings of n random vocabulary tokens; "
-        "text: embeddings of init_text, repeated or cut to n tokens",
-    )
-    init_text: str | None = Field(None, description="the text whose token embeddings start the prompt (init: text)")
-
-    @model_validator(mode="after")
-    def _text_with_text_init(self):
-        if self.init == "text" and not self.init_text:
-            raise ValueError("init: text needs init_text")
-        if self.init != "text" and self.init_text is not None:
-            raise ValueError(f"init_text is only used with init: text (init is {self.init})")
-        return self
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,7 +303,6 @@ def check_prompt_learning_config(d: dict) -> None:
 
 
 file_fields = common.no_file_fields
-base_quantization = common.any_quantization
 reads_adapter = common.reads_peft_type(PEFT_TYPE)
 
 

@@ -12,51 +12,14 @@ against. DoRA (``dora: true``) works the same way, its norm taken over the dequa
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import field_validator
-
 from peftcli.methods import common, lora
+from peftcli.methods.cards.qlora import CANNOT_MERGE, PADDING_FREE, PAPER, PEFT_TYPE, SUMMARY, Config, base_quantization  # noqa: F401  (its card)
 from peftcli.methods.lora import adapter_config, apply, file_fields, load_state_dict, merge, state_dict  # noqa: F401
-
-PEFT_TYPE = lora.PEFT_TYPE
-PAPER = "Dettmers et al. 2023, QLoRA: Efficient Finetuning of Quantized LLMs"
-SUMMARY = "LoRA on a 4-bit NF4 base (double quant), adapters in float32"
-CANNOT_MERGE = lora.CANNOT_MERGE  # merges as LoRA, into the dequantised W
-PADDING_FREE = True  # the token sequence is unchanged: padding-free rows work
-
-
-class Config(lora.Config):
-    """Recipe keys of ``method: {name: qlora}``: the LoRA keys; the base is loaded in NF4."""
-
-    name: Literal["qlora"] = "qlora"
-
-    @field_validator("init")
-    @classmethod
-    def _no_pissa(cls, init: str) -> str:
-        if init == "pissa":
-            raise ValueError("pissa needs a full-precision base (it replaces W by the residual W - scale·B·A); "
-                             "use method lora with init pissa, or init zeros/gaussian with qlora")
-        return init
 
 
 def config_from_adapter(d: dict) -> Config:
     """Our config from an HF peft LoRA ``adapter_config.json`` dict."""
     return Config(**lora.config_from_adapter(d).model_dump(exclude={"name"}))
-
-
-def base_quantization(quantization: str) -> str:
-    """The base QLoRA trains on: 4-bit (``nf4`` or ``fp4``, as the recipe says); ``none``
-    resolves to ``nf4`` (Dettmers et al. 2023, §3).
-
-    Raises:
-        ValueError: another quantisation (8-bit).
-    """
-    if quantization in lora.FOUR_BIT:
-        return quantization
-    if quantization != "none":
-        raise ValueError(f"method qlora needs model.quantization nf4 or fp4, not {quantization}")
-    return "nf4"
 
 
 def reads_adapter(cfg: dict) -> bool:

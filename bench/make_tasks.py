@@ -1,6 +1,6 @@
 """Generate the bundled task data: short instruction tasks whose answers are checked by exact match.
 
-    python recipes/data/make_tasks.py        # rewrites tasks/train.jsonl and tasks/heldout.jsonl
+    python bench/make_tasks.py        # rewrites peftcli/recipes/data/tasks/train.jsonl and heldout.jsonl
 
 Deterministic (one seeded ``random.Random``, standard library only): running it again writes
 byte-identical files. Each row is Alpaca-format ``{"instruction", "input", "output"}``; the
@@ -16,7 +16,7 @@ from pathlib import Path
 
 SEED = 20240601
 N_TRAIN, N_HELDOUT = 2000, 100
-OUT = Path(__file__).resolve().parent / "tasks"
+OUT = Path(__file__).resolve().parent.parent / "peftcli" / "recipes" / "data" / "tasks"
 
 WORDS = """
 apple river garden window candle pencil basket button castle cloud forest guitar hammer island
