@@ -105,3 +105,13 @@ def test_no_private_names_across_modules(name):
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
             if node.attr.startswith("_") and not node.attr.startswith("__"):
                 pytest.fail(f"{name}:{node.lineno} uses private {aliases[node.value.id]}.{node.attr}")
+
+
+def test_no_script_shadows_a_standard_library_module():
+    """A script runs with its own dir first on sys.path, so ``bench/tokenize.py`` would replace
+    the standard library's ``tokenize`` for every other script there (torch's import then fails)."""
+    import sys
+
+    scripts = {p.stem: p for folder in ("bench", "docs", "tests") for p in (ROOT / folder).glob("*.py")}
+    shadowing = sorted(str(scripts[name].relative_to(ROOT)) for name in set(scripts) & set(sys.stdlib_module_names))
+    assert not shadowing, f"rename {shadowing}: they shadow standard library modules"

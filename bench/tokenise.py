@@ -1,6 +1,6 @@
 """Tokenisation benchmark: 100k alpaca rows, first run (empty token cache) and cached run.
 
-    python bench/tokenize.py [--rows 100000] [--max-seq-len 512] [--no-compare]
+    python bench/tokenise.py [--rows 100000] [--max-seq-len 512] [--no-compare]
 
 Rows: ``../shared/data/alpaca/train.jsonl`` (or ``$PEFTCLI_SHARED_DATA/alpaca``), repeated up to
 ``--rows``; without it the script says so and exits 0. Tokenizer: the embedded model's
@@ -15,17 +15,13 @@ Prints a markdown table row (header first) for docs/benchmarks.md. Run it on an 
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import sys
+import tempfile
+import time
 from pathlib import Path
-
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    del sys.path[0]  # bench/ first on the path: this file would shadow the standard library's tokenize
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("PEFTCLI_SHARED_DATA", ROOT.parent / "shared" / "data"))
