@@ -98,14 +98,17 @@ def train(
     from peftcli import launch as launcher
     from peftcli import recipe as recipes
     from peftcli import smoke as smoke_check
+    from peftcli import sources
 
     if num_processes > 1 and "LOCAL_RANK" not in os.environ:
-        recipes.load_recipe(recipe, list(set_), output_dir)  # a bad recipe fails here, once, not in N processes
+        # a bad recipe or a missing data file fails here, once, not in N processes
+        sources.check_paths(recipes.load_recipe(recipe, list(set_), output_dir).data)
         launcher.check_devices(num_processes)
         raise typer.Exit(launcher.launch(num_processes))
     r = smoke_check.load_recipe(recipe, set_, output_dir) if smoke else recipes.load_recipe(recipe, set_, output_dir)
     if smoke and resume:
         raise UserError("--smoke and --resume: a smoke run always starts fresh; drop --resume")
+    sources.check_paths(r.data)  # before torch is imported: a misspelt path answers at once
     from peftcli.trainer import train as run_training  # torch and transformers: only for a recipe that loads
     # a smoke run replaces the smoke run before it (a CI job's repeat), never a real run
     overwrite = overwrite or (smoke and smoke_check.replaces(r.output.dir))
@@ -321,8 +324,10 @@ def validate(
 ):
     """Resolve a recipe; list matched modules, trainable parameters and a peak-memory estimate."""
     from peftcli import recipe as recipes
+    from peftcli import sources
 
     r = recipes.load_recipe(recipe, set_)
+    sources.check_paths(r.data)  # before torch is imported
     from peftcli import memory, methods, prepare  # torch and transformers: only for a recipe that loads
     p = prepare.load(r)  # data is read before the model loads, as in train
     prepare.fit_micro_batch(r, p.train_units, out.print)

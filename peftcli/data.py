@@ -893,7 +893,7 @@ def build(cfg: DataConfig, tokenizer, seed: int) -> Datasets:
     tokenize = dict(tokenizer=tokenizer, max_seq_len=cfg.max_seq_len, train_on_prompt=cfg.train_on_prompt,
                     text_overlap=cfg.text_overlap)
     train_parts, train_stats, eval_parts = [], [], []  # one entry per source
-    for key, source in _keyed(cfg.train, "data.train"):
+    for key, source in sources.keyed(cfg.train, "data.train"):
         rows = add_system_prompt(load_rows(source, key)[: cfg.max_samples], source.format, cfg.system_prompt)
         if cfg.eval_split is not None:
             rows, held = _split(rows, cfg.eval_split, seed, source.path)
@@ -901,7 +901,7 @@ def build(cfg: DataConfig, tokenizer, seed: int) -> Datasets:
         examples, stats = tokenize_rows(rows, source.format, name=source.path, **tokenize)
         train_parts.append(examples)
         train_stats.append(stats)
-    for key, source in _keyed(cfg.eval, "data.eval"):
+    for key, source in sources.keyed(cfg.eval, "data.eval"):
         eval_parts.append((add_system_prompt(load_rows(source, key), source.format, cfg.system_prompt),
                            source.format, source.path))
     eval_examples, eval_stats = [], []
@@ -916,14 +916,6 @@ def build(cfg: DataConfig, tokenizer, seed: int) -> Datasets:
                     eval_rows=[r for rows, _, _ in eval_parts for r in rows], eval_format=eval_format,
                     train_stats=_total(train_stats), eval_stats=_total(eval_stats) if eval_stats else None,
                     mixing=mixing)
-
-
-def _keyed(given, key: str) -> list[tuple[str, DataSource]]:
-    """(recipe key, source) of each source in ``data.train`` / ``data.eval`` (one, a list, or None):
-    ``data.train`` for a single source, ``data.train[1]`` in a list."""
-    if given is None:
-        return []
-    return [(f"{key}[{n}]", s) for n, s in enumerate(given)] if isinstance(given, list) else [(key, given)]
 
 
 def _total(stats: list[DataStats]) -> DataStats:

@@ -61,6 +61,46 @@ class Rows:
         return f"{self.name}:{self.lines[n - 1]} (row {n})" if self.lines else f"{self.name} (row {n})"
 
 
+def check_path(source: DataSource, key: str = "data.train") -> Path:
+    """``source.path`` as a Path, checked without reading it (cheap: ``peft train`` runs it before
+    importing torch, so a misspelt path answers at once): a file, a dir, or a name that can be a
+    hub dataset id (whether it is cached is :func:`load`'s to find out).
+
+    Raises:
+        UserError: "FILE: data file not found" (a missing path with a data-file extension); "KEY.path
+            X: neither a regular file nor a dir" / "...: not a file or dir, and not a hub dataset id".
+    """
+    path = Path(source.path)
+    if path.is_file() or path.is_dir():
+        return path
+    if path.exists():
+        raise UserError(f"{_path_key(key)} {path}: neither a regular file nor a dir; give a data file or a dir")
+    if path.suffix.lower() in FILE_KINDS:
+        raise UserError(f"{path}: data file not found")
+    if not HUB_ID.fullmatch(source.path):
+        raise UserError(f"{_path_key(key)} {source.path}: not a file or dir, and not a hub dataset id")
+    return path
+
+
+def check_paths(cfg) -> None:
+    """:func:`check_path` on every train and eval source of a recipe's ``data`` section (a
+    :class:`peftcli.recipe.DataConfig`).
+
+    Raises:
+        UserError: the first source whose path is not there, as :func:`check_path` says it.
+    """
+    for key, source in keyed(cfg.train, "data.train") + keyed(cfg.eval, "data.eval"):
+        check_path(source, key)
+
+
+def keyed(given, key: str) -> list[tuple[str, DataSource]]:
+    """(recipe key, source) of each source in ``data.train`` / ``data.eval`` (one, a list, or None):
+    ``data.train`` for a single source, ``data.train[1]`` in a list."""
+    if given is None:
+        return []
+    return [(f"{key}[{n}]", s) for n, s in enumerate(given)] if isinstance(given, list) else [(key, given)]
+
+
 def load(source: DataSource, key: str = "data.train") -> Rows:
     """Read every row of ``source`` (see the module docstring for the kinds), ``columns`` applied.
 
@@ -80,18 +120,12 @@ def load(source: DataSource, key: str = "data.train") -> Rows:
             a ``split`` on a source without splits; a ``columns`` entry naming a column the
             source lacks (naming the columns there).
     """
-    path = Path(source.path)
+    path = check_path(source, key)
     if path.is_file():
         _no_split(source, key, "a file")
         rows, lines = _read_file(path)
     elif path.is_dir():
         rows, lines = _read_saved(path, source, key), None
-    elif path.exists():
-        raise UserError(f"{_path_key(key)} {path}: neither a regular file nor a dir; give a data file or a dir")
-    elif path.suffix.lower() in FILE_KINDS:
-        raise UserError(f"{path}: data file not found")
-    elif not HUB_ID.fullmatch(source.path):
-        raise UserError(f"{_path_key(key)} {source.path}: not a file or dir, and not a hub dataset id")
     else:
         rows, lines = _read_hub(source, key), None
     if not rows:

@@ -16,13 +16,17 @@ from helpers import peft_in_process
 HEAVY = ("torch", "transformers", "datasets", "accelerate")
 # the peftcli modules a command that only reads recipes may import (all torch-free at import)
 LIGHT = {"peftcli", "peftcli.cli", "peftcli.errors", "peftcli.tokens", "peftcli.recipe", "peftcli.bundled",
-         "peftcli.smoke", "peftcli.launch", "peftcli.methods", "peftcli.methods.cards"}
+         "peftcli.sources", "peftcli.smoke", "peftcli.launch", "peftcli.methods", "peftcli.methods.cards"}
 
 BAD_RECIPES = {  # file text -> what the one-line error names
     "unknown key": ("method: {name: lora, lorra_alpha: 3}\ndata: {train: {path: x.jsonl}}\n", "method.lorra_alpha"),
     "bad value": ("method: {name: lora, r: -1}\ndata: {train: {path: x.jsonl}}\n", "method.r"),
     "bad YAML": ("method: {name: lora\n", "malformed YAML"),
     "unknown method": ("method: {name: lorax}\ndata: {train: {path: x.jsonl}}\n", "unknown method 'lorax'"),
+    "missing data file": ("method: {name: lora}\ndata: {train: [{path: x.jsonl}], eval: {path: y.csv}}\n",
+                          "x.jsonl: data file not found"),
+    "not a path or hub id": ("method: {name: lora}\ndata: {train: {path: 'my data/'}}\n",
+                             "data.train.path my data/: not a file or dir, and not a hub dataset id"),
 }
 
 
