@@ -65,13 +65,13 @@ def test_malformed_yaml_names_file_and_line(tmp_path):
     assert p.stderr.strip().count("\n") == 0 and f"{recipe}:4" in p.stderr and "malformed YAML" in p.stderr
 
 
-def test_missing_files_exit_2(tmp_path, tiny_dir):
+def test_missing_files_exit_2(tmp_path, tiny_dir, data_file):
     p = run("train", str(tmp_path / "nope.yaml"))
     assert p.returncode == 2 and "nope.yaml: recipe file not found" in p.stderr
     recipe = write(tmp_path, GOOD.format(model=tiny_dir, data=tmp_path / "missing.jsonl", out=tmp_path / "run"))
     p = run("train", recipe)
     assert p.returncode == 2 and "missing.jsonl" in p.stderr and "Traceback" not in p.stderr
-    recipe = write(tmp_path, GOOD.format(model=tmp_path / "no-model", data=tmp_path / "missing.jsonl", out=tmp_path / "run"), "r2.yaml")
+    recipe = write(tmp_path, GOOD.format(model=tmp_path / "no-model", data=data_file, out=tmp_path / "run"), "r2.yaml")
     p = run("train", recipe)
     assert p.returncode == 2 and "no-model" in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
