@@ -53,7 +53,7 @@ def merge_adapter(path: str | Path, out_dir: str | Path, dtype: str | None = Non
         path: a run dir or an adapter dir.
         out_dir: where the merged model goes: a new or empty dir, or (with ``overwrite``) one
             peft merged into before, whose other files are kept.
-        dtype: ``float32 | bfloat16 | float16``; default the base's recorded dtype (for a 4-bit
+        dtype: ``float32 | bfloat16 | float16``; default the dtype the run loaded its base in (for a 4-bit
             base that is its compute dtype, float32 unless the recipe set another).
         log: where the one-line summary goes (default: this module's logger at INFO).
         overwrite: replace the files of an earlier merge into ``out_dir`` (``--overwrite``).
@@ -97,7 +97,7 @@ def merge_adapter(path: str | Path, out_dir: str | Path, dtype: str | None = Non
     record = {"adapter": str(Path(loaded.adapter_dir).resolve()), "dtype": out_name}
     kept = write_merged(out_dir, clean, tok, record, peft_files)
 
-    chosen = f"dtype {out_name}" + (" (the base's recorded dtype)" if dtype is None else "")
+    chosen = f"dtype {out_name}" + (" (the dtype the run loaded its base in, model.dtype; --dtype to change)" if dtype is None else "")
     note = f"; the {base.quantization} base was dequantised, not re-quantised" if quantized else ""
     yours = f"; kept {kept} other file(s) there" if kept else ""
     log(f"merged {loaded.adapter_dir} into {out_dir}: {chosen}{note}{yours}")

@@ -35,6 +35,7 @@ from torch import nn
 from peftcli import artifacts, data, guard, methods, packing, prepare
 from peftcli.errors import Interrupted, UserError, WriteFault, write_error, writing
 from peftcli.loss import SupervisedLoss, count_supervised, eval_loss, make_collate
+from peftcli.phases import clock
 from peftcli.prepare import Prepared
 from peftcli.recipe import Recipe, dump
 from peftcli.rundir import RunDir, RunLog
@@ -466,8 +467,7 @@ def run_steps(run: Run) -> None:
         for step in range(run.start + 1, run.steps + 1):
             lr = _optimizer_step(run, step)
             run.trained = step
-            if step % t.log_every == 0 or step == run.steps:
-                _log_train(run, step, lr, progress, task)
+            logged = _log_train(run, step, lr) if step % t.log_every == 0 or step == run.steps else None
             if run.main and run.prepared.eval_examples and t.eval_every and step % t.eval_every == 0 and step != run.steps:
                 _log_eval(run, step, progress.console)
             stopping = _any_process(run.accelerator, stop.signum is not None)
@@ -481,8 +481,10 @@ def run_steps(run: Run) -> None:
                     run.final_checkpoint_fault = fault  # the adapter (smaller) is still written; raised after it
             c = run.counters  # lr, tokens/s and time left from the first step on, loss at each log
             per_step = (time.perf_counter() - stepping_since) / (step - run.start)
-            shown = {"lr": f"{lr:.2e}", "eta": _clock(per_step * (run.steps - step))}
-            if c.window_tokens:  # tokens/s of the steps since the last log line (just after one: the logged value stays)
+            shown = {"lr": f"{lr:.2e}", "eta": clock(per_step * (run.steps - step))}
+            if logged is not None:  # the step's logged numbers, drawn with the step itself
+                shown.update(loss=f"{logged['loss']:.4f}", tps=f"{logged['tokens_per_s']:.0f}")
+            elif c.window_tokens:  # tokens/s of the steps since the last log line
                 shown["tps"] = f"{c.window_tokens / max(time.perf_counter() - c.window_t0, 1e-9):.0f}"
             progress.update(task, completed=step, refresh=True, **shown)  # drawn each step (a step is ms or more)
 
@@ -516,9 +518,10 @@ def _optimizer_step(run: Run, step: int) -> float:
     return lr
 
 
-def _log_train(run: Run, step: int, lr: float, progress, task) -> None:
+def _log_train(run: Run, step: int, lr: float) -> dict:
     """The train event: the mean loss of the steps since the last one, this step's lr and
-    gradient norm (L2 over all trainable parameters, before clipping), tokens/s."""
+    gradient norm (L2 over all trainable parameters, before clipping), tokens/s; written to the
+    log and printed as one line (on a terminal, above the progress bar). Returns the event."""
     c = run.counters
     dt = time.perf_counter() - c.window_t0
     event = {"event": "train", "step": step, "loss": sum(c.pending_losses) / len(c.pending_losses),
@@ -526,10 +529,9 @@ def _log_train(run: Run, step: int, lr: float, progress, task) -> None:
              "epoch": run.stream.epoch, "elapsed_s": c.elapsed()}
     run.log.write(event)
     c.last_logged = event["loss"]
-    progress.update(task, loss=f"{event['loss']:.4f}", tps=f"{event['tokens_per_s']:.0f}")
-    if not progress.live.is_started:
-        run.console.print(f"step {step}/{run.steps}  loss {event['loss']:.4f}  lr {event['lr']:.2e}  {event['tokens_per_s']:.0f} tok/s")
+    run.console.print(f"step {step}/{run.steps}  loss {event['loss']:.4f}  lr {event['lr']:.2e}  {event['tokens_per_s']:.0f} tok/s")
     c.pending_losses, c.window_tokens, c.window_t0 = [], 0, time.perf_counter()
+    return event
 
 
 def _evaluate(run: Run) -> dict:
@@ -816,12 +818,6 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
     return flat
-
-
-def _clock(seconds: float) -> str:
-    """``3725.2`` -> ``"1:02:05"`` (h:mm:ss)."""
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
 def _progress(console, steps: int, start: int):

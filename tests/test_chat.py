@@ -4,6 +4,7 @@ and peft eval's progress, on a tiny random Llama with a LoRA adapter (issue 17, 
 import json
 import re
 import shutil
+import time
 from io import StringIO
 
 import pytest
@@ -237,7 +238,10 @@ def test_phases_show_a_bar_with_the_count_on_a_terminal():
     screen = StringIO()
     phases = Phases(Console(file=screen, force_terminal=True, color_system=None, width=100))
     with phases.phase("base loss", 4, "examples") as advance:
+        time.sleep(1.1)
+        advance(2)  # half done in 1.1 s: 1.1 s left, shown from this first update on
         advance(2)
-        advance(2)
-    assert "base loss" in screen.getvalue() and "4/4 examples" in screen.getvalue()
+    shown = screen.getvalue()
+    assert "base loss" in shown and "4/4 examples" in shown
+    assert re.search(r"2/4 examples \S+ left 0:00:01", shown), shown
     assert ": 4/4 examples in" not in screen.getvalue()  # the bar, not the log line

@@ -562,15 +562,21 @@ def test_grad_norm_is_logged_and_equals_the_models_own_gradient_norm(tmp_path, t
 def test_the_progress_bar_shows_no_nan_before_the_first_log_line(tmp_path, tiny_dir):
     """On a terminal the bar shows "loss -" until the first logged loss, lr, tokens/s and the time
     left from the first step, never "loss nan  0 tok/s" (issue 17, item 5). The bar is drawn at
-    every step, so step 1's drawing (before the first log line) is in the output."""
+    every step, so step 1's drawing (before the first log line) is in the output; a logged loss
+    is drawn with its own step (never beside the step before), and each log line stays printed
+    above the bar."""
     import io
 
     from rich.console import Console
 
     buf = io.StringIO()
-    recipe = tiny_run_recipe(tmp_path, tiny_dir, {"name": "lora"}, max_steps=3, log_every=3)
+    recipe = tiny_run_recipe(tmp_path, tiny_dir, {"name": "lora"}, max_steps=4, log_every=2)
     train(recipe, console=Console(file=buf, force_terminal=True, color_system=None, width=200))
     shown = buf.getvalue()
     assert "nan" not in shown and " 0 tok/s" not in shown, shown[-2000:]
     assert re.search(r"loss \d+\.\d{4}  lr \d\.\d\de-\d\d  [1-9]\d* tok/s", shown), shown[-2000:]
-    assert re.search(r"loss -  lr \d\.\d\de-\d\d  [1-9]\d* tok/s .*left \d:\d\d:\d\d", shown), shown[-2000:]
+    assert re.search(r"step 1/4 .*loss -  lr \d\.\d\de-\d\d  [1-9]\d* tok/s .*left \d:\d\d:\d\d", shown), shown[-2000:]
+    frames = re.findall(r"step (\d)/4 \S+ loss (\S+)", shown)  # each drawing of the bar: (step, loss shown)
+    assert frames and all((loss == "-") == (int(n) < 2) for n, loss in frames), frames
+    for e in (e for e in read_events(tmp_path / "run" / "metrics.jsonl") if e["event"] == "train"):
+        assert f"step {e['step']}/4  loss {e['loss']:.4f}  lr {e['lr']:.2e}" in shown, shown[-2000:]  # the log lines stay
