@@ -714,7 +714,7 @@ def cached_by_fingerprint(tokenize_all):
             return examples, stats
         try:
             token_cache.save(key, examples, dataclasses.asdict(stats))
-            _say(f"{name}: tokenised {len(rows)} rows (cached for next time)")
+            _say(f"{name}: tokenised {len(rows)} row{'s' * (len(rows) != 1)} (cached for next time)")
         except (OSError, UserError, ValueError, OverflowError) as e:  # UserError: a file in the way
             if not _cache_unwritable_said:
                 _cache_unwritable_said = True

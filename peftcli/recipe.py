@@ -8,6 +8,7 @@ resolved :class:`Recipe` is passed down to every other module. Method-specific k
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -270,39 +271,72 @@ def _did_you_mean(loc: list[str], method: str | None) -> str:
 _YAML11_BOOLS = {"yes", "no", "on", "off", "y", "n"}
 
 
-def parse_override(item: str) -> tuple[list[str], object]:
-    """``"train.max_steps=3"`` -> (["train", "max_steps"], 3). The value is read as YAML, so
-    numbers, booleans, null and ``[a, b]`` lists get their types.
+_KEY_PART = re.compile(r"([^.\[\]]+)((?:\[\d+\])*)")
+
+
+def parse_override(item: str) -> tuple[list[str | int], object]:
+    """``"train.max_steps=3"`` -> (["train", "max_steps"], 3); ``"data.train[1].weight=2"`` ->
+    (["data", "train", 1, "weight"], 2): a list item by its index, as errors name it. The value is
+    read as YAML, so numbers, booleans, null and ``[a, b]`` lists get their types.
 
     Raises:
-        UserError: no ``=`` or an empty key.
+        UserError: no ``=``, an empty key, or a key part that is not a name (with indices).
     """
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_steps=3")
+    path: list[str | int] = []
+    for part in key.strip().split("."):
+        m = _KEY_PART.fullmatch(part)
+        if m is None:
+            raise UserError(f"--set {item}: cannot read the key part {part!r} (names, and [N] for a list item)")
+        path += [m.group(1), *(int(i) for i in re.findall(r"\d+", m.group(2)))]
     if raw.strip().lower() in _YAML11_BOOLS:
-        return key.strip().split("."), raw.strip()  # --set train.mixed_precision=no is the string "no"
+        return path, raw.strip()  # --set train.mixed_precision=no is the string "no"
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    return key.strip().split("."), value
+    return path, value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Set each ``a.b=c`` into the nested dict ``data`` (in place, and returned)."""
+    """Set each ``a.b=c`` (``a.b[1].c=d``: an item of the list ``a.b``) into the nested dict
+    ``data`` (in place, and returned).
+
+    Raises:
+        UserError: a step through something that is not a section, or an index past a list's end.
+    """
     for item in overrides:
         path, value = parse_override(item)
         node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise UserError(f"--set {item}: {'.'.join(path[:-1])} is not a section")
+        for depth, (step, following) in enumerate(zip(path, path[1:])):
+            where = _key_text(path[: depth + 1])
+            if isinstance(step, int):
+                if not isinstance(node, list) or step >= len(node):
+                    have = f"has {len(node)} item{'s' * (len(node) != 1)}" if isinstance(node, list) else "is not a list"
+                    raise UserError(f"--set {item}: {_key_text(path[:depth])} {have}")
+                child = node[step]
+            else:
+                if not isinstance(node, dict):
+                    raise UserError(f"--set {item}: {_key_text(path[:depth])} is not a section")
+                child = node.get(step)
+                if child is None:
+                    child = node[step] = [] if isinstance(following, int) else {}
+            if not isinstance(child, (dict, list)) or isinstance(child, list) != isinstance(following, int):
+                raise UserError(f"--set {item}: {where} is not a {'list' if isinstance(following, int) else 'section'}")
             node = child
-        node[path[-1]] = value
+        last = path[-1]
+        if isinstance(last, int):
+            if not isinstance(node, list) or last >= len(node):
+                raise UserError(f"--set {item}: {_key_text(path[:-1])} has {len(node)} items")
+        node[last] = value
     return data
+
+
+def _key_text(path: list[str | int]) -> str:
+    """["data", "train", 1, "weight"] -> "data.train[1].weight"."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

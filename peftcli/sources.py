@@ -4,7 +4,8 @@ A source (``data.train`` / ``data.eval``, :class:`peftcli.recipe.DataSource`) is
 
     .jsonl / .json           one object per line, or a JSON list; parsed with ``json`` so errors
                              name the line ("FILE:LINE: malformed JSON: ...")
-    .csv                     header row; every cell read as text ("15" stays "15", empty -> "")
+    .csv                     header row; every cell read as text ("15" stays "15", empty -> "");
+                             parsed with ``csv`` so errors name the line (a row of the wrong width too)
     .parquet                 through ``datasets`` (the Arrow cache in a temporary dir)
     .txt                     the whole file is ONE row ``{"text": <file contents>}``: a document,
                              which ``format: text`` cuts into windows of ``max_seq_len`` tokens
@@ -17,7 +18,7 @@ A source (``data.train`` / ``data.eval``, :class:`peftcli.recipe.DataSource`) is
 Every file is read as strict UTF-8 (a leading byte-order mark is dropped). ``columns`` then
 renames the file's columns to the format's field names; other fields keep their names. The
 rows come back raw: checking them against the format is :mod:`peftcli.data`'s job. Nothing is
-written under ``~/.cache``: the CSV/Parquet readers' Arrow cache is a temporary dir, and the
+written under ``~/.cache``: the Parquet reader's Arrow cache is a temporary dir, and the
 other kinds are memory-mapped where they lie.
 
 :func:`mix` combines several sources' (tokenised) examples by their ``weight``.
@@ -143,7 +144,7 @@ def _read_file(path: Path) -> tuple[list[dict], list[int] | None]:
     if suffix in (".json", ".jsonl"):
         return _read_json(path)
     if suffix == ".csv":
-        return _read_csv(path), None
+        return _read_csv(path)
     if suffix == ".parquet":
         return _read_with_datasets("parquet", path), None
     if suffix == ".txt":
@@ -200,19 +201,35 @@ def _read_json(path: Path) -> tuple[list[dict], list[int]]:
     return rows, lines
 
 
-def _read_csv(path: Path) -> list[dict]:
-    """CSV rows with every column read as text (so "15" stays "15", an empty cell is "")."""
-    header = next(csv.reader(_decode(path, path.read_bytes()).splitlines()), None)
-    if not header:
-        return []
-    import datasets
+def _read_csv(path: Path) -> tuple[list[dict], list[int]]:
+    """Rows of a CSV file and the line each starts on: a header row, then one row per record,
+    every cell read as text ("15" stays "15", an empty cell is ""); parsed with the ``csv``
+    module, strictly, so that errors name the line.
 
-    features = datasets.Features({name: datasets.Value("string") for name in header})
-    return _read_with_datasets("csv", path, features=features, keep_default_na=False)
+    Raises:
+        UserError: "FILE:LINE: 1 cell where the header has 2 (question, answer)" for a row with
+            cells missing or extra (never read as an empty answer), or a CSV syntax error.
+    """
+    reader = csv.reader(_decode(path, path.read_bytes()).splitlines(keepends=True), strict=True)
+    rows, lines, header, start = [], [], None, 1
+    try:
+        for record in reader:
+            if record and header is None:
+                header = record
+            elif record:
+                if len(record) != len(header):
+                    raise UserError(f"{path}:{start}: {len(record)} cell{'s' * (len(record) != 1)} where the header has "
+                                    f"{len(header)} ({', '.join(header)}); quote a cell that holds a comma")
+                rows.append(dict(zip(header, record)))
+                lines.append(start)
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise UserError(f"{path}:{reader.line_num}: malformed CSV: {e}") from None
+    return rows, lines
 
 
 def _read_with_datasets(builder: str, path: Path, **kwargs) -> list[dict]:
-    """Rows of a CSV/Parquet file through ``datasets.load_dataset``, kept in memory; the Arrow
+    """Rows of a Parquet file through ``datasets.load_dataset``, kept in memory; the Arrow
     cache goes to a temporary dir that is removed afterwards (nothing left in ~/.cache)."""
     import datasets
 

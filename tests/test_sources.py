@@ -89,6 +89,31 @@ def test_csv_with_mapped_columns_rows_and_tokens(tok, tmp_path):
     assert_tokens(tok, rows[0], "alpaca")
 
 
+def test_a_csv_row_of_the_wrong_width_names_its_line(tmp_path):
+    """A row with a cell missing is an error naming its line, never an empty answer dropped
+    (found by the issue-17 trial); an extra cell and a stray quote too. A quoted cell may span
+    lines: a row is named by the line it starts on, and a missing field after column mapping by
+    its line and row."""
+    def load_error(text, **kw):
+        path = tmp_path / "qa.csv"
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(UserError) as e:
+            load(path, "alpaca", columns={"instruction": "question", "output": "answer"}, **kw)
+        return str(e.value)
+
+    assert load_error('question,answer\n"two\nlines",4\nWhat is 2 plus 2?\n') == (
+        f"{tmp_path / 'qa.csv'}:4: 1 cell where the header has 2 (question, answer); quote a cell that holds a comma")
+    assert load_error("question,answer\nWhat is 2 plus 2?,4,extra\n").startswith(
+        f"{tmp_path / 'qa.csv'}:2: 3 cells where the header has 2")
+    assert load_error('question,answer\n"a"b,4\n').startswith(f"{tmp_path / 'qa.csv'}:2: malformed CSV")
+    path = tmp_path / "q.csv"
+    path.write_text('\nquestion,reply\n"two\nlines",4\n\nok,5\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"q\.csv:3 \(row 1\): missing field 'output' for format alpaca"):
+        data.load_rows(DataSource(path=str(path), format="alpaca", columns={"instruction": "question"}))
+    rows = sources.load(DataSource(path=str(path), format="alpaca", columns={"instruction": "question", "output": "reply"}))
+    assert [rows.where(n) for n in (1, 2)] == [f"{path}:3 (row 1)", f"{path}:6 (row 2)"]
+
+
 def test_parquet_rows_and_tokens(tok, tmp_path):
     import pandas as pd
 
@@ -222,7 +247,7 @@ def test_unknown_kinds_and_missing_columns_are_one_line(tmp_path):
          r"^data\.train\.columns\.output: no column 'reply' in .*qa\.csv \(columns there: question, answer\)$"),
         (lambda: load(csv, split="train"), r"data\.train\.split: .*qa\.csv is a file and has no splits"),
         # the format check still runs on the mapped rows, naming the row
-        (lambda: load(csv, "alpaca", columns={"instruction": "question"}), r"qa\.csv \(row 1\): missing field 'output'"),
+        (lambda: load(csv, "alpaca", columns={"instruction": "question"}), r"qa\.csv:2 \(row 1\): missing field 'output'"),
     ]
     for act, pattern in cases:
         with pytest.raises(UserError, match=pattern) as e:

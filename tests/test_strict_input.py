@@ -65,3 +65,20 @@ def test_usage_errors_are_one_line(tmp_path, args, needle):
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert p.returncode == 2 and len(lines) == 1, p.stderr
     assert lines[0].startswith("error: ") and needle in lines[0] and f"peft {args[0]} --help" in lines[0]
+
+
+def test_set_reaches_an_item_of_a_source_list_by_the_index_errors_name():
+    """``--set data.train[1].columns.output=reply``: the key as errors write it (found by the
+    issue-17 trial: no way to set one source of a list)."""
+    from peftcli.recipe import apply_overrides
+
+    recipe = {"data": {"train": [{"path": "a.jsonl"}, {"path": "b.csv"}]}, "train": {"lr": 1e-3}}
+    apply_overrides(recipe, ["data.train[1].columns.output=reply", "data.train[0].weight=2", "train.max_steps=3"])
+    assert recipe == {"data": {"train": [{"path": "a.jsonl", "weight": 2}, {"path": "b.csv", "columns": {"output": "reply"}}]},
+                      "train": {"lr": 1e-3, "max_steps": 3}}
+    for bad, said in [("data.train[2].weight=2", "data.train has 2 items"), ("data.train.weight=2", "data.train is not a section"),
+                      ("train[0]=1", "train is not a list"), ("train.lr.x=1", "train.lr is not a section"),
+                      ("a..b=1", "cannot read the key part ''")]:
+        with pytest.raises(UserError) as e:
+            apply_overrides(recipe, [bad])
+        assert str(e.value).startswith(f"--set {bad}: {said}"), str(e.value)
