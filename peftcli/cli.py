@@ -136,7 +136,7 @@ def _fmt(v, pct=False):
 def eval_(
     target: str = typer.Argument(..., help="run dir, adapter dir or recipe"),
     data: Optional[str] = typer.Option(None, "--data", help="eval file (default: the recipe's eval set)"),
-    fmt: Optional[str] = typer.Option(None, "--format", help="alpaca | completion | chat | text"),
+    fmt: Optional[str] = typer.Option(None, "--format", help="alpaca | completion | chat | sharegpt | text | tokenized"),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     labels: Optional[str] = typer.Option(None, "--labels", help="classification: comma-separated label answers, "
