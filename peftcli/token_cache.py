@@ -33,6 +33,7 @@ from functools import cache
 from itertools import chain
 from pathlib import Path
 
+from peftcli import models
 from peftcli.atomic import atomic_dir
 
 LAYOUT_VERSION = 1  # the entry's files and meta.json fields; bump when they change
@@ -49,10 +50,9 @@ def enabled() -> bool:
 
 
 def cache_root() -> Path:
-    """``<peft home>/cache/tokens``; the peft home is resolved as
-    :func:`peftcli.models.peftcli_home` does (``$PEFTCLI_HOME`` or ``~/.cache/peftcli``)."""
-    home = os.environ.get("PEFTCLI_HOME") or Path.home() / ".cache" / "peftcli"
-    return Path(home) / "cache" / "tokens"
+    """``<peft home>/cache/tokens`` (:func:`peftcli.models.peftcli_home`: ``$PEFTCLI_HOME`` or
+    ``~/.cache/peftcli``, where the converted models are too)."""
+    return models.peftcli_home() / "cache" / "tokens"
 
 
 def _canonical(value) -> bytes:

@@ -95,7 +95,7 @@ def test_the_entry_opens_with_datasets(tok, cache_home):
 
 
 def test_cache_root_is_under_the_peft_home(cache_home):
-    assert token_cache.cache_root() == models.peftcli_home() / "cache" / "tokens"
+    assert token_cache.cache_root() == models.peftcli_home() / "cache" / "tokens" == cache_home / "cache" / "tokens"
 
 
 def key(rows=ROWS, tok=None, **settings):
