@@ -18,9 +18,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# the five-minute demo: LoRA on the embedded model, precision chosen for this machine (see README)
 demo: install
-	$(PEFT) train peftcli/recipes/qlora-llama.yaml
-	$(PEFT) eval runs/qlora-llama
+	$(PEFT) train peftcli/recipes/demo.yaml
+	$(PEFT) eval runs/demo
 
 test: install
 	$(PY) -m pytest -q -ra

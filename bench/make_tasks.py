@@ -1,11 +1,16 @@
 """Generate the bundled task data: short instruction tasks whose answers are checked by exact match.
 
-    python bench/make_tasks.py        # rewrites peftcli/recipes/data/tasks/train.jsonl and heldout.jsonl
+    python bench/make_tasks.py        # rewrites peftcli/recipes/data/tasks/{train,heldout}.jsonl
+                                      # and their short-prompt copies in .../data/quick/
 
 Deterministic (one seeded ``random.Random``, standard library only): running it again writes
 byte-identical files. Each row is Alpaca-format ``{"instruction", "input", "output"}``; the
 output is a few tokens, so a small model that learns the task (and learns to stop) gets it
 exactly right. The held-out rows share no (instruction, input) pair with the train rows.
+
+``quick/`` holds the same rows in ``completion`` format with a short prompt (the instruction and
+the input on two lines, about 24 tokens a row instead of the Alpaca template's 67): the five-minute
+demo (``peftcli/recipes/quick-lora.yaml``) trains on it, since step time grows with tokens.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from pathlib import Path
 
 SEED = 20240601
 N_TRAIN, N_HELDOUT = 2000, 100
-OUT = Path(__file__).resolve().parent.parent / "peftcli" / "recipes" / "data" / "tasks"
+DATA = Path(__file__).resolve().parent.parent / "peftcli" / "recipes" / "data"
+OUT, QUICK = DATA / "tasks", DATA / "quick"
 
 WORDS = """
 apple river garden window candle pencil basket button castle cloud forest guitar hammer island
@@ -84,12 +90,19 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def short_prompt(row: dict) -> dict:
+    """The row in ``completion`` format: the instruction and the input on their own lines."""
+    return {"prompt": f"{row['instruction']}\n{row['input']}\n", "completion": row["output"]}
+
+
 def main() -> None:
     rng, taken = random.Random(SEED), set()
     heldout = generate(rng, N_HELDOUT, taken)
     train = generate(rng, N_TRAIN, taken)
     write_jsonl(OUT / "train.jsonl", train)
     write_jsonl(OUT / "heldout.jsonl", heldout)
+    write_jsonl(QUICK / "train.jsonl", [short_prompt(r) for r in train])
+    write_jsonl(QUICK / "heldout.jsonl", [short_prompt(r) for r in heldout])
     print(f"wrote {len(train)} rows to {OUT / 'train.jsonl'} and {len(heldout)} to {OUT / 'heldout.jsonl'}")
 
 

