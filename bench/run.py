@@ -186,7 +186,8 @@ def workload(name: str, quantization: str, d: dict, model_dir: str, examples: li
 
 
 def train_ours(recipe: Path, env: dict | None = None) -> tuple[dict, dict]:
-    """``peft train RECIPE`` in its own process, its log beside the recipe (``ours.log``).
+    """``peft train RECIPE --overwrite`` (a bench re-measures: an earlier run there is replaced) in
+    its own process, its log beside the recipe (``ours.log``).
 
     Returns:
         (row, summary.json): the row is :func:`run_measured`'s plus train_s (the train loop's
@@ -195,7 +196,7 @@ def train_ours(recipe: Path, env: dict | None = None) -> tuple[dict, dict]:
     import yaml
 
     run_dir = Path(yaml.safe_load(recipe.read_text())["output"]["dir"])
-    row = run_measured([sys.executable, "-m", "peftcli.cli", "train", str(recipe)], recipe.parent / "ours.log", env)
+    row = run_measured([sys.executable, "-m", "peftcli.cli", "train", str(recipe), "--overwrite"], recipe.parent / "ours.log", env)
     summary = json.loads((run_dir / "summary.json").read_text())
     row["train_s"] = train_events(run_dir)[-1]["elapsed_s"]
     row.update(steps=summary["steps"], adapter=str(run_dir / "adapter"))
@@ -245,7 +246,7 @@ def scaling(d: dict, tok) -> list[dict]:
     results = []
     for what, value, recipe in points:
         print(f"[scaling] {what}={value}", flush=True)
-        m = run_measured([sys.executable, "-m", "peftcli.cli", "train", str(recipe)], recipe.parent / "ours.log")
+        m, _ = train_ours(recipe)
         last = train_events(recipe.parent / "ours")[-1]
         results.append({"vary": what, "value": value, "tokens_per_s": last["tokens_per_s"], "peak_rss_gib": m["peak_rss_gib"]})
     return results
