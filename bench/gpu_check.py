@@ -1,17 +1,33 @@
-"""A short check on a CUDA machine: every method trains, evaluates, generates (and merges) on the
-GPU, and a QLoRA adapter trained there is read the same by HF peft + bitsandbytes.
+"""Checks on a CUDA machine, two entries.
 
-First the training step's own kernels (LoRA branch, per-example attention, block-wise head
-cross-entropy) against their plain formulas on the GPU. Uses a tiny random Llama (tests/tiny.py),
-so it needs no model download and runs in about a minute; CI has no GPU, so this is run by hand where one is lent:
+``python bench/gpu_check.py OUT_DIR [METHOD ...]`` — every method trains, evaluates, generates
+(and merges) on the GPU, and a QLoRA adapter trained there is read the same by HF peft +
+bitsandbytes. First the training step's own kernels (LoRA branch, per-example attention,
+block-wise head cross-entropy) against their plain formulas on the GPU. Uses a tiny random Llama
+(tests/tiny.py), so it needs no model download and runs in about a minute. Each line of the report
+is ``ok`` or ``FAIL`` with the measured values; exit 1 on any FAIL.
 
-    python bench/gpu_check.py OUT_DIR [METHOD ...]
+``python bench/gpu_check.py OUT_DIR --bench`` — ``make bench``'s workloads A (LoRA) and B (QLoRA,
+NF4 base) on CUDA, peftcli against HF peft + Trainer in one run: bench/run.py's definitions (the
+embedded SmolLM2-135M, its recipe and the peer's, 160 train rows for one epoch of 40 steps of 4
+examples, max_seq_len 256, r 16) with the device the only change — ours picks CUDA by itself
+(accelerate), the peer gets ``device: cuda`` (bf16 autocast where the GPU has it, NF4 computing in
+bf16). Each tool trains in its own process. Per workload and tool: the process's wall time, the
+train loop's seconds and supervised tokens/s, the peak GPU memory (``torch.cuda.max_memory_allocated``
+recorded by each process: ours in summary.json ``cuda_peak_memory_gib``, the peer in its
+peer.json), the peak RSS, and the held-out loss of 100 rows by bench/score.py (the one evaluator,
+HF peft, on the GPU); then the ratios peftcli / peer. Expected: about 3-4 minutes on one GPU (10
+processes of 10-30 s, mostly start-up and loading; the embedded model's first conversion adds
+about half a minute). ``--device cpu --tiny`` runs the same flow on the CPU with 8 train rows and
+16 held-out rows (a dry run of everything but CUDA, a few minutes on 2 cores). A run that did not
+train on the device asked for is a FAIL (exit 1), not a ratio.
 
-Each line of the report is ``ok`` or ``FAIL`` with the measured values; exit 1 on any FAIL.
+CI has no GPU, so this is run by hand where one is lent.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -167,5 +183,116 @@ def qlora_against_hf_peft(model_dir: Path, run: Path) -> None:
     check("qlora vs HF peft (cuda)", diff < 1e-3, f"max |logits diff| {diff:.2e}")
 
 
+# ---------------------------------------------------------------------------------------------
+# --bench: workloads A and B on the device, ours vs HF peft + Trainer
+
+
+def bench(device: str, tiny: bool) -> list[dict]:
+    """Workloads A and B (bench/run.py) with both tools on ``device`` ("cuda" | "cpu"); returns
+    one result per workload: {"name", "rows": {tool: row}, "base_heldout_loss"}. ``tiny``: 8 train
+    rows (2 steps) and 16 held-out rows. Outputs under runs/bench/gpu-A, gpu-B."""
+    import run
+
+    from peftcli import models
+
+    hp = run.HPARAMS
+    model_dir = models.resolve("smollm2-135m")  # converts the embedded GGUF once, before any timing
+    d = run.prepare_data(8 if tiny else 160, 16 if tiny else 100)
+    print(f"data: {d['source']}, {d['train_rows']} train rows, {d['heldout_rows']} held-out rows; device {device}", flush=True)
+    env = {"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else None  # ours picks CUDA wherever it sees one
+    results = []
+    for name, quantization in (("A", "none"), ("B", "nf4")):
+        label = f"gpu-{name}"
+        wdir = run.OUT / label
+        recipe = run.our_recipe(label, d["train"], "completion", quantization, hp)
+        print(f"[{label}] peftcli: peft train {recipe.relative_to(ROOT)}", flush=True)
+        ours, summary = run.train_ours(recipe, env)
+        ours["peak_gpu_gib"] = summary.get("cuda_peak_memory_gib")
+        on_device = summary["device"].startswith(device) and (ours["peak_gpu_gib"] is not None) == (device == "cuda")
+        check(f"{label} peftcli on {device}", on_device, f"trained on {summary['device']}, mixed_precision "
+              f"{summary['mixed_precision']}, {summary['steps']} steps, peak GPU memory {ours['peak_gpu_gib']}")
+        print(f"[{label}] peer: HF peft + Trainer", flush=True)
+        cfg = {**hp, "model_dir": model_dir, "quantization": quantization, "train": d["train"],
+               "out_dir": str(wdir / "peer"), "device": device}
+        peer, info = run.train_peer(cfg, wdir, env)
+        peer["peak_gpu_gib"] = info.get("cuda_peak_memory_gib")
+        check(f"{label} peer on {device}", (peer["peak_gpu_gib"] is not None) == (device == "cuda"),
+              f"peak GPU memory {peer['peak_gpu_gib']}, {info['steps']} steps")
+        rows = {"peftcli": ours, "hf-peft+Trainer": peer}
+        supervised = summary["train_data"]["supervised_tokens"]  # the same rows for both tools, one epoch
+        for tool, row in rows.items():
+            row["supervised_tok_per_s"] = supervised / row["train_s"]
+            print(f"[{label}] scoring {tool}", flush=True)
+            row["heldout_loss"] = run.score(model_dir, quantization, d["heldout"], row["adapter"], wdir / f"score-{tool}.log", device)
+        base = run.score(model_dir, quantization, d["heldout"], None, wdir / "score-base.log", device)
+        results.append({"name": name, "rows": rows, "base_heldout_loss": base})
+    return results
+
+
+def ratio(ours: float | None, peer: float | None) -> str:
+    """``0.42×``, or ``—`` when either side has no figure (no GPU memory off CUDA)."""
+    return "—" if ours is None or peer is None or peer == 0 else f"{ours / peer:.2f}×"
+
+
+def gib(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f} GiB"
+
+
+def bench_report(results: list[dict], device: str) -> str:
+    """The markdown tables of a --bench run and the ratios peftcli / peer per workload."""
+    lines = []
+    for w in results:
+        ours, peer = w["rows"]["peftcli"], w["rows"]["hf-peft+Trainer"]
+        lines += [f"### Workload {w['name']} on {device}", "",
+                  "| tool | wall (process) | train loop | supervised tok/s | peak GPU memory | peak RSS | held-out loss |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for tool, r in w["rows"].items():
+            lines.append(f"| {tool} | {r['wall_s']:.1f} s | {r['train_s']:.1f} s | {r['supervised_tok_per_s']:.0f} | "
+                         f"{gib(r['peak_gpu_gib'])} | {gib(r['peak_rss_gib'])} | {r['heldout_loss']:.4f} |")
+        lines += ["", f"Ratios peftcli / peer: wall {ratio(ours['wall_s'], peer['wall_s'])}, train-loop supervised tok/s "
+                      f"{ratio(ours['supervised_tok_per_s'], peer['supervised_tok_per_s'])}, peak GPU memory "
+                      f"{ratio(ours['peak_gpu_gib'], peer['peak_gpu_gib'])}, peak RSS {ratio(ours['peak_rss_gib'], peer['peak_rss_gib'])}, "
+                      f"held-out loss {100 * (ours['heldout_loss'] / peer['heldout_loss'] - 1):+.2f}% "
+                      f"(untrained base {w['base_heldout_loss']:.4f}).", ""]
+    return "\n".join(lines)
+
+
+def machine(device: str) -> str:
+    """The GPU's name and torch/CUDA versions (or the CPU's cores) for the report's heading."""
+    import os
+    import platform
+
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    return f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, torch {torch.__version__}"
+
+
+def cli() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path, help="where the method checks write (--bench writes under runs/bench/)")
+    ap.add_argument("methods", nargs="*", help="only these method checks (default: all)")
+    ap.add_argument("--bench", action="store_true", help="workloads A and B, ours vs HF peft + Trainer, instead of the checks")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="--bench's device (cpu: a dry run)")
+    ap.add_argument("--tiny", action="store_true", help="--bench with 8 train rows and 16 held-out rows")
+    args = ap.parse_args()
+    if not args.bench:
+        main(args.out, args.methods)
+        return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--bench --device cuda: no CUDA device here (use --device cpu --tiny for a dry run)")
+    import time
+
+    t0 = time.perf_counter()
+    results = bench(args.device, args.tiny)
+    print(f"\n## {time.strftime('%Y-%m-%d')} — {machine(args.device)}\n")
+    print(bench_report(results, args.device))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps({"device": args.device, "machine": machine(args.device),
+                                                      "tiny": args.tiny, "workloads": results}, indent=1) + "\n")
+    print(f"{time.perf_counter() - t0:.0f} s in all; {args.out / 'bench.json'}")
+    if FAILED:
+        raise SystemExit(f"{len(FAILED)} failed: {', '.join(FAILED)}")
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2:])
+    cli()

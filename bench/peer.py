@@ -5,11 +5,14 @@ Run by ``bench/run.py`` in its own process (so its wall time and peak memory are
     python bench/peer.py CONFIG.json
 
 CONFIG holds: model_dir, quantization ("none" | "nf4"), train (JSONL, completion format),
-max_seq_len, r, alpha, dropout, lr, micro_batch_size, seed, out_dir. The rows are tokenised by
+max_seq_len, r, alpha, dropout, lr, micro_batch_size, seed, out_dir; optional: device ("cpu",
+the default, or "cuda") and max_steps (default: one epoch). The rows are tokenised by
 peftcli's data module, so both tools train on identical token ids and labels; everything after
 that is the peer's own: ``get_peft_model``, ``DataCollatorForSeq2Seq`` padding, full-logits loss,
-``Trainer`` with bf16 autocast on the CPU. Writes ``out_dir/adapter/`` and ``out_dir/peer.json``
-(train_runtime_s, steps, train_loss).
+``Trainer`` with bf16 autocast (on CUDA where the GPU supports bf16, else fp16; NF4 computing in
+that dtype there). Writes ``out_dir/adapter/`` and ``out_dir/peer.json`` (train_runtime_s, steps,
+train_loss, process_s; step_end_s: ``time.perf_counter()`` at each optimizer step's end, after a
+CUDA synchronise; cuda_peak_memory_gib: ``torch.cuda.max_memory_allocated()`` on CUDA, else null).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ def main(config_path: str) -> None:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
     from peftcli import data, models
     from peftcli.recipe import DataSource
@@ -39,11 +42,14 @@ def main(config_path: str) -> None:
     train_set = Dataset.from_list([{"input_ids": e["input_ids"], "attention_mask": [1] * len(e["input_ids"]),
                                     "labels": e["labels"]} for e in examples])
 
+    cuda = cfg.get("device", "cpu") == "cuda"
+    bf16 = not cuda or torch.cuda.is_bf16_supported()  # bf16 autocast; fp16 on a GPU without bf16
+    compute = (torch.bfloat16 if bf16 else torch.float16) if cuda else torch.float32  # NF4's compute dtype
     kwargs = {"dtype": torch.float32}
     if cfg["quantization"] == "nf4":
-        kwargs.update(device_map={"": "cpu"}, quantization_config=BitsAndBytesConfig(
+        kwargs.update(device_map={"": "cuda:0" if cuda else "cpu"}, quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32))
+            bnb_4bit_compute_dtype=compute))
     model = AutoModelForCausalLM.from_pretrained(cfg["model_dir"], **kwargs)
     if cfg["quantization"] == "nf4":
         # the usual QLoRA preparation, without gradient checkpointing (neither tool uses it here)
@@ -53,16 +59,25 @@ def main(config_path: str) -> None:
     args = TrainingArguments(
         output_dir=str(out / "trainer"), per_device_train_batch_size=cfg["micro_batch_size"],
         gradient_accumulation_steps=1, num_train_epochs=1, learning_rate=cfg["lr"], lr_scheduler_type="cosine",
-        warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=True, use_cpu=True, seed=cfg["seed"],
-        logging_steps=10, save_strategy="no", report_to=[], dataloader_num_workers=0, remove_unused_columns=False,
-        disable_tqdm=True)
+        warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=bf16, fp16=not bf16, use_cpu=not cuda,
+        seed=cfg["seed"], max_steps=cfg.get("max_steps", -1), logging_steps=10, save_strategy="no", report_to=[],
+        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)
     collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
-    trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=collator)
+    step_end_s: list[float] = []
+
+    class StepTimes(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            step_end_s.append(time.perf_counter())
+
+    trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=collator, callbacks=[StepTimes()])
     result = trainer.train()
     model.save_pretrained(out / "adapter")
     (out / "peer.json").write_text(json.dumps({
         "train_runtime_s": result.metrics["train_runtime"], "steps": result.global_step,
-        "train_loss": result.training_loss, "process_s": time.perf_counter() - T_START}))
+        "train_loss": result.training_loss, "process_s": time.perf_counter() - T_START, "step_end_s": step_end_s,
+        "cuda_peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}))
 
 
 if __name__ == "__main__":

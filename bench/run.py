@@ -80,7 +80,7 @@ def model_flops(examples: list[dict], cfg, lora_params: int) -> float:
 # data and recipes
 
 
-def prepare_data(n_rows: int) -> dict:
+def prepare_data(n_rows: int, heldout_rows: int = 100) -> dict:
     """Write ``runs/bench/data/{train,heldout}.jsonl`` in completion format; returns where from."""
     from peftcli import data
     from peftcli.recipe import DataSource
@@ -92,12 +92,12 @@ def prepare_data(n_rows: int) -> dict:
         train_file, heldout_file = ROOT / "peftcli/recipes/data/tasks/train.jsonl", ROOT / "peftcli/recipes/data/tasks/heldout.jsonl"
     out = OUT / "data"
     out.mkdir(parents=True, exist_ok=True)
-    for name, path, n in (("train", train_file, n_rows), ("heldout", heldout_file, 100)):
+    for name, path, n in (("train", train_file, n_rows), ("heldout", heldout_file, heldout_rows)):
         rows = data.load_rows(DataSource(path=str(path), format="alpaca"))[:n]
         completion = [{"prompt": data.render_prompt(r, "alpaca", None), "completion": r["output"]} for r in rows]
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in completion))
     return {"source": source, "train": str(out / "train.jsonl"), "heldout": str(out / "heldout.jsonl"),
-            "train_rows": n_rows, "heldout_rows": 100}
+            "train_rows": n_rows, "heldout_rows": heldout_rows}
 
 
 def long_text_rows(tok, length: int, n: int) -> list[dict]:
@@ -165,25 +165,16 @@ def workload(name: str, quantization: str, d: dict, model_dir: str, examples: li
 
     recipe = our_recipe(name, d["train"], "completion", quantization, hp)
     print(f"[{name}] peftcli: peft train {recipe.relative_to(ROOT)}", flush=True)
-    ours = run_measured([sys.executable, "-m", "peftcli.cli", "train", str(recipe)], wdir / "ours.log")
-    summary = json.loads((wdir / "ours" / "summary.json").read_text())
-    events = [json.loads(line) for line in (wdir / "ours" / "metrics.jsonl").read_text().splitlines()]
-    ours["train_s"] = [e for e in events if e.get("event") == "train"][-1]["elapsed_s"]
-    ours["adapter"] = str(wdir / "ours" / "adapter")
+    ours, summary = train_ours(recipe)
     ours["estimate_gib"] = validate_estimate(recipe)
     flops = model_flops(examples, AutoConfig.from_pretrained(model_dir), summary["trainable_params"])
     peak_used = peak["bfloat16"] if summary["mixed_precision"] == "bf16" else peak["float32"]
     ours["mfu"] = flops / ours["train_s"] / peak_used
-    ours["steps"] = summary["steps"]
     rows["peftcli"] = ours
 
     cfg = {**hp, "model_dir": model_dir, "quantization": quantization, "train": d["train"], "out_dir": str(wdir / "peer")}
-    (wdir / "peer.json").write_text(json.dumps(cfg))
     print(f"[{name}] peer: HF peft + Trainer", flush=True)
-    peer = run_measured([sys.executable, str(ROOT / "bench" / "peer.py"), str(wdir / "peer.json")], wdir / "peer.log")
-    info = json.loads((wdir / "peer" / "peer.json").read_text())
-    peer.update(train_s=info["train_runtime_s"], steps=info["steps"], adapter=str(wdir / "peer" / "adapter"))
-    rows["hf-peft+Trainer"] = peer
+    rows["hf-peft+Trainer"], _ = train_peer(cfg, wdir)
 
     for tool, row in rows.items():
         row["supervised_tokens"] = supervised
@@ -194,9 +185,49 @@ def workload(name: str, quantization: str, d: dict, model_dir: str, examples: li
     return {"rows": rows, "base_heldout_loss": base}
 
 
-def score(model_dir: str, quantization: str, heldout: str, adapter: str | None, log: Path) -> float:
+def train_ours(recipe: Path, env: dict | None = None) -> tuple[dict, dict]:
+    """``peft train RECIPE --overwrite`` (a bench re-measures: an earlier run there is replaced) in
+    its own process, its log beside the recipe (``ours.log``).
+
+    Returns:
+        (row, summary.json): the row is :func:`run_measured`'s plus train_s (the train loop's
+        seconds at the last train event), steps and adapter (the adapter dir).
+    """
+    import yaml
+
+    run_dir = Path(yaml.safe_load(recipe.read_text())["output"]["dir"])
+    row = run_measured([sys.executable, "-m", "peftcli.cli", "train", str(recipe), "--overwrite"], recipe.parent / "ours.log", env)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    row["train_s"] = train_events(run_dir)[-1]["elapsed_s"]
+    row.update(steps=summary["steps"], adapter=str(run_dir / "adapter"))
+    return row, summary
+
+
+def train_events(run_dir: Path) -> list[dict]:
+    """The ``train`` events of a run's ``metrics.jsonl``, in order."""
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [e for e in events if e.get("event") == "train"]
+
+
+def train_peer(cfg: dict, wdir: Path, env: dict | None = None) -> tuple[dict, dict]:
+    """``bench/peer.py`` on ``cfg`` (written to ``wdir/peer.json``) in its own process, its log
+    ``wdir/peer.log``.
+
+    Returns:
+        (row, the peer's own peer.json): the row is :func:`run_measured`'s plus train_s (Trainer's
+        train_runtime), steps and adapter.
+    """
+    (wdir / "peer.json").write_text(json.dumps(cfg))
+    row = run_measured([sys.executable, str(ROOT / "bench" / "peer.py"), str(wdir / "peer.json")], wdir / "peer.log", env)
+    info = json.loads((Path(cfg["out_dir"]) / "peer.json").read_text())
+    row.update(train_s=info["train_runtime_s"], steps=info["steps"], adapter=str(Path(cfg["out_dir"]) / "adapter"))
+    return row, info
+
+
+def score(model_dir: str, quantization: str, heldout: str, adapter: str | None, log: Path, device: str = "cpu") -> float:
+    """Held-out loss of ``adapter`` (None: the base) by ``bench/score.py`` in its own process, on ``device``."""
     cmd = [sys.executable, str(ROOT / "bench" / "score.py"), model_dir, quantization, heldout, str(HPARAMS["max_seq_len"])]
-    run_measured(cmd + ([adapter] if adapter else []), log)
+    run_measured(cmd + ([adapter] if adapter else []) + ["--device", device], log)
     return json.loads(log.read_text().strip().splitlines()[-1])["loss"]
 
 
@@ -215,9 +246,8 @@ def scaling(d: dict, tok) -> list[dict]:
     results = []
     for what, value, recipe in points:
         print(f"[scaling] {what}={value}", flush=True)
-        m = run_measured([sys.executable, "-m", "peftcli.cli", "train", str(recipe)], recipe.parent / "ours.log")
-        events = [json.loads(line) for line in (recipe.parent / "ours" / "metrics.jsonl").read_text().splitlines()]
-        last = [e for e in events if e.get("event") == "train"][-1]
+        m, _ = train_ours(recipe)
+        last = train_events(recipe.parent / "ours")[-1]
         results.append({"vary": what, "value": value, "tokens_per_s": last["tokens_per_s"], "peak_rss_gib": m["peak_rss_gib"]})
     return results
 

@@ -5,10 +5,10 @@ the QLoRA workload), adapter attached with ``PeftModel.from_pretrained``, full-l
 cross-entropy summed over the supervised next-token targets — so neither tool's own loss code is
 involved:
 
-    python bench/score.py MODEL_DIR QUANTIZATION HELDOUT.jsonl MAX_SEQ_LEN [ADAPTER_DIR]
+    python bench/score.py MODEL_DIR QUANTIZATION HELDOUT.jsonl MAX_SEQ_LEN [ADAPTER_DIR] [--device cuda]
 
 Prints one JSON object: {"loss": nats per supervised token, "tokens": count}. Without an
-adapter dir, scores the base model.
+adapter dir, scores the base model. ``--device`` (default cpu): where the forward runs.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import json
 import sys
 
 
-def main(model_dir: str, quantization: str, heldout: str, max_seq_len: int, adapter_dir: str | None) -> None:
+def main(model_dir: str, quantization: str, heldout: str, max_seq_len: int, adapter_dir: str | None,
+         device: str = "cpu") -> None:
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -30,10 +31,12 @@ def main(model_dir: str, quantization: str, heldout: str, max_seq_len: int, adap
     examples, _ = data.tokenize_rows(rows, "completion", tok, max_seq_len, False, heldout)
     kwargs = {"dtype": torch.float32}
     if quantization == "nf4":
-        kwargs.update(device_map={"": "cpu"}, quantization_config=BitsAndBytesConfig(
+        kwargs.update(device_map={"": device}, quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32))
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if quantization != "nf4":
+        model.to(device)
     if adapter_dir:
         from peft import PeftModel
 
@@ -42,7 +45,7 @@ def main(model_dir: str, quantization: str, heldout: str, max_seq_len: int, adap
     total, n = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(examples), 8):
-            batch = data.collate(examples[i:i + 8], tok.pad_token_id)
+            batch = {k: v.to(device) for k, v in data.collate(examples[i:i + 8], tok.pad_token_id).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             targets = batch["labels"][:, 1:]
             total += float(F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="sum",
@@ -52,4 +55,10 @@ def main(model_dir: str, quantization: str, heldout: str, max_seq_len: int, adap
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] if len(sys.argv) > 5 else None)
+    argv = sys.argv[1:]
+    where = "cpu"
+    if "--device" in argv:
+        i = argv.index("--device")
+        where = argv[i + 1]
+        del argv[i:i + 2]
+    main(argv[0], argv[1], argv[2], int(argv[3]), argv[4] if len(argv) > 4 else None, where)

@@ -627,7 +627,14 @@ def _summary(run: Run) -> dict:
             "train_data": vars(s),
             "mixed_precision": p.mixed, "padding_free": run.path.padding_free,
             "packing": packed, "loss_path": run.path.as_json(),
-            "device": str(run.accelerator.device), "tokens_seen": run.counters.tokens_seen, "wall_s": run.counters.elapsed()}
+            "device": str(run.accelerator.device), "tokens_seen": run.counters.tokens_seen, "wall_s": run.counters.elapsed(),
+            "cuda_peak_memory_gib": _cuda_peak_gib(run.accelerator.device)}
+
+
+def _cuda_peak_gib(device: torch.device) -> float | None:
+    """The CUDA allocator's peak on ``device`` since the process started, GiB
+    (``torch.cuda.max_memory_allocated``); None off CUDA."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
 def _write_outputs(run: Run, summary: dict) -> None:

@@ -227,6 +227,7 @@ def test_train_writes_the_run_dir(tmp_path, tiny_dir):
     assert all(math.isfinite(e["loss"]) and e["loss"] > 0 for e in events if e["event"] == "train")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["trainable_params"] == result.summary["trainable_params"]
+    assert summary["device"] == "cpu" and summary["cuda_peak_memory_gib"] is None  # the GPU's peak: on CUDA only
     # resolved recipe: every default filled and it validates again to the same recipe
     resolved = recipe.load_recipe(run / "recipe.yaml")
     assert resolved.train.scheduler == "cosine" and resolved.method.target_modules == ["q_proj", "v_proj"]
