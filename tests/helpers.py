@@ -17,14 +17,13 @@ from peftcli.data import IGNORE_INDEX
 from peftcli.recipe import Recipe, validate
 
 
-def method_recipe(name: str, base_dir=None, quantization: str = "none", dtype: str | None = None,
+def method_recipe(name: str, base_dir=None, quantization: str = "none", dtype: str = "float32",
                   **keys) -> Recipe:
     """A validated recipe for method ``name`` (with ``keys``) on the base at ``base_dir`` (the
-    path is not read; "unused" when None), loaded with ``quantization`` (and ``dtype`` when
-    given, else the recipe's default); the data path is a placeholder that is never read."""
-    model = {"name_or_path": str(base_dir or "unused"), "quantization": quantization}
-    if dtype is not None:
-        model["dtype"] = dtype
+    path is not read; "unused" when None), loaded with ``quantization`` in ``dtype`` (float32
+    unless given, so numbers do not depend on the machine's ``auto``); the data path is a
+    placeholder that is never read."""
+    model = {"name_or_path": str(base_dir or "unused"), "quantization": quantization, "dtype": dtype}
     return validate({"model": model, "method": {"name": name, **keys},
                      "data": {"train": {"path": "unused.jsonl"}}})
 

@@ -34,7 +34,7 @@ def runs(tiny_dir, tmp_path_factory):
     for fmt, keys in [("chat", {"system_prompt": SYSTEM["content"]}), ("alpaca", {})]:
         run = tmp / f"run-{fmt}"
         shutil.copytree(tmp / "adapter", run / "adapter")
-        r = validate({"model": {"name_or_path": str(tiny_dir)}, "method": recipe.method.model_dump(),
+        r = validate({"model": {"name_or_path": str(tiny_dir), "dtype": "float32"}, "method": recipe.method.model_dump(),
                       "data": {"train": {"path": "unused.jsonl", "format": fmt}, **keys}, "output": {"dir": str(run)}})
         (run / "recipe.yaml").write_text(dump(r))
     return tmp
