@@ -8,8 +8,12 @@ CONFIG holds: model_dir, quantization ("none" | "nf4"), train (JSONL, completion
 max_seq_len, r, alpha, dropout, lr, micro_batch_size, seed, out_dir. The rows are tokenised by
 peftcli's data module, so both tools train on identical token ids and labels; everything after
 that is the peer's own: ``get_peft_model``, ``DataCollatorForSeq2Seq`` padding, full-logits loss,
-``Trainer`` with bf16 autocast on the CPU. Writes ``out_dir/adapter/`` and ``out_dir/peer.json``
-(train_runtime_s, steps, train_loss).
+``Trainer`` on the CPU at its fastest setting there: ``bf16=True`` (autocast) where the CPU has
+bf16 units, else float32 throughout (bf16 is emulated there, 10-17x slower), decided by the
+function that resolves our ``auto`` (:func:`peftcli.precision.choose`, so ``PEFTCLI_CPU_BF16=0``
+puts both tools in float32). The base is loaded in float32 either way, as in every earlier run.
+Writes ``out_dir/adapter/`` and ``out_dir/peer.json`` (train_runtime_s, steps, train_loss,
+precision: bf16, base_dtype, reason).
 """
 
 from __future__ import annotations
@@ -28,10 +32,12 @@ def main(config_path: str) -> None:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from peftcli import data, models
+    from peftcli import data, models, precision
     from peftcli.recipe import DataSource
 
     cfg = json.loads(Path(config_path).read_text())
+    chosen = precision.choose("auto", "auto", "cpu")  # the peer's fastest setting on this CPU
+    bf16 = chosen.autocast == "bf16"
     out = Path(cfg["out_dir"])
     tok = models.load_tokenizer(cfg["model_dir"])
     rows = data.load_rows(DataSource(path=cfg["train"], format="completion"))
@@ -53,7 +59,7 @@ def main(config_path: str) -> None:
     args = TrainingArguments(
         output_dir=str(out / "trainer"), per_device_train_batch_size=cfg["micro_batch_size"],
         gradient_accumulation_steps=1, num_train_epochs=1, learning_rate=cfg["lr"], lr_scheduler_type="cosine",
-        warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=True, use_cpu=True, seed=cfg["seed"],
+        warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=bf16, use_cpu=True, seed=cfg["seed"],
         logging_steps=10, save_strategy="no", report_to=[], dataloader_num_workers=0, remove_unused_columns=False,
         disable_tqdm=True)
     collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
@@ -62,7 +68,8 @@ def main(config_path: str) -> None:
     model.save_pretrained(out / "adapter")
     (out / "peer.json").write_text(json.dumps({
         "train_runtime_s": result.metrics["train_runtime"], "steps": result.global_step,
-        "train_loss": result.training_loss, "process_s": time.perf_counter() - T_START}))
+        "train_loss": result.training_loss, "process_s": time.perf_counter() - T_START,
+        "precision": {"bf16": bf16, "base_dtype": "float32", "reason": chosen.reason}}))
 
 
 if __name__ == "__main__":
