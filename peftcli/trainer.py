@@ -392,7 +392,7 @@ def _print_prepared(console, p: Prepared, world: int, distributed_type) -> None:
                   f"({len(targets)} module{'s' * (len(targets) != 1)}): trainable parameters {p.trainable:,} = "
                   f"{100 * p.trainable / p.base_params:.3f}% of the base's {p.base_params:,} ({methods.kinds_line(p.model)})")
     for line in p.precision.lines():
-        console.print(line, highlight=False, markup=False)
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
     console.print(f"data: {s.describe()}, eval on {len(p.eval_examples)} examples", highlight=False, soft_wrap=True)
     for line in p.datasets.mixing:
         console.print(line, highlight=False, markup=False)
