@@ -3,15 +3,21 @@
 Workload A (LoRA) and B (QLoRA, NF4 base): the embedded SmolLM2-135M-Instruct, LoRA r=16,
 alpha 32, dropout 0.05 on all linear layers, ``completion``-format rows (prompt = the alpaca
 template, completion = the output), max_seq_len 256, 4 examples per optimizer step, one epoch,
-lr 2e-4 cosine, no warmup. Each tool trains in its own process; wall time and peak resident
+lr 2e-4 cosine, no warmup. Each tool runs at its fastest setting on this machine: ours with
+``model.dtype: auto`` and ``train.mixed_precision: auto``, the peer with ``bf16=True`` only where
+the CPU has bf16 units (both decided by ``peftcli.precision.choose``); ``--float32`` puts both in
+float32 without autocast (``PEFTCLI_CPU_BF16=0``: what an AVX2-only CPU gets, emulated on one
+with bf16 units). Each tool trains in its own process; wall time and peak resident
 memory are the whole process's (``wait4``). Both adapters are then scored by one evaluator
 (``bench/score.py``, through HF peft). Then how our cost grows with max_seq_len and r.
 
 Data: the first 160 rows of ``../shared/data/alpaca/train.jsonl`` and 100 of its held-out file
 when present; otherwise the bundled task data (``peftcli/recipes/data/tasks``), said in the output.
 
-Writes ``bench/results.json`` and prepends a dated section to ``docs/benchmarks.md``.
-Usage: python bench/run.py [--rows N] [--skip-scaling] [--no-doc]
+Writes ``bench/results.json`` (with the CPU's model name and its avx2 / avx512f / avx512_bf16 /
+amx_bf16 / amx_tile flags, and each tool's precision) and prepends a dated section to
+``docs/benchmarks.md``, whose header line names the CPU and those flags.
+Usage: python bench/run.py [--rows N] [--skip-scaling] [--no-doc] [--float32]
 """
 
 from __future__ import annotations
@@ -122,14 +128,15 @@ def our_recipe(name: str, train: str, fmt: str, quantization: str, hp: dict, ste
     import yaml
 
     recipe = {
-        # our fastest setting here: frozen base weights (and QLoRA's compute dtype) in bfloat16, LoRA weights float32
-        "model": {"name_or_path": "smollm2-135m", "quantization": quantization, "dtype": "bfloat16"},
+        # our fastest setting on this machine (auto: a bfloat16 base under bf16 autocast where the CPU has bf16
+        # units, else float32 without autocast; QLoRA's compute dtype likewise), LoRA weights float32
+        "model": {"name_or_path": "smollm2-135m", "quantization": quantization, "dtype": "auto"},
         "method": {"name": "qlora" if quantization == "nf4" else "lora", "r": hp["r"], "alpha": hp["alpha"],
                    "dropout": hp["dropout"], "target_modules": "all-linear"},
         "data": {"train": {"path": train, "format": fmt}, "max_seq_len": hp["max_seq_len"]},
         "train": {"epochs": 1.0, "micro_batch_size": hp["micro_batch_size"], "grad_accum": 1, "lr": hp["lr"],
                   "scheduler": "cosine", "warmup_steps": 0, "max_grad_norm": 1.0, "seed": hp["seed"],
-                  "log_every": 4 if steps else 10, "eval_every": 0, "save_every": 0},
+                  "mixed_precision": "auto", "log_every": 4 if steps else 10, "eval_every": 0, "save_every": 0},
         "output": {"dir": str(OUT / name / "ours")},
     }
     if steps:
@@ -170,11 +177,13 @@ def workload(name: str, quantization: str, d: dict, model_dir: str, examples: li
     flops = model_flops(examples, AutoConfig.from_pretrained(model_dir), summary["trainable_params"])
     peak_used = peak["bfloat16"] if summary["mixed_precision"] == "bf16" else peak["float32"]
     ours["mfu"] = flops / ours["train_s"] / peak_used
+    ours["precision"] = summary["precision"]
     rows["peftcli"] = ours
 
     cfg = {**hp, "model_dir": model_dir, "quantization": quantization, "train": d["train"], "out_dir": str(wdir / "peer")}
     print(f"[{name}] peer: HF peft + Trainer", flush=True)
-    rows["hf-peft+Trainer"], _ = train_peer(cfg, wdir)
+    rows["hf-peft+Trainer"], info = train_peer(cfg, wdir)
+    rows["hf-peft+Trainer"]["precision"] = info["precision"]
 
     for tool, row in rows.items():
         row["supervised_tokens"] = supervised
@@ -259,7 +268,7 @@ def scaling(d: dict, tok) -> list[dict]:
 def report(results: dict) -> str:
     """The markdown tables of one benchmark run."""
     commit = f", commit {results['commit']}" if results.get("commit") else ""
-    lines = [f"## {results['date']}{commit} — {results['machine']}", "",
+    lines = [f"## {results['date']}{commit} — {results['machine']}{precision_note(results)}", "",
              f"Data: {results['data']['source']}; {results['data']['train_rows']} train rows (one epoch, "
              f"{HPARAMS['micro_batch_size']} examples per step), {results['data']['heldout_rows']} held-out rows. "
              f"Matmul peak measured here: {results['peak']['float32'] / 1e9:.0f} GFLOP/s float32, "
@@ -286,6 +295,33 @@ def report(results: dict) -> str:
             lines.append(f"| {p['vary']} | {p['value']} | {p['tokens_per_s']:.0f} | {p['peak_rss_gib']:.2f} GiB |")
         lines.append("")
     return "\n".join(lines)
+
+
+def cpu_record() -> dict:
+    """This CPU for results.json: its model name and which of the flags that decide bf16 speed it has."""
+    from peftcli import precision
+
+    name, flags = precision.cpu_info()
+    return {"model": name or platform.processor() or platform.machine(),
+            "flags": {f: f in flags for f in precision.FLAGS}, "bf16_units": precision.cpu_has_bf16_units()}
+
+
+def machine_line(cpu: dict) -> str:
+    """``2 CPU cores, AMD EPYC (avx2 avx512f avx512_bf16)``: the report header's machine."""
+    have = " ".join(f for f, on in cpu["flags"].items() if on) or "none of " + ", ".join(cpu["flags"])
+    return f"{os.cpu_count()} CPU cores, {cpu['model']} ({have})"
+
+
+def precision_note(results: dict) -> str:
+    """The header's precision: forced float32 on both sides, or what each tool chose."""
+    if results.get("float32"):
+        return "; float32 on both sides, no autocast (--float32: PEFTCLI_CPU_BF16=0, as on an AVX2-only CPU)"
+    first = next(iter(results["workloads"].values()), None)
+    if first is None:
+        return ""
+    ours, peer = first["rows"]["peftcli"]["precision"], first["rows"]["hf-peft+Trainer"]["precision"]
+    return (f"; ours: base {ours['dtype']}, autocast {ours['mixed_precision']}; "
+            f"peer: {'bf16=True' if peer['bf16'] else 'float32'} ({ours['reason']})")
 
 
 def git_commit() -> str | None:
@@ -318,7 +354,11 @@ def main() -> None:
     ap.add_argument("--workloads", nargs="*", default=["A", "B"])
     ap.add_argument("--skip-scaling", action="store_true")
     ap.add_argument("--no-doc", action="store_true", help="do not prepend to docs/benchmarks.md")
+    ap.add_argument("--float32", action="store_true", help="both tools in float32 without autocast "
+                    "(PEFTCLI_CPU_BF16=0: an AVX2-only CPU's setting, on any CPU)")
     args = ap.parse_args()
+    if args.float32:
+        os.environ["PEFTCLI_CPU_BF16"] = "0"  # every child process (ours, the peer, validate) chooses as an AVX2-only CPU
 
     from peftcli import data, models
 
@@ -330,9 +370,9 @@ def main() -> None:
 
     examples, _ = data.tokenize_rows(data.load_rows(DataSource(path=d["train"], format="completion")), "completion",
                                      tok, HPARAMS["max_seq_len"], False, d["train"])
-    machine = f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}"
-    results = {"date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "machine": machine,
-               "hparams": HPARAMS, "data": d, "peak": matmul_peak(), "workloads": {}}
+    cpu = cpu_record()
+    results = {"date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "machine": machine_line(cpu), "cpu": cpu,
+               "float32": args.float32, "hparams": HPARAMS, "data": d, "peak": matmul_peak(), "workloads": {}}
     for name in args.workloads:
         results["workloads"][name] = workload(name, "nf4" if name == "B" else "none", d, model_dir, examples, results["peak"])
     if not args.skip_scaling:

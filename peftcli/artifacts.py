@@ -27,6 +27,8 @@ import peftcli
 from peftcli import methods, models
 from peftcli.atomic import atomic_dir
 from peftcli.errors import UserError
+from peftcli.precision import Precision, default_device
+from peftcli.precision import choose as choose_precision
 from peftcli.recipe import MethodConfig, ModelConfig, Recipe, read_yaml, validate
 from peftcli.rundir import RunDir
 
@@ -212,7 +214,7 @@ def _model_config(cfg: dict, overrides: dict | None) -> ModelConfig:
     else:
         if not base:
             raise UserError(f"{CONFIG_NAME}: no base_model_name_or_path, cannot tell which base to load")
-        fields = {"name_or_path": base}
+        fields = {"name_or_path": base, "dtype": "float32"}
     fields["trust_remote_code"] = False  # an adapter from elsewhere never switches on remote code
     fields.update(overrides or {})
     try:
@@ -314,6 +316,25 @@ class LoadedAdapter(AdapterFiles):
     the run's chat template is not applied yet (:func:`peftcli.data.use_recipe_chat`)."""
     base_path: str = ""
     """The resolved base dir or hub id the weights were loaded from."""
+    precision: Precision | None = None
+    """The dtype the base was loaded in, and why (:func:`load_precision`)."""
+
+
+def load_precision(model_config: ModelConfig, recipe: Recipe | None) -> Precision:
+    """The precision an adapter's base is loaded in here, for eval and generation (which do not
+    autocast): ``model_config.dtype`` with ``auto`` resolved by :func:`peftcli.precision.choose`
+    as the run's ``train.mixed_precision`` (``auto`` for a bare adapter dir) resolves on the device
+    the model computes on (a plain base stays on the CPU; bitsandbytes puts a 4/8-bit base on
+    the GPU where there is one).
+
+    Raises:
+        UserError: a bad ``PEFTCLI_CPU_BF16``.
+    """
+    device = default_device() if model_config.quantization != "none" else "cpu"
+    if model_config.dtype != "auto":  # as set; the autocast setting plays no part here
+        return choose_precision(model_config.dtype, "no", device, model_config.quantization)
+    mixed = recipe.train.mixed_precision if recipe is not None else "auto"
+    return choose_precision("auto", mixed, device, model_config.quantization)
 
 
 def load_adapted(source: str | Path | AdapterFiles, model_overrides: dict | None = None,
@@ -321,8 +342,9 @@ def load_adapted(source: str | Path | AdapterFiles, model_overrides: dict | None
     """Load the base an adapter was trained on and apply the adapter, in eval mode.
 
     The base is loaded as recorded in ``peftcli.model`` (alias, quantisation, dtype, double
-    quant) for our adapters; an adapter Hugging Face peft wrote (no ``peftcli`` block) loads its
-    ``base_model_name_or_path`` in float32 without quantisation. Weights are read from
+    quant; ``auto`` resolved here by :func:`load_precision`) for our adapters; an adapter Hugging
+    Face peft wrote (no ``peftcli`` block) loads its ``base_model_name_or_path`` in float32
+    without quantisation. Weights are read from
     ``adapter_model.safetensors`` only.
 
     Args:
@@ -338,11 +360,12 @@ def load_adapted(source: str | Path | AdapterFiles, model_overrides: dict | None
         do not fit, or a base whose fingerprint differs from the recorded one.
     """
     files = source if isinstance(source, AdapterFiles) else read_adapter(source, model_overrides)
-    model, tok, base_path = models.load_base(**files.model_config.model_dump())
+    chosen = load_precision(files.model_config, files.recipe)
+    model, tok, base_path = models.load_base(**{**files.model_config.model_dump(), "dtype": chosen.dtype})
     if check_fingerprint:
         check_base(recorded_fingerprint(files.config), model, f"adapter {files.adapter_dir}")
     method = methods.get(files.method)
     method.apply(model, files.method_config, tokenizer=tok)
     method.load_state_dict(model, files.weights)
     model.eval()
-    return LoadedAdapter(**vars(files), model=model, tokenizer=tok, base_path=base_path)
+    return LoadedAdapter(**vars(files), model=model, tokenizer=tok, base_path=base_path, precision=chosen)

@@ -152,7 +152,7 @@ def eval_(
 
     label_list = [x.strip() for x in labels.split(",") if x.strip()] if labels else None
     result = evaluate(target, data, fmt, max_samples, label_list, generate_answers=not no_exact_match, score_base=not no_base,
-                      phases=Phases(err))
+                      phases=Phases(err), say=lambda line: err.print(line, highlight=False, markup=False, soft_wrap=True))
     if as_json:
         print(json.dumps(result))
         return
@@ -339,6 +339,8 @@ def validate(
     if p.packing:
         out.print(p.packing.describe())
     out.print(f"base: {p.base_path}")
+    for line in p.precision.lines():
+        out.print(line, highlight=False, markup=False, soft_wrap=True)
     out.print(f"matched {len(p.targets)} modules: {', '.join(p.targets[:6])}{' ...' if len(p.targets) > 6 else ''}")
     out.print(f"trainable parameters: {p.trainable:,} = {100 * p.trainable / p.base_params:.3f}% of the base's {p.base_params:,}")
     out.print(f"trainable by kind: {methods.kinds_line(p.model)}")

@@ -281,7 +281,7 @@ def _eval_data(recipe: Recipe | None, data_path: str | None, fmt: str | None, to
 
 def evaluate(target: str, data_path: str | None = None, fmt: str | None = None, max_samples: int | None = None,
              labels: list[str] | None = None, generate_answers: bool = True, score_base: bool = True,
-             phases: Phases = SILENT) -> dict:
+             phases: Phases = SILENT, say=None) -> dict:
     """Score the base model and the adapted one on held-out data.
 
     ``target`` is a run dir, an adapter dir, or a recipe (whose ``output.dir`` holds the run;
@@ -293,14 +293,18 @@ def evaluate(target: str, data_path: str | None = None, fmt: str | None = None, 
     (:func:`classify`: label likelihood and greedy answer), under ``"classification"``.
     ``generate_answers=False`` skips the greedy exact match (loss only: fast on long answers);
     ``score_base=False`` scores only the adapted model (``"base"`` is None). ``phases`` shows the
-    progress of each model's loss, exact match, ... (:class:`peftcli.phases.Phases`).
+    progress of each model's loss, exact match, ... (:class:`peftcli.phases.Phases`); ``say`` (a
+    callable taking one line) gets the precision both models load in, and why, before they load
+    (:func:`peftcli.artifacts.load_precision`: ``model.dtype: auto`` resolved for this machine).
 
-    Returns {"base": metrics, "adapted": metrics or None, "data": str, "rows": n}.
+    Returns {"base": metrics, "adapted": metrics or None, "data": str, "rows": n, "precision":
+    {"dtype", "reason", "warning"}}.
     Raises:
-        UserError: nothing at ``target``, no eval data, adapter/base mismatch.
+        UserError: nothing at ``target``, no eval data, adapter/base mismatch, a bad ``PEFTCLI_CPU_BF16``.
     """
     recipe, files = _eval_target(target)
     model_cfg = files.model_config if files is not None else recipe.model
+    chosen = artifacts.load_precision(model_cfg, recipe)
     # the setup path's order (peftcli.prepare): the tokenizer, then the data, then the models
     _, tokenizer = prepare.load_tokenizer(model_cfg)
     system_prompt = data.use_recipe_chat(tokenizer, recipe)  # the template the run trained with
@@ -308,9 +312,13 @@ def evaluate(target: str, data_path: str | None = None, fmt: str | None = None, 
     examples, rows, eval_fmt = _eval_data(recipe, data_path, fmt, tokenizer, max_samples, max_len, system_prompt)
     if not rows:
         raise UserError("eval data is empty")
-    result = {"data": data_path or "recipe eval set", "rows": len(rows), "format": eval_fmt, "base": None, "adapted": None}
+    result = {"data": data_path or "recipe eval set", "rows": len(rows), "format": eval_fmt, "base": None, "adapted": None,
+              "precision": {k: v for k, v in chosen.as_json().items() if k != "mixed_precision"}}  # eval does not autocast
+    if say is not None:
+        for line in chosen.lines(autocast=False):
+            say(line)
     if score_base or files is None:
-        base, tokenizer, _ = models.load_base(**model_cfg.model_dump())
+        base, tokenizer, _ = models.load_base(**{**model_cfg.model_dump(), "dtype": chosen.dtype})
         data.use_recipe_chat(tokenizer, recipe)
         result["base"] = score(base, tokenizer, examples, rows, eval_fmt, labels=labels, max_seq_len=max_len,
                                generate_answers=generate_answers, phases=phases, name="base")

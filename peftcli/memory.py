@@ -18,7 +18,8 @@ from torch import nn
 
 from peftcli import packing
 from peftcli.loss import make_collate, supervised_loss_sum
-from peftcli.prepare import AUTOCAST_DTYPES, enable_gradient_checkpointing
+from peftcli.precision import AUTOCAST_DTYPES
+from peftcli.prepare import enable_gradient_checkpointing
 
 
 def largest_micro_batch(examples: list[dict], micro_batch_size: int, padding_free: bool, pad_id: int,

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from peftcli import __version__, data, methods, models, tokens
-from peftcli.artifacts import find_adapter_dir, load_adapted, method_name, read_adapter_config
+from peftcli.artifacts import find_adapter_dir, load_adapted, method_name, read_adapter, read_adapter_config
 from peftcli.atomic import atomic_dir
 from peftcli.errors import UserError, writing
 
@@ -53,8 +53,10 @@ def merge_adapter(path: str | Path, out_dir: str | Path, dtype: str | None = Non
         path: a run dir or an adapter dir.
         out_dir: where the merged model goes: a new or empty dir, or (with ``overwrite``) one
             peft merged into before, whose other files are kept.
-        dtype: ``float32 | bfloat16 | float16``; default the dtype the run loaded its base in (for a 4-bit
-            base that is its compute dtype, float32 unless the recipe set another).
+        dtype: ``float32 | bfloat16 | float16``; default the run's ``model.dtype`` (for a 4-bit base
+            its compute dtype); where that is ``auto``, the dtype the base is stored in (its
+            config.json), loaded in float32: a float32 base merges into float32 on any machine,
+            never rounded to the bfloat16 a run on a CPU with bf16 units trained its base in.
         log: where the one-line summary goes (default: this module's logger at INFO).
         overwrite: replace the files of an earlier merge into ``out_dir`` (``--overwrite``).
 
@@ -79,11 +81,16 @@ def merge_adapter(path: str | Path, out_dir: str | Path, dtype: str | None = Non
                         "(peft eval / peft generate)")
     peft_files = check_out_dir(out_dir, adapter_dir, cfg.get("base_model_name_or_path") or "",
                                overwrite)  # before the slow load
-    loaded = load_adapted(path)
+    files = read_adapter(path)
+    stored = None
+    if files.model_config.dtype == "auto":  # the base as stored, not as this machine would train it
+        stored = models.stored_dtype(models.resolve(files.model_config.name_or_path))
+        files.model_config = files.model_config.model_copy(update={"dtype": "float32"})  # exact for any stored dtype
+    loaded = load_adapted(files)
     model, tok, base = loaded.model, loaded.tokenizer, loaded.model_config
 
     quantized = base.quantization != "none"
-    out_name = dtype or base.dtype
+    out_name = dtype or stored or base.dtype
     out_dtype = models.DTYPES[out_name]
     if not quantized and out_dtype != next(model.parameters()).dtype:
         model.float()  # exact; the merge then rounds once, to out_dtype, when the weights are copied
@@ -97,7 +104,9 @@ def merge_adapter(path: str | Path, out_dir: str | Path, dtype: str | None = Non
     record = {"adapter": str(Path(loaded.adapter_dir).resolve()), "dtype": out_name}
     kept = write_merged(out_dir, clean, tok, record, peft_files)
 
-    chosen = f"dtype {out_name}" + (" (the dtype the run loaded its base in, model.dtype; --dtype to change)" if dtype is None else "")
+    default = " (the base's stored dtype, for model.dtype auto; --dtype to change)" if stored else \
+        " (the dtype the run loaded its base in, model.dtype; --dtype to change)"
+    chosen = f"dtype {out_name}" + (default if dtype is None else "")
     note = f"; the {base.quantization} base was dequantised, not re-quantised" if quantized else ""
     yours = f"; kept {kept} other file(s) there" if kept else ""
     log(f"merged {loaded.adapter_dir} into {out_dir}: {chosen}{note}{yours}")

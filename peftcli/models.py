@@ -241,6 +241,26 @@ def load_model(path: str, quantization: str = "none", dtype: str = "float32", do
     return model.eval()
 
 
+def stored_dtype(path: str) -> str:
+    """The :data:`DTYPES` name of the dtype a base's weights are stored in: its config.json's
+    ``dtype`` (``torch_dtype`` before transformers 5); float32 where it names none of them.
+
+    Raises:
+        UserError: the config cannot be read (as :func:`load_model`).
+    """
+    from transformers import PretrainedConfig
+
+    _refuse_missing_dir(path)
+    local = Path(path).expanduser()
+    try:
+        config, _ = PretrainedConfig.get_config_dict(path, local_files_only=not local.exists() and hub_offline(path))
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model.name_or_path: cannot read the config of {path!r} ({first})") from None
+    stored = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
+    return stored if stored in DTYPES else "float32"
+
+
 def keep_one_4bit_path(model: nn.Module) -> None:
     """bitsandbytes repacks 4-bit weights for a bfloat16 CPU kernel at the first no-grad eval
     forward; switch that off so training, eval and merge share one numeric path (dequantise +

@@ -1,13 +1,14 @@
 """The one setup path from a recipe to a model ready to train: ``peft train``, ``peft validate``
 ``--smoke`` and ``peft eval`` all go through it, in this order:
 
-    resolve the base -> tokenizer -> data (so a bad data file is reported before the model
-    loads) -> packed rows (``data.packing``) -> model (+ tokenizer fitted to it, base
+    precision -> resolve the base -> tokenizer -> data (so a bad data file is reported before
+    the model loads) -> packed rows (``data.packing``) -> model (+ tokenizer fitted to it, base
     fingerprint) -> method -> parameter counts
 
 (:func:`load`), then, once the caller has placed the model where it will run, the loss path
-(:func:`choose_loss_path`). Also the precision and memory settings a run resolves once:
-:func:`resolve_mixed_precision`, :data:`AUTOCAST_DTYPES`, :func:`enable_gradient_checkpointing`.
+(:func:`choose_loss_path`). The precision is the base dtype and autocast (``model.dtype``,
+``train.mixed_precision``, ``auto`` resolved for this machine by
+:func:`peftcli.precision.choose`); :func:`enable_gradient_checkpointing` is the memory setting.
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from peftcli import data, guard, methods, models, packing
+from peftcli import data, guard, methods, models, packing, precision
 from peftcli.errors import UserError
 from peftcli.loss import model_device, prepare_padding_free
+from peftcli.precision import AUTOCAST_DTYPES, Precision
 from peftcli.recipe import ModelConfig, Recipe
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.mixed_precision -> autocast dtype
 
 
 @dataclass
@@ -35,8 +35,10 @@ class Prepared:
     ``eval_examples``: the eval examples the run scores (``train.eval_max_samples`` of them);
     ``method``: the method module; ``targets``: the module names it wrapped; ``fingerprint``:
     :func:`peftcli.models.fingerprint` of the base before the method; ``trainable`` / ``total``:
-    parameter counts (:func:`parameter_counts`); ``mixed``: the resolved mixed precision;
-    ``packing``: the packed train rows with ``data.packing`` (:func:`peftcli.packing.pack`), else None.
+    parameter counts (:func:`parameter_counts`); ``mixed``: the resolved mixed precision
+    (``precision.autocast``); ``packing``: the packed train rows with ``data.packing``
+    (:func:`peftcli.packing.pack`), else None; ``precision``: the base dtype and autocast chosen,
+    and why (:func:`peftcli.precision.choose`).
     """
 
     recipe: Recipe
@@ -52,6 +54,7 @@ class Prepared:
     total: int
     mixed: str
     packing: packing.Packing | None = None
+    precision: Precision | None = None
 
     @property
     def train_units(self) -> int:
@@ -66,7 +69,8 @@ class Prepared:
 
 def load(recipe: Recipe, check_base: Callable[[nn.Module], object] | None = None) -> Prepared:
     """Load what ``recipe`` names and apply its method, on the CPU (4/8-bit weights where
-    bitsandbytes places them at load).
+    bitsandbytes places them at load), the base in the dtype :func:`peftcli.precision.choose`
+    picks for the device the run trains on.
 
     Args:
         check_base: called with the loaded base before the method is applied (``--resume``
@@ -74,9 +78,10 @@ def load(recipe: Recipe, check_base: Callable[[nn.Module], object] | None = None
     Raises:
         UserError: ``data.packing`` with a method that adds virtual tokens, a bad data file (both
             before the model loads), a base that cannot be loaded, a method that cannot apply to
-            it, or what ``check_base`` raises.
+            it, or what ``check_base`` raises; a bad ``PEFTCLI_CPU_BF16``.
     """
     m, t = recipe.model, recipe.train
+    chosen = precision.choose(m.dtype, t.mixed_precision, quantization=m.quantization)
     method = methods.get(recipe.method.name)
     refusal = packing.refuse_method(recipe.method.name, method) if recipe.data.packing else None
     if refusal:
@@ -84,7 +89,7 @@ def load(recipe: Recipe, check_base: Callable[[nn.Module], object] | None = None
     base_path, tok = load_tokenizer(m)
     ds = data.build(recipe.data, tok, t.seed)
     packed = packing.pack(ds.train, recipe.data.max_seq_len) if recipe.data.packing else None
-    model = models.load_model(base_path, m.quantization, m.dtype, m.double_quant, m.trust_remote_code)
+    model = models.load_model(base_path, m.quantization, chosen.dtype, m.double_quant, m.trust_remote_code)
     tok = models.fit_tokenizer(tok, model)
     if check_base is not None:
         check_base(model)
@@ -94,7 +99,7 @@ def load(recipe: Recipe, check_base: Callable[[nn.Module], object] | None = None
     return Prepared(recipe=recipe, base_path=base_path, tokenizer=tok, datasets=ds,
                     eval_examples=ds.eval[: t.eval_max_samples] if t.eval_max_samples else ds.eval,
                     model=model, method=method, targets=targets, fingerprint=fingerprint,
-                    trainable=trainable, total=total, mixed=resolve_mixed_precision(t.mixed_precision), packing=packed)
+                    trainable=trainable, total=total, mixed=chosen.autocast, packing=packed, precision=chosen)
 
 
 def fit_micro_batch(recipe: Recipe, n_train: int, say: Callable[[str], None]) -> None:
@@ -194,21 +199,3 @@ def enable_gradient_checkpointing(model: nn.Module, reentrant: bool = False) -> 
     """
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model.enable_input_require_grads()
-
-
-def cpu_supports_bf16() -> bool:
-    """True when this CPU has native bfloat16 matmuls (AVX512-BF16 / AMX), where autocast pays."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_mixed_precision(setting: str) -> str:
-    """``auto`` -> bf16 where the device has fast bfloat16 (CUDA with bf16, or such a CPU), else no;
-    any other setting ("no" | "bf16" | "fp16") as is."""
-    if setting != "auto":
-        return setting
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_supports_bf16() else "no"

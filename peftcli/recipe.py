@@ -33,8 +33,10 @@ class ModelConfig(_Strict):
 
     name_or_path: str = Field("smollm2-135m", description="alias of the embedded default (smollm2-135m), a local HF dir, or a hub id")
     quantization: Literal["none", "nf4", "fp4", "int8"] = Field("none", description="load the frozen base through bitsandbytes")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="dtype of the frozen base weights (and 4-bit compute dtype)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the frozen base weights (and 4-bit compute dtype); auto: float32 for a "
+                            "full-precision base; a 4-bit base computes in bfloat16 where the run autocasts to bf16 "
+                            "(a CPU with bf16 units, a GPU with bf16), else float32")
     double_quant: bool = Field(True, description="4-bit only: quantise the quantisation constants too (Dettmers et al. 2023, §3)")
     trust_remote_code: bool = Field(False, description="allow model code from the model dir; off unless set")
 
@@ -149,7 +151,9 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(0, ge=0)
     optimizer: Literal["adamw"] = "adamw"
     seed: int = 0
-    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = Field("auto", description="auto: bf16 autocast where the device supports it")
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = Field(
+        "auto", description="auto: bf16 autocast where the device computes bf16 natively (a CPU with AVX512-BF16 or AMX, "
+                            "a GPU with bf16), fp16 on a GPU without bf16, else none")
     gradient_checkpointing: bool = False
     eval_every: int = Field(50, ge=0, description="steps between evals; 0 for only at the end")
     save_every: int = Field(100, ge=0, description="steps between checkpoints; 0 for none")

@@ -75,7 +75,8 @@ def check(result) -> SmokeReport:
         report.record(bool(losses) and all(math.isfinite(x) for x in losses),
                       f"loss finite over {len(losses)} steps (first {losses[0]:.4f}, last {losses[-1]:.4f})"
                       if losses else "no loss logged")
-        reloaded = artifacts.load_adapted(result.run_dir)
+        # reloaded in the dtype the run chose (auto chooses for the GPU in a run, for the CPU in a load)
+        reloaded = artifacts.load_adapted(result.run_dir, {"dtype": result.summary["precision"]["dtype"]})
         batch = data.collate(result.datasets.train[:2], reloaded.tokenizer.pad_token_id)
         device = next(result.model.parameters()).device
         inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}

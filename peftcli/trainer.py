@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from peftcli import artifacts, data, guard, methods, packing, prepare
+from peftcli import artifacts, data, guard, methods, packing, precision, prepare
 from peftcli.errors import Interrupted, UserError, WriteFault, write_error, writing
 from peftcli.loss import SupervisedLoss, count_supervised, eval_loss, make_collate
 from peftcli.phases import clock
@@ -242,7 +242,8 @@ def _accelerator(recipe: Recipe):
     if missing:
         raise UserError(f"train.report_to: {', '.join(missing)} needs its Python package, which is not installed "
                         f"(pip install {' '.join(missing)}), or remove it from train.report_to")
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=prepare.resolve_mixed_precision(t.mixed_precision),
+    mixed = precision.choose(recipe.model.dtype, t.mixed_precision).autocast  # as prepare.load chooses it
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed,
                        log_with=t.report_to or None,
                        project_config=ProjectConfiguration(project_dir=str(rundir.path), logging_dir=str(rundir.tensorboard)))
 
@@ -385,11 +386,13 @@ def _check_resumed_base(checkpoint: Path | None, model: nn.Module) -> None:
 
 
 def _print_prepared(console, p: Prepared, world: int, distributed_type) -> None:
-    """The method, parameter and data lines (and the process count when there are several)."""
+    """The method, parameter, precision and data lines (and the process count when there are several)."""
     targets, s, t = p.targets, p.datasets.train_stats, p.recipe.train
     console.print(f"[bold]{p.recipe.method.name}[/] on {', '.join(targets[:2])}{', ...' if len(targets) > 2 else ''} "
                   f"({len(targets)} module{'s' * (len(targets) != 1)}): trainable parameters {p.trainable:,} = "
                   f"{100 * p.trainable / p.base_params:.3f}% of the base's {p.base_params:,} ({methods.kinds_line(p.model)})")
+    for line in p.precision.lines():
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
     console.print(f"data: {s.describe()}, eval on {len(p.eval_examples)} examples", highlight=False, soft_wrap=True)
     for line in p.datasets.mixing:
         console.print(line, highlight=False, markup=False)
@@ -625,7 +628,7 @@ def _summary(run: Run) -> dict:
             "trainable_pct_of_base": 100 * p.trainable / p.base_params,
             "train_examples": len(p.datasets.train), "mixing": p.datasets.mixing, "dropped_rows": s.dropped_rows(),
             "train_data": vars(s),
-            "mixed_precision": p.mixed, "padding_free": run.path.padding_free,
+            "mixed_precision": p.mixed, "precision": p.precision.as_json(), "padding_free": run.path.padding_free,
             "packing": packed, "loss_path": run.path.as_json(),
             "device": str(run.accelerator.device), "tokens_seen": run.counters.tokens_seen, "wall_s": run.counters.elapsed(),
             "cuda_peak_memory_gib": _cuda_peak_gib(run.accelerator.device)}

@@ -12,19 +12,18 @@ import torch
 import yaml
 from torch import nn
 
-from peftcli import artifacts, methods, models
+from peftcli import artifacts, methods, models, precision
 from peftcli.data import IGNORE_INDEX
 from peftcli.recipe import Recipe, validate
 
 
-def method_recipe(name: str, base_dir=None, quantization: str = "none", dtype: str | None = None,
+def method_recipe(name: str, base_dir=None, quantization: str = "none", dtype: str = "float32",
                   **keys) -> Recipe:
     """A validated recipe for method ``name`` (with ``keys``) on the base at ``base_dir`` (the
-    path is not read; "unused" when None), loaded with ``quantization`` (and ``dtype`` when
-    given, else the recipe's default); the data path is a placeholder that is never read."""
-    model = {"name_or_path": str(base_dir or "unused"), "quantization": quantization}
-    if dtype is not None:
-        model["dtype"] = dtype
+    path is not read; "unused" when None), loaded with ``quantization`` in ``dtype`` (float32
+    unless given, so numbers do not depend on the machine's ``auto``); the data path is a
+    placeholder that is never read."""
+    model = {"name_or_path": str(base_dir or "unused"), "quantization": quantization, "dtype": dtype}
     return validate({"model": model, "method": {"name": name, **keys},
                      "data": {"train": {"path": "unused.jsonl"}}})
 
@@ -66,9 +65,11 @@ def saved_adapter(recipe: Recipe, out_dir, as_trained: Callable[[nn.Module], Non
     """The recipe's base loaded as the recipe says (path, quantization, dtype), fingerprinted,
     the recipe's method applied (after ``torch.manual_seed(seed)`` when given: the method's
     random init), ``as_trained(model)`` run on it (e.g. a :func:`perturb`), and the adapter
-    saved to ``out_dir``. Returns the adapted model in eval mode."""
+    saved to ``out_dir``. Returns the adapted model in eval mode. ``model.dtype: auto`` loads the
+    base as a run on this machine would (:func:`peftcli.precision.choose`)."""
     m = recipe.model
-    model, _, base_path = models.load_base(m.name_or_path, m.quantization, m.dtype)
+    dtype = precision.choose(m.dtype, recipe.train.mixed_precision).dtype
+    model, _, base_path = models.load_base(m.name_or_path, m.quantization, dtype)
     fp = models.fingerprint(model)
     if seed is not None:
         torch.manual_seed(seed)

@@ -34,7 +34,7 @@ def runs(tiny_dir, tmp_path_factory):
     for fmt, keys in [("chat", {"system_prompt": SYSTEM["content"]}), ("alpaca", {})]:
         run = tmp / f"run-{fmt}"
         shutil.copytree(tmp / "adapter", run / "adapter")
-        r = validate({"model": {"name_or_path": str(tiny_dir)}, "method": recipe.method.model_dump(),
+        r = validate({"model": {"name_or_path": str(tiny_dir), "dtype": "float32"}, "method": recipe.method.model_dump(),
                       "data": {"train": {"path": "unused.jsonl", "format": fmt}, **keys}, "output": {"dir": str(run)}})
         (run / "recipe.yaml").write_text(dump(r))
     return tmp
@@ -228,7 +228,9 @@ def test_eval_progress_is_one_line_per_phase_on_stderr_and_json_stays_clean(runs
                                                 for n in range(3)])
     result = invoke("eval", runs / "run-alpaca", "--data", rows, "--format", "alpaca", "--json", "--labels", "yes,no")
     assert json.loads(result.stdout)["rows"] == 3  # stdout: the JSON object alone
-    phases = [re.fullmatch(r"(.+): (\d+)/(\d+) (\w+) in \d+\.\d s", line).groups() for line in result.stderr.splitlines()]
+    precision, *lines = result.stderr.splitlines()
+    assert precision == "precision: base float32 (as set in the recipe)"  # the recipe's model.dtype: float32
+    phases = [re.fullmatch(r"(.+): (\d+)/(\d+) (\w+) in \d+\.\d s", line).groups() for line in lines]
     assert phases == [(f"{model} {what}", n, n, unit) for model in ("base", "adapted") for what, n, unit in
                       [("loss", "3", "examples"), ("exact match", "3", "rows"), ("label likelihood", "6", "examples"),
                        ("label answers", "3", "rows")]]

@@ -244,7 +244,7 @@ def _adapter(run_dir: Path) -> dict:
 def test_resume_refuses_a_corrupt_checkpoint_and_skip_corrupt_resumes_the_same_run(tmp_path, tiny_dir):
     write_jsonl(tmp_path / "train.jsonl", SORT_ROWS * 2)
     recipe = write_recipe(tmp_path / "run.yaml", {
-        "model": {"name_or_path": str(tiny_dir)},
+        "model": {"name_or_path": str(tiny_dir), "dtype": "float32"},
         "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
         "data": {"train": {"path": str(tmp_path / "train.jsonl"), "format": "alpaca"}, "max_seq_len": 128},
         "train": {"max_steps": 4, "micro_batch_size": 2, "lr": 1e-2, "warmup_steps": 1, "log_every": 1,

@@ -25,7 +25,7 @@ def write(tmp_path, text, name="recipe.yaml"):
 
 
 GOOD = """\
-model: {{name_or_path: {model}}}
+model: {{name_or_path: {model}, dtype: float32}}
 method: {{name: lora, r: 4, alpha: 8}}
 data:
   train: {{path: {data}, format: alpaca}}

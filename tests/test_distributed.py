@@ -19,7 +19,7 @@ from peftcli.rundir import read_events
 def _recipe(tmp_path, tiny_dir) -> str:
     data = write_jsonl(tmp_path / "train.jsonl", SORT_ROWS * 2)
     recipe = {
-        "model": {"name_or_path": str(tiny_dir)},
+        "model": {"name_or_path": str(tiny_dir), "dtype": "float32"},
         "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
         "data": {"train": {"path": str(data), "format": "alpaca"}, "max_seq_len": 128},
         "train": {"max_steps": 4, "micro_batch_size": 2, "grad_accum": 1, "lr": 1e-2, "log_every": 1,

@@ -50,7 +50,7 @@ MERGE_AFTER = 3  # merge probes that it may create a dir there, then fills a tem
 def _recipe(tmp_path: Path, tiny_dir, name: str) -> Path:
     data = write_jsonl(tmp_path / "rows.jsonl", SORT_ROWS * 2)
     return write_recipe(tmp_path / f"{name}.yaml", {
-        "model": {"name_or_path": str(tiny_dir)},
+        "model": {"name_or_path": str(tiny_dir), "dtype": "float32"},
         "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
         "data": {"train": {"path": str(data), "format": "alpaca"}, "eval": {"path": str(data), "format": "alpaca"},
                  "max_seq_len": 128},

@@ -30,7 +30,7 @@ def _recipe(tmp_path: Path, tiny_dir, name: str, **train) -> Path:
     if not data.exists():
         write_jsonl(data, SORT_ROWS * 3)
     recipe = {
-        "model": {"name_or_path": str(tiny_dir)},
+        "model": {"name_or_path": str(tiny_dir), "dtype": "float32"},
         "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
         "data": {"train": {"path": str(data), "format": "alpaca"}, "max_seq_len": 128},
         "train": {"max_steps": STEPS, "micro_batch_size": 2, "grad_accum": 2, "lr": 1e-2, "warmup_steps": 2,

@@ -32,7 +32,7 @@ def lora_cfg(**keys) -> lora.Config:
 
 
 def test_C9_rslora_scale_at_creation_reload_and_merge(tiny_dir, tmp_path):
-    recipe = validate({"model": {"name_or_path": str(tiny_dir)},
+    recipe = validate({"model": {"name_or_path": str(tiny_dir), "dtype": "float32"},
                        "method": {"name": "lora", "r": 16, "alpha": 16, "rslora": True, "dropout": 0.0,
                                   "target_modules": ["q_proj", "v_proj"]},
                        "data": {"train": {"path": "unused.jsonl"}}})
@@ -375,7 +375,7 @@ PATTERN_LAYERS = {
 
 @pytest.mark.filterwarnings(r"ignore:Unexpected keyword arguments \['peftcli'\]")
 def test_rank_and_alpha_patterns_size_each_layer_and_load_in_hf_peft(tiny_dir, tmp_path):
-    recipe = validate({"model": {"name_or_path": str(tiny_dir)},
+    recipe = validate({"model": {"name_or_path": str(tiny_dir), "dtype": "float32"},
                        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0,
                                   "target_modules": ["q_proj", "v_proj", "down_proj"],
                                   "rank_pattern": RANK_PATTERN, "alpha_pattern": ALPHA_PATTERN},

@@ -90,6 +90,46 @@ def test_C1_merge_half_base_into_float32(tiny_dir, tmp_path):
     torch.testing.assert_close(saved["model.layers.1.self_attn.q_proj.weight"], expected, atol=1e-7, rtol=1e-6)
 
 
+def test_C1_merge_of_an_auto_run_trained_in_bf16_writes_the_float32_base_as_stored(tiny_dir, tmp_path, monkeypatch):
+    """model.dtype auto trains its base in bfloat16 on a CPU with bf16 units; the merge still folds
+    into the base as stored (float32), never into its bfloat16 rounding."""
+    monkeypatch.setenv("PEFTCLI_CPU_BF16", "1")
+    model = train_adapter(tiny_dir, tmp_path, dtype="auto", target_modules=["q_proj"])
+    q = lora.lora_layers(model)["model.layers.1.self_attn.q_proj"]
+    assert q.base_layer.weight.dtype == torch.bfloat16  # how the run held its base
+    stored = base_weights(tiny_dir)  # float32 on disk: the reference
+    name = "model.layers.1.self_attn.q_proj.weight"
+    expected = stored[name] + 2.0 * (q.lora_B.weight @ q.lora_A.weight).detach()  # scale alpha/r = 8/4
+
+    messages = []
+    out = merge.merge_adapter(tmp_path, tmp_path / "merged", log=messages.append)
+
+    saved = load_file(str(out / "model.safetensors"))
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    torch.testing.assert_close(saved[name], expected, atol=1e-7, rtol=1e-6)
+    k = "model.layers.1.self_attn.k_proj.weight"
+    assert torch.equal(saved[k], stored[k])  # untouched: bit for bit the stored float32, not bf16-rounded
+    assert not torch.equal(stored[k], stored[k].to(torch.bfloat16).float())
+    assert "dtype float32 (the base's stored dtype, for model.dtype auto" in messages[0]
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peftcli"]["model"]["dtype"] == "auto"
+
+
+def test_C2_merge_of_an_auto_qlora_run_keeps_the_unquantised_modules_as_stored(tiny_dir, tmp_path, monkeypatch):
+    """QLoRA with model.dtype auto on a CPU with bf16 units: compute dtype (and the unquantised
+    modules) bfloat16 in the run; the merge loads them in float32, as stored."""
+    monkeypatch.setenv("PEFTCLI_CPU_BF16", "1")
+    model = train_adapter(tiny_dir, tmp_path, quantization="nf4", dtype="auto", method="qlora", target_modules=["q_proj"])
+    assert model.model.norm.weight.dtype == torch.bfloat16  # how the run held its unquantised modules
+
+    out = merge.merge_adapter(tmp_path, tmp_path / "merged")
+
+    saved, stored = load_file(str(out / "model.safetensors")), base_weights(tiny_dir)
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    for name in ("model.norm.weight", "model.layers.0.input_layernorm.weight", "model.embed_tokens.weight"):
+        assert torch.equal(saved[name], stored[name]), name
+
+
 # ---------------------------------------------------------------------------------------------
 # C2 merge from a 4-bit base
 

@@ -156,7 +156,7 @@ LORA = {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0}
 
 def _recipe(tmp_path, tiny_dir, name: str, method=LORA, packed: bool = True, **train) -> dict:
     source = {"path": str(write_jsonl(tmp_path / "train.jsonl", ROWS)), "format": "completion"}
-    return {"model": {"name_or_path": str(tiny_dir)}, "method": method,
+    return {"model": {"name_or_path": str(tiny_dir), "dtype": "float32"}, "method": method,
             "data": {"train": source, "eval": source, "max_seq_len": SEQ, "packing": packed, "pad_to_multiple_of": 8},
             "train": {"micro_batch_size": 2, "lr": 1e-2, "log_every": 1, "eval_every": 0, "save_every": 0,
                       "warmup_steps": 0, "scheduler": "constant", "mixed_precision": "no", **train},

@@ -62,7 +62,7 @@ def test_check_base_runs_before_the_method(tmp_path, tiny_dir):
 
 def _recipe_file(tmp_path, tiny_dir, rows) -> str:
     rows_file = write_jsonl(tmp_path / "rows.jsonl", rows)
-    recipe = {"model": {"name_or_path": str(tiny_dir)}, "method": LORA_QV,
+    recipe = {"model": {"name_or_path": str(tiny_dir), "dtype": "float32"}, "method": LORA_QV,
               "data": {"train": {"path": str(rows_file), "format": "alpaca"}},
               "train": {"micro_batch_size": 2, "mixed_precision": "no"}, "output": {"dir": str(tmp_path / "run")}}
     return str(write_recipe(tmp_path / "recipe.yaml", recipe))

@@ -145,7 +145,7 @@ def chat_run(tmp_path_factory):
     model_dir = drop_chat_template(save_tiny(tmp / "model"))
     rows = write_jsonl(tmp / "chat.jsonl", [{"messages": CHAT["messages"][1:3]}])
     source = {"path": str(rows), "format": "chat"}
-    recipe = {"model": {"name_or_path": str(model_dir)},
+    recipe = {"model": {"name_or_path": str(model_dir), "dtype": "float32"},
               "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0,
                          "target_modules": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj", "lm_head"]},
               "data": {"train": source, "eval": source, "chat_template": "chatml", "system_prompt": "Be brief.",
@@ -277,7 +277,7 @@ BAD_TEMPLATES = {"no template": None, "rejects the system role": REJECTS_SYSTEM}
 
 def _chat_recipe(tmp_path, model_dir, **data_keys) -> dict:
     rows = write_jsonl(tmp_path / "chat.jsonl", [CHAT])
-    return {"model": {"name_or_path": str(model_dir)}, "method": {"name": "lora", "r": 4, "alpha": 8},
+    return {"model": {"name_or_path": str(model_dir), "dtype": "float32"}, "method": {"name": "lora", "r": 4, "alpha": 8},
             "data": {"train": {"path": str(rows), "format": "chat"}, **data_keys},
             "train": {"max_steps": 1, "mixed_precision": "no"}, "output": {"dir": str(tmp_path / "run")}}
 

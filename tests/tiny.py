@@ -86,7 +86,7 @@ def tiny_run_recipe(tmp_path: Path, model_dir, method: dict, rows=None, eval_row
     path = write_jsonl(Path(tmp_path) / "train.jsonl", rows or SORT_ROWS)
     source = {"path": str(path), "format": "alpaca"}
     return validate({
-        "model": {"name_or_path": str(model_dir)},
+        "model": {"name_or_path": str(model_dir), "dtype": "float32"},
         "method": method,
         "data": {"train": source, "eval": source if eval_rows else None, "max_seq_len": max_seq_len},
         "train": {"max_steps": 3, "micro_batch_size": 2, "lr": 1e-2, "log_every": 1, "eval_every": 0,
