@@ -119,10 +119,22 @@ def _until_stop(ids: list[int], stop_ids: tuple[int, ...]) -> list[int]:
     return next((ids[:i] for i, t in enumerate(ids) if t in stop_ids), ids)
 
 
-def exact_match(model: nn.Module, tokenizer, rows: list[dict], fmt: str, batch_size: int = 16,
+GENERATE_TOKENS, GENERATE_ROWS = 4096, 64  # a generation batch's budget: rows x (prompt + new tokens), and its rows
+
+
+def generation_batch_size(prompt_lengths: list[int], max_new_tokens: int) -> int:
+    """Rows per batch of greedy scoring: as many as fit :data:`GENERATE_TOKENS` (the longest
+    prompt plus the new tokens, per row), between 1 and :data:`GENERATE_ROWS`. On a CPU a
+    decoding step's fixed cost is shared by the batch: the embedded model scored its 100 short
+    held-out prompts 1.6x as fast in one batch as in batches of 16 (measured, one thread)."""
+    return max(1, min(GENERATE_ROWS, GENERATE_TOKENS // (max(prompt_lengths) + max_new_tokens)))
+
+
+def exact_match(model: nn.Module, tokenizer, rows: list[dict], fmt: str, batch_size: int | None = None,
                 phases: Phases = SILENT, name: str = "") -> dict:
     """Share of rows with a reference whose greedy answer equals it (both stripped); progress as
-    the phase ``"{name} exact match"`` of ``phases``.
+    the phase ``"{name} exact match"`` of ``phases``. ``batch_size``: rows per generation batch
+    (default :func:`generation_batch_size` for these prompts).
 
     Returns {"exact_match": fraction in [0, 1] or None, "n_references": count, "samples": first 3
     (prompt, reference, answer)}.
@@ -132,6 +144,9 @@ def exact_match(model: nn.Module, tokenizer, rows: list[dict], fmt: str, batch_s
     if not pairs:
         return {"exact_match": None, "n_references": 0, "samples": []}
     hits, samples = 0, []
+    if batch_size is None:
+        longest_ref = max(len(tokenizer(ref, add_special_tokens=False).input_ids) for _, ref in pairs)
+        batch_size = generation_batch_size([len(p) for p, _ in pairs], min(longest_ref + 8, 256))
     with phases.phase(f"{name} exact match".strip(), len(pairs), "rows") as advance:
         for i in range(0, len(pairs), batch_size):
             chunk = pairs[i:i + batch_size]

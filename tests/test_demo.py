@@ -11,7 +11,6 @@ demo's result fails here until the README is re-measured.
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 from test_e2e import PEFT, ROOT, peft  # noqa: F401  (PEFT: the venv's command, as make demo runs it)
