@@ -24,7 +24,7 @@ demo: install
 	$(PEFT) eval runs/demo
 
 test: install
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=15
 
 test-fast: install
 	$(PY) -m pytest -q -ra -m "not slow"
