@@ -137,11 +137,15 @@ def varlen_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         query, key, value = query.float(), key.float(), value.float()
     gqa = query.shape[1] != key.shape[1]
     p = dropout if module.training else 0.0
+    # split, not slices: the backward of a split is one concatenation of the examples' gradients,
+    # where each slice's would be a zero tensor of the whole row with the slice added into it
+    lengths = [e - s for s, e in zip(example_bounds[:-1], example_bounds[1:])]
     with torch.autocast("cpu", enabled=False) if upcast else nullcontext():
-        outs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], attn_mask=block,
-                                               is_causal=block is None, dropout_p=p, scale=scaling, enable_gqa=gqa)
-                for (s, e), block in zip(zip(example_bounds[:-1], example_bounds[1:]), plan)]
-    return torch.cat(outs, dim=2).to(dtype).transpose(1, 2).contiguous(), None
+        outs = [F.scaled_dot_product_attention(q, k, v, attn_mask=block, is_causal=block is None, dropout_p=p,
+                                               scale=scaling, enable_gqa=gqa).transpose(1, 2)
+                for q, k, v, block in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2), plan)]
+    # concatenated along the tokens of the (1, N, heads, head_dim) layout: contiguous as it is made
+    return torch.cat(outs, dim=1).to(dtype), None
 
 
 def use_varlen_attention(model: nn.Module) -> bool:

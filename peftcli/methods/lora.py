@@ -119,7 +119,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         if self.fused_backward and torch.is_grad_enabled():
-            # training: the memory-lean branch (x saved once, dropout mask drawn again in backward)
+            # training: the memory-lean branch (x saved once, only the dropped positions kept for backward)
             p = getattr(self.dropout, "p", 0.0) if self.training else 0.0
             update = lora_branch(x, self.lora_A.weight, self.lora_B.weight, self.scaling, p)
             return result + update.to(result.dtype)

@@ -1,12 +1,12 @@
 """The LoRA branch kernel: scaling · B A dropout(x) for training, with a hand-written backward
-that stores only x, A, B and the (..., r) product A x' (Hu et al. 2021, §4.1, for the update;
-the memory layout is ours).
+that stores only x, A, B, the (..., r) product A x' and the dropped positions (Hu et al. 2021,
+§4.1, for the update; the memory layout is ours).
 
 Dropout is drawn as the *positions it zeroes* (:func:`drop_index`: a Bernoulli process sampled by
-its geometric gaps), from a per-call seed, so the backward pass draws the same positions again
-instead of storing a mask. :class:`peftcli.methods.lora.LoRALinear` calls :func:`lora_branch`
-whenever gradients are on; ``peftcli.guard`` checks it against plain autograd before a run
-trusts it.
+its geometric gaps), from a per-call seed (activation checkpointing's recompute draws the same
+ones); the backward pass reuses the positions, about p of x's elements, instead of a full mask.
+:class:`peftcli.methods.lora.LoRALinear` calls :func:`lora_branch` whenever gradients are on;
+``peftcli.guard`` checks it against plain autograd before a run trusts it.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ import torch.nn.functional as F
 
 def drop_index(n: int, p: float, seed: int, device: torch.device, chunk: int | None = None) -> torch.Tensor:
     """The flat positions in [0, n) that dropout zeroes, each one independently with probability p:
-    a sorted int64 tensor of about p·n positions, the same for the same seed (the backward pass of
-    :class:`LoRABranch` draws it again instead of storing it).
+    a sorted int64 tensor of about p·n positions, the same for the same seed.
 
     Sampled as a Bernoulli process by its gaps: the distance from one dropped position to the
     next is Geometric(p), drawn by inverting its CDF, G = 1 + ⌊log U / log(1 - p)⌋ with U uniform
@@ -59,21 +58,45 @@ def _dropped(x: torch.Tensor, p: float, seed: int, dtype: torch.dtype) -> tuple[
     multiplying the (..., in) input. (x in ``dtype``, None, 1.0) when p == 0."""
     if p == 0:
         return x.to(dtype), None, 1.0
-    xd = x.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
-    dropped = drop_index(xd.numel(), p, seed, x.device)
-    xd.view(-1)[dropped] = 0
-    return xd, dropped, 1 / (1 - p)
+    dropped = drop_index(x.numel(), p, seed, x.device)
+    return _zeroed(x.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True), dropped), dropped, 1 / (1 - p)
+
+
+def _zeroed(t: torch.Tensor, dropped: torch.Tensor | None) -> torch.Tensor:
+    """``t`` (contiguous) with its flat positions ``dropped`` set to 0, in place (``index_fill_``:
+    ~40x faster than the equivalent ``t.view(-1)[dropped] = 0``, an ``index_put_``)."""
+    if dropped is not None:
+        t.view(-1).index_fill_(0, dropped, 0)
+    return t
+
+
+def _packed(dropped: torch.Tensor | None) -> torch.Tensor | None:
+    """The sorted positions ``dropped`` as kept for the backward pass: their gaps in int16 (2 bytes
+    per dropped position, a twentieth of x's bf16 bytes at p = 0.05), or int64 as they are where
+    a gap exceeds int16 (rare for p > 1e-3). :func:`_unpacked` reverses it exactly."""
+    if dropped is None or dropped.numel() == 0:
+        return dropped
+    gaps = torch.diff(dropped, prepend=dropped.new_full((1,), -1))
+    return gaps.to(torch.int16) if int(gaps.max()) <= torch.iinfo(torch.int16).max else dropped
+
+
+def _unpacked(saved: torch.Tensor | None) -> torch.Tensor | None:
+    if saved is None or saved.dtype == torch.int64:
+        return saved
+    return saved.cumsum(0, dtype=torch.int64).sub_(1)
 
 
 class LoRABranch(torch.autograd.Function):
     """The LoRA update of one layer in training: scaling · B A dropout(x) (Hu et al. 2021, §4.1),
-    with a hand-written backward that stores only x, A, B and the (..., r) product A x'.
+    with a hand-written backward that stores only x, A, B, the (..., r) product A x' and the
+    dropped positions.
 
     The autograd graph of the plain formula would keep, per layer, the dropout mask and the dropped
-    input x' (..., in) in the compute dtype; here the mask is drawn again from its seed in the
-    backward pass, and x is saved as is — the q/k/v (and gate/up) layers get the same x, so it is
-    stored once for all of them. Math in ``dtype`` (bf16 under autocast, else A's float32), as
-    autocast would do for the two matmuls; the gradients of A and B are returned in float32.
+    input x' (..., in) in the compute dtype; here only the dropped positions are kept (:func:`_packed`:
+    int16 gaps, about p of x's elements), x' is rebuilt from them in the backward pass, and x is saved as is — the
+    q/k/v (and gate/up) layers get the same x, so it is stored once for all of them. Math in
+    ``dtype`` (bf16 under autocast, else A's float32), as autocast would do for the two matmuls;
+    the gradients of A and B are returned in float32.
 
     forward(x (..., in), weight_A (r, in), weight_B (out, r), scaling, p, seed, dtype) -> (..., out)
     in ``dtype``.
@@ -81,26 +104,26 @@ class LoRABranch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight_A, weight_B, scaling: float, p: float, seed: int, dtype: torch.dtype):
-        xd, _, scale = _dropped(x, p, seed, dtype)
+        xd, dropped, scale = _dropped(x, p, seed, dtype)
         u = F.linear(xd, (weight_A * scale).to(dtype))  # (..., r)
-        ctx.save_for_backward(x, weight_A, weight_B, u)
-        ctx.scaling, ctx.p, ctx.seed, ctx.dtype = scaling, p, seed, dtype
+        ctx.save_for_backward(x, weight_A, weight_B, u, _packed(dropped))
+        ctx.scaling, ctx.scale, ctx.dtype = scaling, scale, dtype
         return F.linear(u, (weight_B * scaling).to(dtype))  # the scalings act on the small A and B
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight_A, weight_B, u = ctx.saved_tensors
+        x, weight_A, weight_B, u, dropped = ctx.saved_tensors
+        dropped = _unpacked(dropped)
+        scale = ctx.scale
         g = grad_out.to(ctx.dtype)  # (..., out)
         gu = g @ (weight_B * ctx.scaling).to(ctx.dtype)  # (..., r)
         grad_B = (g.reshape(-1, g.shape[-1]).T @ u.reshape(-1, u.shape[-1])).to(weight_B.dtype) * ctx.scaling  # (out, r)
-        xd, dropped, scale = _dropped(x, ctx.p, ctx.seed, ctx.dtype)
+        xd = _zeroed(x.to(dtype=ctx.dtype, memory_format=torch.contiguous_format, copy=dropped is not None), dropped)
         grad_A = (gu.reshape(-1, gu.shape[-1]).T @ xd.reshape(-1, xd.shape[-1])).to(weight_A.dtype) * scale  # (r, in)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = gu @ (weight_A * scale).to(ctx.dtype)  # (..., in), contiguous; d(dropout)/dx = the same mask and scale
-            if dropped is not None:
-                grad_x.view(-1)[dropped] = 0
-            grad_x = grad_x.to(x.dtype)
+            # (..., in), contiguous; d(dropout)/dx = the same mask and scale
+            grad_x = _zeroed(gu @ (weight_A * scale).to(ctx.dtype), dropped).to(x.dtype)
         return grad_x, grad_A, grad_B, None, None, None, None
 
 
