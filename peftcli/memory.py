@@ -19,7 +19,7 @@ from torch import nn
 from peftcli import packing
 from peftcli.loss import make_collate, supervised_loss_sum
 from peftcli.precision import AUTOCAST_DTYPES
-from peftcli.prepare import enable_gradient_checkpointing
+from peftcli.prepare import enable_gradient_checkpointing, store_linear_weights
 
 
 def largest_micro_batch(examples: list[dict], micro_batch_size: int, padding_free: bool, pad_id: int,
@@ -81,4 +81,5 @@ def estimate(prepared, path) -> tuple[int, int]:
         batch = largest_micro_batch(train, r.train.micro_batch_size, path.padding_free, pad_id, r.data.pad_to_multiple_of)
     if r.train.gradient_checkpointing:
         enable_gradient_checkpointing(prepared.model)
+    store_linear_weights(prepared)  # as the run stores them
     return dry_step_peak(prepared.model, batch, prepared.mixed, path.loss_sum), batch["input_ids"].numel()

@@ -377,6 +377,30 @@ def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Modul
     return layer.requires_grad_(False)
 
 
+def store_linear_weights(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store the frozen full-precision ``nn.Linear`` weights (and biases) of ``model`` in ``dtype``
+    (bf16 for training under bf16 autocast, :class:`peftcli.precision.Precision.linear_dtype`);
+    returns how many layers changed.
+
+    Under autocast each such matmul casts its float32 weight to bf16 at every call (the cast cache
+    holds only tensors that require grad); casting once here gives the same bf16 weights, so the
+    matmuls are bit for bit the same, with half the memory. Left as they are: trainable layers
+    (the method's), 4/8-bit layers, the output head (tied to the input embeddings in many
+    families) and every non-Linear module (embeddings, norms), so the residual stream stays in its
+    dtype. The model must then run under that autocast (a float32 input meets bf16 weights).
+    """
+    head = model.get_output_embeddings()
+    changed = 0
+    for module in model.modules():
+        if (isinstance(module, nn.Linear) and module is not head and not is_quantized_linear(module)
+                and not module.weight.requires_grad and module.weight.dtype != dtype):
+            module.weight.data = module.weight.data.to(dtype)
+            if module.bias is not None and not module.bias.requires_grad:
+                module.bias.data = module.bias.data.to(dtype)
+            changed += 1
+    return changed
+
+
 def dequantized_weight(linear: nn.Module) -> torch.Tensor:
     """The weight of a linear layer as float32 (out_features, in_features); bitsandbytes 4-bit
     and 8-bit weights are dequantised (the values the quantised layer computes with), and a

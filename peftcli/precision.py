@@ -12,8 +12,12 @@ Trainable method weights stay float32 whatever is chosen (each method keeps them
     CUDA without bf16                         -> fp16 autocast
 
 and the base's dtype under it: a full-precision base stays float32 (autocast runs its matmuls
-in bf16/fp16; the residual stream, norms and softmax stay float32); a 4/8-bit base computes in
-bfloat16 under bf16 autocast, else float32. A bfloat16 full-precision base saves memory but
+in bf16/fp16; the residual stream, norms and softmax stay float32), except that for training
+under bf16 autocast its frozen Linear weights are stored in bfloat16
+(:func:`peftcli.models.store_linear_weights`): autocast would cast them to bf16 at every matmul
+anyway (its cast cache keeps only weights that require grad), which was ~10% of a step of the
+embedded model, so the matmuls are bit for bit the same, with half their weight memory; a 4/8-bit
+base computes in bfloat16 under bf16 autocast, else float32. A bfloat16 full-precision base saves memory but
 rounds the residual stream too, and on the embedded model that moved the padding-free loss path
 2.9e-2 nats from the model's own forward on alpaca rows (beyond bf16's 2e-2 tolerance), so the
 check fell back to slower padded rows; set ``model.dtype: bfloat16`` to choose it anyway.
@@ -55,7 +59,10 @@ class Precision:
     ``dtype``: the frozen base's weights, ``float32 | bfloat16 | float16`` (a 4/8-bit base: its
     compute dtype, and the dtype of its unquantised modules); ``autocast``: ``no | bf16 | fp16``;
     ``reason``: why, one line (``auto: this CPU has avx512_bf16``); ``warning``: one line when an
-    explicit setting is slow here, else None; ``quantization``: the base's, for :meth:`describe`.
+    explicit setting is slow here, else None; ``quantization``: the base's, for :meth:`describe`;
+    ``linear_dtype``: the dtype the frozen base's Linear weights are stored in for training when
+    it is not ``dtype`` (``bfloat16`` under bf16 autocast with ``model.dtype: auto``, see
+    :func:`choose`), else None.
     """
 
     dtype: str
@@ -63,6 +70,7 @@ class Precision:
     reason: str
     warning: str | None = None
     quantization: str = "none"
+    linear_dtype: str | None = None
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -73,6 +81,8 @@ class Precision:
         """``precision: base bfloat16, autocast bf16 (auto: this CPU has avx512_bf16)``; with
         ``autocast=False`` (eval and generation, which do not autocast) the base part only."""
         base = self.dtype if self.quantization == "none" else f"{self.quantization} (compute {self.dtype})"
+        if self.linear_dtype and autocast:
+            base += f" (linear weights {self.linear_dtype})"
         cast = ("no autocast" if self.autocast == "no" else f"autocast {self.autocast}") if autocast else ""
         return f"precision: base {base}{', ' * bool(cast)}{cast} ({self.reason})"
 
@@ -81,9 +91,10 @@ class Precision:
         return [self.describe(autocast)] + ([self.warning] if self.warning else [])
 
     def as_json(self) -> dict:
-        """``{"dtype", "mixed_precision", "reason", "warning"}`` for summary.json."""
+        """``{"dtype", "mixed_precision", "reason", "warning", "linear_dtype"}`` for summary.json."""
         d = asdict(self)
-        return {"dtype": d["dtype"], "mixed_precision": d["autocast"], "reason": d["reason"], "warning": d["warning"]}
+        return {"dtype": d["dtype"], "mixed_precision": d["autocast"], "reason": d["reason"], "warning": d["warning"],
+                "linear_dtype": d["linear_dtype"]}
 
 
 @lru_cache(maxsize=1)
@@ -182,11 +193,14 @@ def choose(dtype: str = "auto", mixed_precision: str = "auto", device: str | Non
     autocast, why = _auto(device) if mixed_precision == "auto" else (mixed_precision, "")
     quantized_bf16 = autocast == "bf16" and quantization != "none"  # a 4/8-bit base's compute dtype
     chosen = dtype if dtype != "auto" else "bfloat16" if quantized_bf16 else "float32"
+    # under bf16 autocast every matmul casts a frozen float32 weight to bf16 again (autocast's cast
+    # cache keeps only leaves that require grad): stored so once, the matmuls are the same
+    linear = "bfloat16" if dtype == "auto" and autocast == "bf16" and quantization == "none" else None
     if mixed_precision != "auto":
         reason = "as set in the recipe" if dtype != "auto" else f"model.dtype auto follows train.mixed_precision {autocast}"
     else:
         reason = f"auto: {why}" if dtype == "auto" else f"model.dtype as set; mixed_precision auto: {why}"
-    return Precision(chosen, autocast, reason, _slow_warning(dtype, mixed_precision, device), quantization)
+    return Precision(chosen, autocast, reason, _slow_warning(dtype, mixed_precision, device), quantization, linear)
 
 
 def _slow_warning(dtype: str, mixed_precision: str, device: str) -> str | None:

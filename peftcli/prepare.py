@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
@@ -67,6 +68,23 @@ class Prepared:
         return self.total - self.trainable
 
 
+def linear_storage(model: nn.Module, chosen: Precision) -> Precision:
+    """``chosen``, without its ``linear_dtype`` where a method module reads a base weight itself
+    (DoRA's weight norm would then see bf16-rounded weights)."""
+    if chosen.linear_dtype is not None and any(hasattr(m, "lora_magnitude_vector") for m in model.modules()):
+        return dataclasses.replace(chosen, linear_dtype=None)
+    return chosen
+
+
+def store_linear_weights(prepared: Prepared) -> None:
+    """The prepared model's frozen Linear weights in its ``precision.linear_dtype``, if any
+    (:func:`peftcli.models.store_linear_weights`). Called once the loss path is chosen (its
+    checks run on the float32 weights under autocast, the same matmuls); from then on the model
+    runs under the run's autocast only."""
+    if prepared.precision is not None and prepared.precision.linear_dtype:
+        models.store_linear_weights(prepared.model, getattr(torch, prepared.precision.linear_dtype))
+
+
 def load(recipe: Recipe, check_base: Callable[[nn.Module], object] | None = None) -> Prepared:
     """Load what ``recipe`` names and apply its method, on the CPU (4/8-bit weights where
     bitsandbytes places them at load), the base in the dtype :func:`peftcli.precision.choose`
@@ -95,6 +113,7 @@ def load(recipe: Recipe, check_base: Callable[[nn.Module], object] | None = None
         check_base(model)
     fingerprint = models.fingerprint(model)
     targets = method.apply(model, recipe.method, tokenizer=tok)  # writes the model's default target_modules into recipe.method
+    chosen = linear_storage(model, chosen)
     trainable, total = parameter_counts(model)
     return Prepared(recipe=recipe, base_path=base_path, tokenizer=tok, datasets=ds,
                     eval_examples=ds.eval[: t.eval_max_samples] if t.eval_max_samples else ds.eval,

@@ -3,6 +3,7 @@ the loss is finite, and the saved adapter reloads to the same logits as the trai
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -66,7 +67,7 @@ def check(result) -> SmokeReport:
     """Check a finished smoke run (a :class:`peftcli.trainer.TrainResult`)."""
     import torch  # here, not at the top: loading a --smoke recipe (a bad one included) stays light
 
-    from peftcli import artifacts, data
+    from peftcli import artifacts, data, models
     from peftcli.rundir import RunDir, read_events
 
     with torch.no_grad():
@@ -76,12 +77,18 @@ def check(result) -> SmokeReport:
                       f"loss finite over {len(losses)} steps (first {losses[0]:.4f}, last {losses[-1]:.4f})"
                       if losses else "no loss logged")
         # reloaded in the dtype the run chose (auto chooses for the GPU in a run, for the CPU in a load)
-        reloaded = artifacts.load_adapted(result.run_dir, {"dtype": result.summary["precision"]["dtype"]})
+        chosen = result.summary["precision"]
+        reloaded = artifacts.load_adapted(result.run_dir, {"dtype": chosen["dtype"]})
         batch = data.collate(result.datasets.train[:2], reloaded.tokenizer.pad_token_id)
         device = next(result.model.parameters()).device
         inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
-        a = result.model.eval()(**inputs).logits.float()
-        b = reloaded.model(**inputs).logits.float().to(device)
+        cast = contextlib.nullcontext()
+        if chosen.get("linear_dtype"):  # the trained model's Linear weights are stored for its autocast: both run under it
+            models.store_linear_weights(reloaded.model, getattr(torch, chosen["linear_dtype"]))
+            cast = torch.autocast(device.type, dtype=getattr(torch, chosen["linear_dtype"]))
+        with cast:
+            a = result.model.eval()(**inputs).logits.float()
+            b = reloaded.model(**inputs).logits.float().to(device)
         diff = float((a - b).abs().max())
         report.record(diff <= 1e-4 * max(1.0, float(a.abs().max())), f"adapter saved and reloaded: max logit difference {diff:.2e}")
         adapter_finite = all(torch.isfinite(p).all() for p in result.model.parameters() if p.requires_grad)

@@ -192,6 +192,7 @@ def setup(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = 
         prepared.model.to(accelerator.device)  # the check runs where training does (4/8-bit weights are placed at load)
     path = prepare.loss_path(prepared, accelerator.autocast, console)
     console.print(path.describe())
+    prepare.store_linear_weights(prepared)  # bf16 under bf16 autocast with model.dtype auto: the same matmuls
     if t.gradient_checkpointing:
         prepare.enable_gradient_checkpointing(prepared.model)
     run = _start_optimizing(accelerator, console, rundir, prepared, path, checkpoint)

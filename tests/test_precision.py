@@ -68,7 +68,8 @@ def test_auto_on_a_cpu_with_bf16_units_is_bf16_autocast_over_a_float32_base(cpu)
     cpu(True, {"avx2", "avx512f", "avx512_bf16"})
     chosen = precision.choose("auto", "auto", "cpu")
     assert (chosen.dtype, chosen.autocast, chosen.warning) == ("float32", "bf16", None)
-    assert chosen.describe() == "precision: base float32, autocast bf16 (auto: this CPU has avx512_bf16)"
+    assert chosen.describe() == "precision: base float32 (linear weights bfloat16), autocast bf16 (auto: this CPU has avx512_bf16)"
+    assert chosen.linear_dtype == "bfloat16" and precision.choose("float32", "auto", "cpu").linear_dtype is None
     cpu(True, {"avx512_bf16", "amx_bf16", "amx_tile"})
     assert precision.choose("auto", "auto", "cpu").reason == "auto: this CPU has avx512_bf16, amx_bf16"
 
@@ -189,10 +190,12 @@ def test_the_train_banner_and_summary_say_what_was_chosen_and_why(tmp_path, tiny
     reason = {"1": "auto: PEFTCLI_CPU_BF16=1 treats this CPU as one with bf16 units (it has no bf16 units (AVX2 only))",
               "0": "auto: PEFTCLI_CPU_BF16=0 treats this CPU as one without bf16 units (it has avx512_bf16)"}[forced]
     cast = "autocast bf16" if mixed == "bf16" else "no autocast"
-    assert lines == [f"precision: base {dtype}, {cast} ({reason})"]
+    linear = "bfloat16" if mixed == "bf16" else None
+    assert lines == [f"precision: base {dtype}{' (linear weights bfloat16)' * bool(linear)}, {cast} ({reason})"]
     summary = json.loads((result.run_dir / "summary.json").read_text())
     assert summary["mixed_precision"] == mixed
-    assert summary["precision"] == {"dtype": dtype, "mixed_precision": mixed, "reason": reason, "warning": None}
+    assert summary["precision"] == {"dtype": dtype, "mixed_precision": mixed, "reason": reason, "warning": None,
+                                    "linear_dtype": linear}
     assert "dtype: auto" in (result.run_dir / "recipe.yaml").read_text()  # the recipe keeps auto; the choice is the summary's
 
 
@@ -206,12 +209,12 @@ def test_validate_prints_the_choice_and_estimates_memory_in_the_chosen_dtype(tmp
     monkeypatch.setattr(cli, "out", Console(stderr=True, width=400))  # validate's report in the captured stream
     recipe = auto_recipe(tmp_path, tiny_dir)
     path = write_recipe(tmp_path / "r.yaml", recipe.model_dump(mode="json"))
-    for forced, dtype, mixed in (("1", torch.float32, "bf16"), ("0", torch.float32, "no")):
+    for forced, dtypes, mixed in (("1", {torch.float32, torch.bfloat16}, "bf16"), ("0", {torch.float32}, "no")):
         monkeypatch.setenv(precision.ENV, forced)
         code, err = peft_in_process(["validate", path], capsys)
         assert code == 0, err
         assert precision.choose("auto", "auto", "cpu").describe() in err
-        assert seen[-1] == ({dtype}, mixed)  # the dry step ran on the base as the run would load it
+        assert seen[-1] == (dtypes, mixed)  # the dry step ran on the base as the run stores it
 
 
 def test_explicit_bf16_on_an_emulating_cpu_warns_in_validate(tmp_path, tiny_dir, monkeypatch, capsys):
@@ -261,3 +264,55 @@ def test_eval_says_and_uses_the_chosen_base_dtype(tiny_dir, tmp_path, monkeypatc
     assert scored == [torch.float32, torch.float32]  # base, then adapted: a full-precision base stays float32
     assert said == [precision.choose().describe(autocast=False)] and said[0].startswith("precision: base float32 (auto: ")
     assert result["precision"]["dtype"] == "float32"
+
+
+# ---------------------------------------------------------------------------------------------
+# frozen Linear weights stored in bf16 under bf16 autocast
+
+
+def test_bf16_autocast_stores_only_the_frozen_linears_in_bf16(tmp_path, tiny_dir, monkeypatch):
+    from torch import nn
+
+    monkeypatch.setenv(precision.ENV, "1")
+    p = prepare.load(auto_recipe(tmp_path, tiny_dir))
+    assert p.precision.linear_dtype == "bfloat16"
+    prepare.store_linear_weights(p)
+    head = p.model.get_output_embeddings()
+    for name, module in p.model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            stored = torch.bfloat16 if isinstance(module, nn.Linear) and module is not head and not param.requires_grad else torch.float32
+            assert param.dtype == stored, f"{name}.{pname}"
+    assert any(param.dtype == torch.bfloat16 for param in p.model.parameters())
+
+
+def test_stored_linears_give_the_loss_and_gradients_of_autocast_bit_for_bit(tmp_path, tiny_dir, monkeypatch):
+    """The reference: the same model with float32 weights, cast by autocast at every matmul."""
+    monkeypatch.setenv(precision.ENV, "1")
+    runs = []
+    for store in (False, True):
+        torch.manual_seed(0)
+        (tmp_path / str(store)).mkdir()
+        p = prepare.load(auto_recipe(tmp_path / str(store), tiny_dir))
+        for module in p.model.modules():  # a nonzero B, so every LoRA gradient is exercised
+            if hasattr(module, "lora_B"):
+                torch.nn.init.normal_(module.lora_B.weight, std=0.02)
+        if store:
+            prepare.store_linear_weights(p)
+        batch = prepare.data.collate(p.datasets.train[:2], p.tokenizer.pad_token_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = p.model(**batch).loss
+        loss.backward()
+        runs.append((loss.detach(), [q.grad.clone() for q in p.model.parameters() if q.requires_grad]))
+    (loss_f32, grads_f32), (loss_bf16, grads_bf16) = runs
+    assert torch.equal(loss_f32, loss_bf16)
+    assert all(torch.equal(a, b) for a, b in zip(grads_f32, grads_bf16)) and grads_f32
+
+
+def test_dora_keeps_its_base_weights_float32(tmp_path, tiny_dir, monkeypatch):
+    monkeypatch.setenv(precision.ENV, "1")
+    recipe = auto_recipe(tmp_path, tiny_dir)
+    recipe.method.dora = True
+    p = prepare.load(recipe)
+    assert p.precision.linear_dtype is None and "linear weights" not in p.precision.describe()
+    prepare.store_linear_weights(p)
+    assert all(param.dtype == torch.float32 for param in p.model.parameters())

@@ -522,6 +522,31 @@ def test_chunked_head_cross_entropy_equals_the_full_logits_formula(n):
         assert head_cross_entropy(head, h, targets).item() == pytest.approx(ref.item(), rel=1e-6)
 
 
+def test_chunked_head_cross_entropy_under_autocast_is_autocasts_own_arithmetic():
+    """Under bf16 autocast the block-wise head casts the float32 head once per call; the reference
+    is the per-block formula where autocast casts the head at every matmul: bit for bit equal."""
+    from peftcli.loss import LOSS_CHUNK, head_cross_entropy
+
+    g = torch.Generator().manual_seed(1)
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
+    n = LOSS_CHUNK + 44
+    h = torch.randn(n, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (n,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = head_cross_entropy(head, h, targets)
+        ref_loss, ref_grad = torch.zeros(()), torch.empty_like(h)
+        for start in range(0, n, LOSS_CHUNK):
+            hc, tc = h.detach()[start:start + LOSS_CHUNK], targets[start:start + LOSS_CHUNK]
+            logits = torch.nn.functional.linear(hc, head.weight)  # autocast casts both to bf16
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            ref_loss += -logp.gather(1, tc[:, None]).sum()
+            grad = logp.exp()
+            grad[torch.arange(len(tc)), tc] -= 1.0
+            ref_grad[start:start + LOSS_CHUNK] = (grad.to(torch.bfloat16) @ head.weight.to(torch.bfloat16)).float()
+    loss.backward()
+    assert torch.equal(loss.detach(), ref_loss) and torch.equal(h.grad, ref_grad)
+
+
 def test_C20_a_bad_run_leaves_the_earlier_run_untouched(tmp_path, tiny_dir):
     """CASES C20: a new run into a run dir, --overwrite given, whose data turns out to be bad:
     every file of the earlier run (its recipe, adapter, checkpoint, metrics) is byte-identical."""
