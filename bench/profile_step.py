@@ -17,7 +17,7 @@ Prints (and with ``--out`` writes as markdown):
 - the top kernels by self CPU time per step (profiled steps), with each one's share and the
   phase it ran in.
 
-Usage: python bench/profile_step.py [--workload A|B] [--dtype float32|bfloat16] [--mixed no|bf16]
+Usage: python bench/profile_step.py [--workload A|B] [--dtype auto|float32|bfloat16] [--mixed no|bf16]
        [--steps N] [--warmup W] [--top K] [--out FILE]
 """
 
@@ -225,7 +225,7 @@ def profile(args, say=print) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workload", choices=["A", "B"], default="A")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16", help="model.dtype")
+    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="bfloat16", help="model.dtype")
     ap.add_argument("--mixed", choices=["no", "bf16"], default="bf16", help="train.mixed_precision")
     ap.add_argument("--steps", type=int, default=6, help="timed steps, and as many profiled")
     ap.add_argument("--warmup", type=int, default=3)

@@ -4,9 +4,9 @@
 two commands into a temporary run dir and compares the eval with the table the README quotes for
 the precision this machine chose (the README holds one table per `train.mixed_precision` the demo
 resolves to, each after a `<!-- demo-table mixed_precision=... -->` marker). Held-out loss must be
-within 1% of the README's and exact match within 2 points (the demo is seeded; the slack is for
-other CPUs of the same kind, whose kernels round differently), so a code change that moves the
-demo's result fails here until the README is re-measured.
+within 2% of the README's and exact match less than 3 points (rows of 100) away: the demo is
+seeded, and the slack is for other CPUs of the same kind, whose kernels round differently. The
+drift that made this test (80.0% quoted, 83.0% printed) fails it.
 """
 
 import json
@@ -48,6 +48,6 @@ def test_demo_prints_the_readme_table(tmp_path):
     for model in ("base", "adapted"):
         loss, em = got[model]["loss"], 100 * got[model]["exact_match"]
         q_loss, q_em = quoted[model]
-        assert abs(loss - q_loss) <= 0.01 * q_loss and abs(em - q_em) <= 2.0, (
+        assert abs(loss - q_loss) <= 0.02 * q_loss and abs(em - q_em) < 3.0, (
             f"{model}: this run {loss:.4f} / {em:.1f}%, README {q_loss:.4f} / {q_em:.1f}% "
             f"(mixed_precision={summary['mixed_precision']}): re-measure `make demo` and update the README")
