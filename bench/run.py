@@ -320,7 +320,8 @@ def precision_note(results: dict) -> str:
     if first is None:
         return ""
     ours, peer = first["rows"]["peftcli"]["precision"], first["rows"]["hf-peft+Trainer"]["precision"]
-    return (f"; ours: base {ours['dtype']}, autocast {ours['mixed_precision']}; "
+    linear = f" (linear weights {ours['linear_dtype']})" if ours.get("linear_dtype") else ""
+    return (f"; ours: base {ours['dtype']}{linear}, autocast {ours['mixed_precision']}; "
             f"peer: {'bf16=True' if peer['bf16'] else 'float32'} ({ours['reason']})")
 
 
