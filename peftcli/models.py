@@ -100,14 +100,18 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
 
     no_progress_bars()
 
-    with gguf_read_once():
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the GGUF is dequantised: the dir is plain float32
-    config.name_or_path = str(out_dir)
-    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # loading and from_config draw random initial weights (all overwritten): from the global RNG
+    # they would move a seeded run's method initialisation, and the first run on a machine (the
+    # one that converts) would train differently from the next
+    with torch.random.fork_rng(devices=[]):
+        with gguf_read_once():
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the GGUF is dequantised: the dir is plain float32
+        config.name_or_path = str(out_dir)
+        clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     clean.load_state_dict(loaded.state_dict())
     clean.tie_weights()
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -91,3 +91,18 @@ def test_converted_embedded_model_holds_the_gguf_tensors():
         t = tensors[gguf_name]
         expected = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).copy()).reshape(weights[hf_name].shape)
         assert torch.equal(weights[hf_name], expected.float()), hf_name
+
+
+def test_converting_the_embedded_model_leaves_the_global_rng_alone(tmp_path, monkeypatch):
+    """A seeded run that converts the GGUF first (a fresh machine) draws the same method
+    initialisation as one that finds the converted dir: the conversion's random init is forked."""
+    from tiny import tiny_llama_config
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: AutoModelForCausalLM.from_config(tiny_llama_config()))
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: __import__("tiny").tiny_tokenizer())
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    models.convert_gguf(tmp_path / "x.gguf", tmp_path / "out")
+    assert torch.equal(torch.rand(3), expected)
