@@ -15,6 +15,7 @@ every reader here accepts either. Writes are atomic: a reader never sees half an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -334,7 +335,10 @@ def load_precision(model_config: ModelConfig, recipe: Recipe | None) -> Precisio
     if model_config.dtype != "auto":  # as set; the autocast setting plays no part here
         return choose_precision(model_config.dtype, "no", device, model_config.quantization)
     mixed = recipe.train.mixed_precision if recipe is not None else "auto"
-    return choose_precision("auto", mixed, device, model_config.quantization)
+    chosen = choose_precision("auto", mixed, device, model_config.quantization)
+    if chosen.dtype != "float32":  # a 4-bit base that trained computing in bf16: scored in float32, as a full one
+        chosen = dataclasses.replace(chosen, dtype="float32", reason=f"{chosen.reason}; eval computes in float32")
+    return chosen
 
 
 def load_adapted(source: str | Path | AdapterFiles, model_overrides: dict | None = None,

@@ -91,12 +91,14 @@ def test_C1_merge_half_base_into_float32(tiny_dir, tmp_path):
 
 
 def test_C1_merge_of_an_auto_run_trained_in_bf16_writes_the_float32_base_as_stored(tiny_dir, tmp_path, monkeypatch):
-    """model.dtype auto trains its base in bfloat16 on a CPU with bf16 units; the merge still folds
-    into the base as stored (float32), never into its bfloat16 rounding."""
+    """model.dtype auto on a CPU with bf16 units (training stores the frozen Linear weights in
+    bf16 for its autocast); the merge still folds into the base as stored (float32), never into a
+    bfloat16 rounding."""
     monkeypatch.setenv("PEFTCLI_CPU_BF16", "1")
     model = train_adapter(tiny_dir, tmp_path, dtype="auto", target_modules=["q_proj"])
     q = lora.lora_layers(model)["model.layers.1.self_attn.q_proj"]
-    assert q.base_layer.weight.dtype == torch.bfloat16  # how the run held its base
+    models.store_linear_weights(model, torch.bfloat16)  # how the run held its base
+    assert q.base_layer.weight.dtype == torch.bfloat16
     stored = base_weights(tiny_dir)  # float32 on disk: the reference
     name = "model.layers.1.self_attn.q_proj.weight"
     expected = stored[name] + 2.0 * (q.lora_B.weight @ q.lora_A.weight).detach()  # scale alpha/r = 8/4
@@ -116,11 +118,11 @@ def test_C1_merge_of_an_auto_run_trained_in_bf16_writes_the_float32_base_as_stor
 
 
 def test_C2_merge_of_an_auto_qlora_run_keeps_the_unquantised_modules_as_stored(tiny_dir, tmp_path, monkeypatch):
-    """QLoRA with model.dtype auto on a CPU with bf16 units: compute dtype (and the unquantised
-    modules) bfloat16 in the run; the merge loads them in float32, as stored."""
+    """QLoRA with model.dtype auto on a CPU with bf16 units (the run computes in bfloat16, scoring
+    in float32); the merge loads the unquantised modules in float32, as stored."""
     monkeypatch.setenv("PEFTCLI_CPU_BF16", "1")
     model = train_adapter(tiny_dir, tmp_path, quantization="nf4", dtype="auto", method="qlora", target_modules=["q_proj"])
-    assert model.model.norm.weight.dtype == torch.bfloat16  # how the run held its unquantised modules
+    assert model.model.norm.weight.dtype == torch.float32  # an auto 4-bit base loaded for scoring computes in float32
 
     out = merge.merge_adapter(tmp_path, tmp_path / "merged")
 
