@@ -326,7 +326,8 @@ def load_precision(model_config: ModelConfig, recipe: Recipe | None) -> Precisio
     autocast): ``model_config.dtype`` with ``auto`` resolved by :func:`peftcli.precision.choose`
     as the run's ``train.mixed_precision`` (``auto`` for a bare adapter dir) resolves on the device
     the model computes on (a plain base stays on the CPU; bitsandbytes puts a 4/8-bit base on
-    the GPU where there is one).
+    the GPU where there is one). With ``auto`` the result is float32 in the end: a 4-bit base that
+    trained computing in bf16 is scored in float32, as a full-precision one.
 
     Raises:
         UserError: a bad ``PEFTCLI_CPU_BF16``.
