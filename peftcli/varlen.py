@@ -129,11 +129,14 @@ def varlen_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         plan = example_masks(attention_mask, example_bounds)
     if plan is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    dtype, upcast = query.dtype, query.device.type == "cpu" and query.dtype == torch.bfloat16
+    dtype = query.dtype
+    upcast = query.device.type == "cpu" and (query.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu"))
     if upcast:
-        # PyTorch's CPU flash-attention backward is ~2x slower in bfloat16 than in float32
-        # (measured: 4.8 vs 2.6 ms for one 150-token example, 9 heads of 64); the casts are cheap.
-        # Autocast would cast back to bfloat16, so it is off for these calls.
+        # PyTorch's CPU flash-attention backward is 2-4x slower in bfloat16 than in float32
+        # (measured: 4.8 vs 2.6 ms for one 150-token example, 9 heads of 64; 291 vs 71 ms a step of
+        # workload A); the casts are cheap. CPU autocast runs scaled_dot_product_attention in
+        # bfloat16 even on float32 inputs (the LoRA-wrapped projections return float32), so it is
+        # off for these calls.
         query, key, value = query.float(), key.float(), value.float()
     gqa = query.shape[1] != key.shape[1]
     p = dropout if module.training else 0.0

@@ -139,3 +139,22 @@ def test_C16_options_not_computed_go_to_transformers_sdpa(monkeypatch):
     out, _ = varlen.varlen_attention(module, q, k, v, mask, example_bounds=[0, 5], position_ids=torch.arange(5)[None],
                                      sliding_window=WINDOW, softcap=None, output_attentions=False)
     assert out.shape == (1, 5, 2, 8) and len(seen) == 2
+
+
+def test_per_example_attention_runs_in_float32_under_cpu_bf16_autocast():
+    """CPU autocast runs ``scaled_dot_product_attention`` in bfloat16 even on float32 inputs (the
+    LoRA-wrapped projections return float32 under autocast), and its CPU flash-attention backward
+    is 2-4x slower in bfloat16 (bench/profile_step.py, workload A: 269 -> 67 ms a step). Per-example
+    attention computes in float32 there: its output equals float32 attention without autocast."""
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    q, k, v = torch.randn(1, 4, 9, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
+    bounds = [0, 4, 9]
+    want = torch.cat([F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True,
+                                                     enable_gqa=True).transpose(1, 2) for s, e in zip(bounds, bounds[1:])], 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = varlen.varlen_attention(module, q, k, v, None, example_bounds=bounds)
+        in_bf16 = F.scaled_dot_product_attention(q[:, :, :4], k[:, :, :4], v[:, :, :4], is_causal=True, enable_gqa=True)
+    assert in_bf16.dtype == torch.bfloat16  # what autocast alone would have computed
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
