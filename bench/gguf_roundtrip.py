@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from peftcli import artifacts, export, merge
+from peftcli import artifacts, export, merge, models
 
 
 def held_out_texts(run: Path, rows: int) -> list[str]:
@@ -63,7 +63,8 @@ def main(argv: list[str]) -> int:
         for dtype in export.GGUF_DTYPES:
             path = export.export_gguf(args.run, where / f"model-{dtype}.gguf", dtype, overwrite=True,
                                       log=lambda line: print(line, file=sys.stderr))
-            back = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+            with models.gguf_read_once():
+                back = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
             m = compare(back, reference, ids)
             print(f"| {dtype} | {path.stat().st_size / 2**20:.0f} MiB | {m['max']:.2e} | {m['mean']:.2e} | "
                   f"{100 * m['top1']:.1f}% |", flush=True)
