@@ -191,6 +191,23 @@ def merge(
     out.print(f"merged model written to {path}")
 
 
+@app.command()
+@user_errors
+def export(
+    target: str = typer.Argument(..., help="run dir or adapter dir"),
+    gguf: Path = typer.Option(..., "--gguf", help="the GGUF file to write (for llama.cpp, Ollama, ...)"),
+    dtype: str = typer.Option("f16", "--dtype", help="f16 | f32 | q8_0: the matrices' type (norms and biases stay f32)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --gguf file"),
+):
+    """Fold the adapter into the base and write one GGUF file: weights, tokenizer, chat template.
+
+    Llama-style bases (llama, mistral, qwen2); other families are refused before loading."""
+    from peftcli.export import export_gguf
+
+    path = export_gguf(target, gguf, dtype, overwrite=overwrite, log=err.print)
+    out.print(f"GGUF written to {path}")
+
+
 # the options `peft generate` and `peft chat` share
 MAX_NEW_TOKENS = typer.Option(64, "--max-new-tokens", min=1, help="the most tokens a reply has")
 NO_CACHE = typer.Option(False, "--no-cache", help="recompute the whole sequence each step (no KV cache)")

@@ -27,6 +27,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
 
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 
 from peftcli import __version__, data, methods, models, tokens
-from peftcli.artifacts import find_adapter_dir, load_adapted, method_name, read_adapter, read_adapter_config
+from peftcli.artifacts import AdapterFiles, find_adapter_dir, load_adapted, method_name, read_adapter, read_adapter_config
 from peftcli.atomic import atomic_dir
 from peftcli.errors import UserError, writing
 
@@ -73,15 +74,73 @@ def merge_adapter(path: str | Path, out_dir: str | Path, dtype: str | None = Non
         raise UserError(f"--dtype {dtype}: choose from {', '.join(models.DTYPES)}")
     out_dir = Path(out_dir)
     adapter_dir = find_adapter_dir(path)
+    cfg = check_mergeable(adapter_dir)  # before loading the base
+    peft_files = check_out_dir(out_dir, adapter_dir, cfg.get("base_model_name_or_path") or "",
+                               overwrite)  # before the slow load
+    merged = merge_in_memory(path, dtype)
+    record = {"adapter": str(Path(merged.adapter_dir).resolve()), "dtype": merged.dtype}
+    kept = write_merged(out_dir, merged.model, merged.tokenizer, record, peft_files)
+
+    default = " (the base's stored dtype, for model.dtype auto; --dtype to change)" if merged.stored else \
+        " (the dtype the run loaded its base in, model.dtype; --dtype to change)"
+    chosen = f"dtype {merged.dtype}" + (default if dtype is None else "")
+    yours = f"; kept {kept} other file(s) there" if kept else ""
+    log(f"merged {merged.adapter_dir} into {out_dir}: {chosen}{merged.dequantised_note()}{yours}")
+    return out_dir
+
+
+def check_mergeable(adapter_dir: Path) -> dict:
+    """The adapter config of ``adapter_dir``, once its method is known to merge (no model loaded).
+
+    Raises:
+        UserError: the method cannot merge (one line: its card's ``CANNOT_MERGE``), or what
+        :func:`peftcli.artifacts.read_adapter_config` / ``method_name`` raise.
+    """
     cfg = read_adapter_config(adapter_dir)
     name = method_name(cfg)
     method = methods.get(name)
-    if method.CANNOT_MERGE is not None:  # before loading the base
+    if method.CANNOT_MERGE is not None:
         raise UserError(f"method {name} cannot be merged: {method.CANNOT_MERGE}; use the adapter as is "
                         "(peft eval / peft generate)")
-    peft_files = check_out_dir(out_dir, adapter_dir, cfg.get("base_model_name_or_path") or "",
-                               overwrite)  # before the slow load
-    files = read_adapter(path)
+    return cfg
+
+
+@dataclass
+class Merged:
+    """An adapter folded into its base, in memory (:func:`merge_in_memory`)."""
+
+    model: nn.Module
+    """A plain transformers model (fresh ``from_config``, no quantisation, eval mode) holding the
+    merged weights in ``dtype``; its generation config stops at every stop id."""
+    tokenizer: object
+    """The base's tokenizer with the chat template the run trained with."""
+    adapter_dir: Path
+    dtype: str
+    """The :data:`peftcli.models.DTYPES` name of the weights' dtype."""
+    stored: str | None
+    """The base's stored dtype where the run's ``model.dtype`` was ``auto`` (None otherwise)."""
+    quantization: str
+    """The base's ``model.quantization`` (``none`` or the 4/8-bit kind that was dequantised)."""
+
+    def dequantised_note(self) -> str:
+        """``"; the nf4 base was dequantised, not re-quantised"`` for a 4/8-bit base, else ``""``."""
+        return f"; the {self.quantization} base was dequantised, not re-quantised" if self.quantization != "none" else ""
+
+
+def merge_in_memory(path: str | Path | AdapterFiles, dtype: str | None = None) -> Merged:
+    """Load the adapter at ``path`` on its base and fold it in: each method's ``merge`` (LoRA:
+    W + scale·B·A summed in float32), every 4/8-bit Linear left dequantised, then a clean copy
+    in the output dtype (:func:`plain_model`) with the run's chat template and stop ids. Nothing
+    is written. The method is assumed mergeable (:func:`check_mergeable` first).
+
+    Args:
+        path: a run dir or an adapter dir, or what :func:`peftcli.artifacts.read_adapter` read from one.
+        dtype: the output dtype, as :func:`merge_adapter` chooses it when None.
+
+    Raises:
+        UserError: what :func:`peftcli.artifacts.load_adapted` raises.
+    """
+    files = path if isinstance(path, AdapterFiles) else read_adapter(path)
     stored = None
     if files.model_config.dtype == "auto":  # the base as stored, not as this machine would train it
         stored = models.stored_dtype(models.resolve(files.model_config.name_or_path))
@@ -95,22 +154,13 @@ def merge_adapter(path: str | Path, out_dir: str | Path, dtype: str | None = Non
     if not quantized and out_dtype != next(model.parameters()).dtype:
         model.float()  # exact; the merge then rounds once, to out_dtype, when the weights are copied
 
-    method.merge(model)
+    methods.get(loaded.method).merge(model)
     dequantize_linears(model, torch.float32)
     clean = plain_model(model, out_dtype)
     data.use_recipe_chat(tok, loaded.recipe)
     clean.generation_config = stopping_generation_config(clean, tok)
-
-    record = {"adapter": str(Path(loaded.adapter_dir).resolve()), "dtype": out_name}
-    kept = write_merged(out_dir, clean, tok, record, peft_files)
-
-    default = " (the base's stored dtype, for model.dtype auto; --dtype to change)" if stored else \
-        " (the dtype the run loaded its base in, model.dtype; --dtype to change)"
-    chosen = f"dtype {out_name}" + (default if dtype is None else "")
-    note = f"; the {base.quantization} base was dequantised, not re-quantised" if quantized else ""
-    yours = f"; kept {kept} other file(s) there" if kept else ""
-    log(f"merged {loaded.adapter_dir} into {out_dir}: {chosen}{note}{yours}")
-    return out_dir
+    return Merged(model=clean, tokenizer=tok, adapter_dir=Path(loaded.adapter_dir), dtype=out_name, stored=stored,
+                  quantization=base.quantization)
 
 
 def write_merged(out_dir: Path, model: nn.Module, tokenizer, record: dict,

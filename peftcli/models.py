@@ -245,9 +245,9 @@ def load_model(path: str, quantization: str = "none", dtype: str = "float32", do
     return model.eval()
 
 
-def stored_dtype(path: str) -> str:
-    """The :data:`DTYPES` name of the dtype a base's weights are stored in: its config.json's
-    ``dtype`` (``torch_dtype`` before transformers 5); float32 where it names none of them.
+def config_dict(path: str) -> dict:
+    """The ``config.json`` of a resolved base (local dir or cached hub id) as a dict, without
+    loading any weights.
 
     Raises:
         UserError: the config cannot be read (as :func:`load_model`).
@@ -261,6 +261,17 @@ def stored_dtype(path: str) -> str:
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"model.name_or_path: cannot read the config of {path!r} ({first})") from None
+    return config
+
+
+def stored_dtype(path: str) -> str:
+    """The :data:`DTYPES` name of the dtype a base's weights are stored in: its config.json's
+    ``dtype`` (``torch_dtype`` before transformers 5); float32 where it names none of them.
+
+    Raises:
+        UserError: the config cannot be read (:func:`config_dict`).
+    """
+    config = config_dict(path)
     stored = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
     return stored if stored in DTYPES else "float32"
 
