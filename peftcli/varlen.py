@@ -135,8 +135,8 @@ def varlen_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         # PyTorch's CPU flash-attention backward is 2-4x slower in bfloat16 than in float32
         # (measured: 4.8 vs 2.6 ms for one 150-token example, 9 heads of 64; 291 vs 71 ms a step of
         # workload A); the casts are cheap. CPU autocast runs scaled_dot_product_attention in
-        # bfloat16 even on float32 inputs (the LoRA-wrapped projections return float32), so it is
-        # off for these calls.
+        # bfloat16 even on float32 inputs (q and k come out of the rotary embedding in float32: its
+        # cos/sin follow the float32 residual stream), so it is off for these calls.
         query, key, value = query.float(), key.float(), value.float()
     gqa = query.shape[1] != key.shape[1]
     p = dropout if module.training else 0.0

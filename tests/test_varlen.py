@@ -143,7 +143,7 @@ def test_C16_options_not_computed_go_to_transformers_sdpa(monkeypatch):
 
 def test_per_example_attention_runs_in_float32_under_cpu_bf16_autocast():
     """CPU autocast runs ``scaled_dot_product_attention`` in bfloat16 even on float32 inputs (the
-    LoRA-wrapped projections return float32 under autocast), and its CPU flash-attention backward
+    rotary embedding returns float32 q and k when the residual stream is float32), and its CPU flash-attention backward
     is 2-4x slower in bfloat16 (bench/profile_step.py, workload A: 269 -> 67 ms a step). Per-example
     attention computes in float32 there: its output equals float32 attention without autocast."""
     torch.manual_seed(0)
