@@ -267,14 +267,73 @@ def _parity_setup(tok, method: str):
     return base, model, batch
 
 
-def _trl_logps(model, batch, average: bool = False):
-    """TRL's sequence log-probabilities from the model's own logits (its ``selective_log_softmax``;
-    -100 labels masked, as TRL's get_batch_logps)."""
-    from trl.trainer.utils import selective_log_softmax
+@pytest.fixture
+def fresh_accelerate_state():
+    """TRL's Trainer sets accelerate's process-wide state (float32, CPU); reset it after the test so
+    another test's run can choose its own mixed precision."""
+    from accelerate.state import AcceleratorState
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    labels = batch["labels"][:, 1:].clone()
-    mask = labels != IGNORE_INDEX
-    labels[~mask] = 0
-    per_token = selective_log_softmax(logits[:, :-1], labels) * mask
-    return per_token.sum(-1) / mask.sum(-1) if average else per_token.sum(-1)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("method", sorted(PARITY_METHODS))
+def test_dpo_loss_equals_trl(method, tok, tmp_path, fresh_accelerate_state):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    base, model, batch = _parity_setup(tok, method)
+    beta = 0.3
+    with torch.no_grad():
+        loss, totals = PreferenceLoss(model, "dpo", beta=beta)(batch, pairs_step=3, chosen_tokens_step=0)
+    # TRL's DPOTrainer on the same weights: the adapted model, and the plain base as its reference model
+    args = DPOConfig(output_dir=str(tmp_path), beta=beta, report_to="none", use_cpu=True, bf16=False, fp16=False)
+    trainer = DPOTrainer(model=model, ref_model=base, args=args, processing_class=tok,
+                         train_dataset=Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}]))
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "completion_mask": (batch["labels"] != IGNORE_INDEX).long()}  # TRL's batch: [chosen; rejected]
+    with torch.no_grad():
+        trl_loss = trainer._compute_loss(trainer.model, inputs, return_outputs=False)
+    metrics = trainer._metrics["eval"]  # the model is in eval mode
+    assert abs(float(loss) - float(trl_loss)) < 1e-5
+    assert abs(totals.chosen_reward / 3 - metrics["rewards/chosen"][-1]) < 1e-5
+    assert abs(totals.rejected_reward / 3 - metrics["rewards/rejected"][-1]) < 1e-5
+    assert totals.correct / 3 == pytest.approx(metrics["rewards/accuracies"][-1])
+
+
+# one-token prompts: TRL's ORPO NLL runs over the whole chosen sequence (prompt included), ours over
+# the response (Hong et al. 2024, eq. 6: the reference tokens); with a prompt of one token, which is
+# never a target, the two are the same tokens
+ONE_TOKEN_PROMPTS = [{"prompt": "x", "chosen": "3", "rejected": "1 2"},
+                     {"prompt": "y", "chosen": "a b", "rejected": "b a b a"},
+                     {"prompt": "z", "chosen": "the quick dog", "rejected": "dog"}]
+
+
+@pytest.mark.parametrize("method", sorted(PARITY_METHODS))
+def test_orpo_loss_equals_trl(method, tok, tmp_path, fresh_accelerate_state):
+    from datasets import Dataset
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    _, model, _ = _parity_setup(tok, method)
+    examples = pair_examples(tok, ONE_TOKEN_PROMPTS)
+    assert all(e["labels"][0] == IGNORE_INDEX and e["labels"][1] != IGNORE_INDEX for e in examples)
+    batch = collate_pairs(examples, tok.pad_token_id)
+    lam, half = 0.2, len(examples)
+    chosen_tokens = preference.chosen_tokens(batch)
+    with torch.no_grad():
+        loss, totals = PreferenceLoss(model, "orpo", orpo_lambda=lam)(batch, pairs_step=half, chosen_tokens_step=chosen_tokens)
+    args = ORPOConfig(output_dir=str(tmp_path), beta=lam, report_to="none", use_cpu=True, bf16=False, fp16=False)
+    trainer = ORPOTrainer(model=model, args=args, processing_class=tok,
+                          train_dataset=Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}]))
+    trl_batch = {}
+    for name, rows in (("chosen", slice(0, half)), ("rejected", slice(half, None))):
+        trl_batch[f"{name}_input_ids"] = batch["input_ids"][rows]
+        trl_batch[f"{name}_attention_mask"] = batch["attention_mask"][rows]
+        trl_batch[f"{name}_labels"] = batch["labels"][rows]
+    with torch.no_grad():
+        trl_loss, metrics = trainer.get_batch_loss_metrics(model, trl_batch, train_eval="eval")
+    assert abs(float(loss) - float(trl_loss)) < 1e-5
+    assert abs(totals.chosen_reward / half - metrics["eval_rewards/chosen"]) < 1e-5
+    assert abs(totals.rejected_reward / half - metrics["eval_rewards/rejected"]) < 1e-5
+    assert abs(totals.log_odds / half - metrics["eval_log_odds_chosen"]) < 1e-5
+    assert abs(totals.nll_sum / totals.chosen_tokens - metrics["eval_nll_loss"]) < 1e-5
