@@ -227,6 +227,11 @@ class PreferenceLoss(nn.Module):
         return loss, totals
 
 
+def loss_for(model: nn.Module, train, own_forward: bool = False) -> PreferenceLoss:
+    """The :class:`PreferenceLoss` of a recipe's ``train`` section (its objective, beta, orpo_lambda)."""
+    return PreferenceLoss(model, train.objective, train.beta, train.orpo_lambda, own_forward)
+
+
 # ---------------------------------------------------------------------------------------------
 # a step and an eval
 

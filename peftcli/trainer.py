@@ -458,7 +458,7 @@ def _loss_module(model: nn.Module, recipe: Recipe, path: guard.LossPath) -> nn.M
     t = recipe.train
     if t.objective == "sft":
         return SupervisedLoss(model, path.loss_sum)
-    return preference.PreferenceLoss(model, t.objective, t.beta, t.orpo_lambda, own_forward=path.name == "reference")
+    return preference.loss_for(model, t, own_forward=path.name == "reference")
 
 
 def _objective_line(recipe: Recipe) -> str:

@@ -221,6 +221,12 @@ def test_bad_preference_row_is_one_line(tmp_path, tiny_dir, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
+def test_validate_steps_on_the_longest_pairs(tmp_path, tiny_dir, capsys):
+    # peft validate's dry step runs the preference loss (DPO's reference forward too) on the longest pairs
+    code, err = peft_in_process(["validate", _recipe(tmp_path, "preference", "dpo", model=tiny_dir)], capsys)
+    assert code == 0, err
+
+
 # ---------------------------------------------------------------------------------------------
 # a tiny run: the rewards in metrics.jsonl, the held-out preference eval
 
