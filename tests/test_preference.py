@@ -255,6 +255,15 @@ def test_tiny_preference_run_logs_rewards(objective, tmp_path, tiny_dir):
     evals = [e for e in events if e["event"] == "eval"]
     assert [e["step"] for e in evals] == [2, 3] and evals[0]["eval_pairs"] == 3
     assert 0.0 <= evals[-1]["eval_accuracy"] <= 1.0 and result.summary["objective"] == objective
+    # peft eval on the run: the pairs' metrics for the base and the adapted model; the base's DPO rewards are 0
+    from peftcli.evaluate import evaluate
+
+    scored = evaluate(str(result.run_dir), generate_answers=False)
+    base, adapted = scored["base"]["preference"], scored["adapted"]["preference"]
+    assert base["eval_pairs"] == adapted["eval_pairs"] == 3
+    assert adapted["eval_loss"] == pytest.approx(evals[-1]["eval_loss"], abs=1e-4)  # the run's own final eval
+    if objective == "dpo":
+        assert base["eval_margin"] == 0.0 and base["eval_accuracy"] == 0.0
 
 
 # ---------------------------------------------------------------------------------------------
