@@ -5,7 +5,9 @@ One optimizer step = ``grad_accum`` micro-batches of ``micro_batch_size`` exampl
 ``data.packing``, rows of several examples: :mod:`peftcli.packing`). The loss of
 a step is the mean cross-entropy over **all supervised tokens of the step** (each micro-batch
 contributes its token sum divided by the step's token count), so micro-batch 2 × accumulation 1
-and micro-batch 1 × accumulation 2 give the same gradients. Accelerate provides the device,
+and micro-batch 1 × accumulation 2 give the same gradients. With ``train.objective`` dpo / orpo a
+micro-batch is ``micro_batch_size`` preference pairs and the step's loss the mean over its pairs
+(:func:`peftcli.preference.accumulate`), the rewards logged beside it. Accelerate provides the device,
 mixed-precision autocast and (under ``accelerate launch``) data parallelism.
 
 What the loop builds on lives beside it: the setup path in :mod:`peftcli.prepare`, the loss in
