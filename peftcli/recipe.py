@@ -155,6 +155,10 @@ class TrainConfig(_Strict):
         "auto", description="auto: bf16 autocast where the device computes bf16 natively (a CPU with AVX512-BF16 or AMX, "
                             "a GPU with bf16), fp16 on a GPU without bf16, else none")
     gradient_checkpointing: bool = False
+    neftune_alpha: float | None = Field(
+        None, gt=0, description="NEFTune (Jain et al. 2023): uniform noise of at most alpha/√(L·d) on the input "
+        "embeddings while training (L: each example's own length, d: the hidden size; never in eval or generation), "
+        "the paper uses 5 to 15; null: off")
     eval_every: int = Field(50, ge=0, description="steps between evals; 0 for only at the end")
     save_every: int = Field(100, ge=0, description="steps between checkpoints; 0 for none")
     keep_checkpoints: int | None = Field(None, gt=0, description="keep only the last K checkpoints; null keeps all")
@@ -243,6 +247,7 @@ OTHER_TOOLS = {
     "num_train_epochs": "train.epochs", "gradient_accumulation_steps": "train.grad_accum",
     "per_device_train_batch_size": "train.micro_batch_size", "output_dir": "output.dir",
     "base_model": "model.name_or_path", "load_in_4bit": "model.quantization: nf4",
+    "loraplus_lr_ratio": "method.lr_ratio", "neftune_noise_alpha": "train.neftune_alpha",
 }
 
 
