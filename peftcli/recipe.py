@@ -162,6 +162,10 @@ class TrainConfig(_Strict):
         "auto", description="auto: bf16 autocast where the device computes bf16 natively (a CPU with AVX512-BF16 or AMX, "
                             "a GPU with bf16), fp16 on a GPU without bf16, else none")
     gradient_checkpointing: bool = False
+    neftune_alpha: float | None = Field(
+        None, gt=0, description="NEFTune (Jain et al. 2023): uniform noise of at most alpha/√(L·d) on the input "
+        "embeddings while training (L: each example's own length, d: the hidden size; never in eval or generation), "
+        "the paper uses 5 to 15; null: off")
     eval_every: int = Field(50, ge=0, description="steps between evals; 0 for only at the end")
     save_every: int = Field(100, ge=0, description="steps between checkpoints; 0 for none")
     keep_checkpoints: int | None = Field(None, gt=0, description="keep only the last K checkpoints; null keeps all")
@@ -211,6 +215,9 @@ class Recipe(_Strict):
         if objective != "sft" and self.data.packing:
             raise ValueError(f"data.packing: {objective} scores whole (prompt, chosen, rejected) pairs, which are not "
                              "packed; set data.packing: false")
+        if objective != "sft" and self.train.neftune_alpha:
+            raise ValueError(f"train.neftune_alpha: NEFTune noises the sft forward; with {objective} it would also noise "
+                             "the pairs' scoring (and DPO's reference pass); remove it, or train.objective: sft")
         if objective != "sft" and self.data.train_on_prompt:
             raise ValueError(f"data.train_on_prompt: {objective} compares the chosen and rejected responses to the same "
                              "prompt, so the prompt is never supervised; set data.train_on_prompt: false")
@@ -273,6 +280,7 @@ OTHER_TOOLS = {
     "num_train_epochs": "train.epochs", "gradient_accumulation_steps": "train.grad_accum",
     "per_device_train_batch_size": "train.micro_batch_size", "output_dir": "output.dir",
     "base_model": "model.name_or_path", "load_in_4bit": "model.quantization: nf4",
+    "loraplus_lr_ratio": "method.lr_ratio", "neftune_noise_alpha": "train.neftune_alpha",
 }
 
 

@@ -37,6 +37,7 @@ from torch import nn
 from peftcli import artifacts, data, guard, methods, packing, precision, preference, prepare
 from peftcli.errors import Interrupted, UserError, WriteFault, write_error, writing
 from peftcli.loss import SupervisedLoss, count_supervised, eval_loss, make_collate
+from peftcli.neftune import NEFTune
 from peftcli.phases import clock
 from peftcli.prepare import Prepared
 from peftcli.recipe import Recipe, dump
@@ -147,6 +148,7 @@ class Run:
     trained: int = 0  # the last optimizer step done
     adapter_saved: bool = False  # the final adapter/ is written
     final_checkpoint_fault: WriteFault | None = None  # the last step's checkpoint failed; raised after adapter/
+    noisy: NEFTune | None = None  # train.neftune_alpha's hooks (removed by finish)
 
     @property
     def recipe(self) -> Recipe:
@@ -423,15 +425,26 @@ def _open_log(rundir: RunDir, checkpoint: Path | None, ds: data.Datasets, main: 
 
 def _start_optimizing(accelerator, console, rundir: RunDir, prepared: Prepared, path: guard.LossPath,
                       checkpoint: Path | None) -> Run:
-    """Optimizer, schedule, the accelerator's wrap of the loss module (data parallelism), the
+    """Optimizer (one AdamW group per method group, :func:`lr_groups`), schedule, NEFTune's hooks
+    (``train.neftune_alpha``), the accelerator's wrap of the loss module (data parallelism), the
     checkpoint's state when resuming, the data stream and the collate function."""
     recipe, model, train_set = prepared.recipe, prepared.model, prepared.datasets.train
     t = recipe.train
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, recipe)
+    groups = lr_groups(prepared)
+    params = [p for _, group in groups for p in group]
+    optimizer = make_optimizer(groups, recipe)
+    if len(groups) > 1:
+        console.print("learning rates: " + ", ".join(f"{t.lr * scale:.2e} for {len(g)} tensors" for scale, g in groups)
+                      + " (the method's groups), each on the schedule")
     steps = total_steps(recipe, prepared.train_units)
     scheduler = make_scheduler(optimizer, recipe, steps)
-    loss_fn, optimizer = accelerator.prepare(_loss_module(model, recipe, path), optimizer)
+    loss_module = _loss_module(model, recipe, path)
+    noisy = None
+    if t.neftune_alpha:  # on the training forward only: the hooks act inside loss_module's calls, in training mode
+        noisy = NEFTune(t.neftune_alpha).attach(loss_module, model.get_input_embeddings())
+        console.print(f"NEFTune: input embeddings + U(-1, 1)·{t.neftune_alpha:g}/√(L·d) while training "
+                      f"(L each example's length, d {model.get_input_embeddings().embedding_dim})")
+    loss_fn, optimizer = accelerator.prepare(loss_module, optimizer)
     start, position, done = 0, {"epoch": 0, "index": 0}, {}
     if checkpoint is not None:
         start, position, done = _restore(checkpoint, prepared, optimizer, scheduler, accelerator.process_index)
@@ -450,7 +463,21 @@ def _start_optimizing(accelerator, console, rundir: RunDir, prepared: Prepared, 
         shape = f"{t.micro_batch_size} packed row{'s' * (t.micro_batch_size != 1)} each, as {shape}"
     console.print(f"micro-batches: {shape}")
     return Run(accelerator, console, rundir, prepared, path, None, params, optimizer, scheduler, loss_fn, collate, stream,
-               steps, start, Counters.resumed(done))  # elapsed time and counters carry over a resume; the log comes next
+               steps, start, Counters.resumed(done), noisy=noisy)  # counters carry over a resume; the log comes next
+
+
+def lr_groups(prepared: Prepared) -> list[tuple[float, list[nn.Parameter]]]:
+    """The method's optimizer groups (:meth:`peftcli.methods.Method.lr_groups`: (learning rate as
+    a multiple of ``train.lr``, parameters)), empty ones left out.
+
+    Raises:
+        RuntimeError: the groups do not hold every trainable parameter exactly once (a method's bug).
+    """
+    groups = [(scale, group) for scale, group in prepared.method.lr_groups(prepared.model, prepared.recipe.method) if group]
+    grouped = sorted(id(p) for _, group in groups for p in group)
+    if grouped != sorted(id(p) for p in prepared.model.parameters() if p.requires_grad):
+        raise RuntimeError(f"method {prepared.recipe.method.name}: lr_groups does not hold each trainable parameter once")
+    return groups
 
 
 def _loss_module(model: nn.Module, recipe: Recipe, path: guard.LossPath) -> nn.Module:
@@ -552,7 +579,7 @@ def _optimizer_step(run: Run, step: int) -> float:
         raise UserError(f"train: loss is {loss} at step {step}; lower train.lr or check the data (last checkpoint kept)")
     # the L2 norm of all trainable gradients before clipping (an infinite bound clips nothing)
     run.counters.grad_norm = float(acc.clip_grad_norm_(run.params, t.max_grad_norm or float("inf")))
-    lr = run.scheduler.get_last_lr()[0]  # the rate this step used
+    lr = run.scheduler.get_last_lr()[0]  # the rate this step used (the first group: train.lr scaled)
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -664,6 +691,8 @@ def finish(run: Run) -> TrainResult:
         with writing(run.rundir.tensorboard, "output.dir"):
             run.accelerator.end_training()
     p = run.prepared
+    if run.noisy is not None:
+        run.noisy.detach()  # the returned model embeds without noise in any mode
     p.model.eval()
     return TrainResult(run.rundir.path, summary, p.model, p.tokenizer, p.datasets)
 
@@ -789,17 +818,27 @@ def lr_factor(step: int, schedule: str, warmup: int, steps: int) -> float:
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(params: list[torch.nn.Parameter], recipe: Recipe) -> torch.optim.AdamW:
-    """AdamW over the trainable ``params`` (Loshchilov & Hutter 2019, Algorithm 2) with the recipe's
+def make_optimizer(groups: list[torch.nn.Parameter] | list[tuple[float, list[torch.nn.Parameter]]],
+                   recipe: Recipe) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters (Loshchilov & Hutter 2019, Algorithm 2) with the recipe's
     lr and weight decay; moments float32 like the parameters.
+
+    ``groups``: the parameters (one group at ``train.lr``), or (multiple of ``train.lr``,
+    parameters) pairs (:func:`lr_groups`): one AdamW parameter group each, at that learning rate,
+    all with the recipe's weight decay (LoRA+ changes the rates only). The schedule multiplies
+    every group's rate by the same factor (:func:`make_scheduler`).
 
     torch's fused implementation (one kernel over all tensors) where the parameters' device has
     it (CPU, CUDA): the per-tensor loop costs ~46 ms per step for LoRA's 420 tensors on this
     project's 2-core CPU, fused ~12 ms; the update is the same formula.
     """
     t = recipe.train
+    if groups and isinstance(groups[0], torch.Tensor):
+        groups = [(1.0, groups)]
+    params = [p for _, group in groups for p in group]
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params)
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
+    return torch.optim.AdamW([{"params": group, "lr": t.lr * scale} for scale, group in groups], lr=t.lr,
+                             weight_decay=t.weight_decay, fused=fused or None)
 
 
 def make_scheduler(optimizer, recipe: Recipe, steps: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -212,6 +212,14 @@ def test_format_and_objective_must_match(fmt, objective, says, tmp_path, capsys)
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_neftune_with_a_preference_objective_is_one_line(objective, tmp_path, capsys):
+    recipe = _recipe(tmp_path, "preference", objective)
+    code, err = peft_in_process(["train", recipe, "--set", "train.neftune_alpha=5"], capsys)
+    assert code == 2 and f"train.neftune_alpha: NEFTune noises the sft forward; with {objective}" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
 def test_bad_preference_row_is_one_line(tmp_path, tiny_dir, capsys):
     rows = [{"prompt": "p", "chosen": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}],
              "rejected": "c"}]

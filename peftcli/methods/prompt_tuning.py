@@ -307,6 +307,7 @@ def check_prompt_learning_config(d: dict) -> None:
 
 file_fields = common.no_file_fields
 reads_adapter = common.reads_peft_type(PEFT_TYPE)
+lr_groups = common.one_lr_group
 
 
 def merge(model: nn.Module) -> nn.Module:
