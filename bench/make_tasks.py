@@ -11,6 +11,13 @@ exactly right. The held-out rows share no (instruction, input) pair with the tra
 ``quick/`` holds the same rows in ``completion`` format with a short prompt (the instruction and
 the input on two lines, about 24 tokens a row instead of the Alpaca template's 67): the five-minute
 demo (``peftcli/recipes/quick-lora.yaml``) trains on it, since step time grows with tokens.
+
+``preference/`` holds preference pairs (``format: preference``: ``prompt``, ``chosen``,
+``rejected``) for ``peftcli/recipes/dpo.yaml``, made from the first N_PREFERENCE train rows and
+every held-out row: the short prompt, the right answer as ``chosen`` and, as ``rejected``, a
+wrong answer of the kind a model that only copies from the input gives (:func:`wrong_answer`:
+the numbers unsorted, a smaller number, the words in lowercase, the last term repeated, the
+sentence's other noun), drawn from a second seeded generator so the task files stay the same.
 """
 
 from __future__ import annotations
@@ -21,8 +28,9 @@ from pathlib import Path
 
 SEED = 20240601
 N_TRAIN, N_HELDOUT = 2000, 100
+N_PREFERENCE = 1000  # train pairs (the held-out pairs: every held-out row)
 DATA = Path(__file__).resolve().parent.parent / "peftcli" / "recipes" / "data"
-OUT, QUICK = DATA / "tasks", DATA / "quick"
+OUT, QUICK, PREFERENCE = DATA / "tasks", DATA / "quick", DATA / "preference"
 
 WORDS = """
 apple river garden window candle pencil basket button castle cloud forest guitar hammer island
@@ -95,6 +103,31 @@ def short_prompt(row: dict) -> dict:
     return {"prompt": f"{row['instruction']}\n{row['input']}\n", "completion": row["output"]}
 
 
+def wrong_answer(row: dict, rng: random.Random) -> str:
+    """A wrong answer to ``row`` that copies from its input, per task: the numbers as given (or
+    reversed when already sorted), another of the numbers, the words unchanged (lowercase), the
+    last term repeated, the sentence's first noun (another word when it is the last one too)."""
+    instruction, inp, right = row["instruction"], row["input"], row["output"]
+    if instruction.startswith("Sort"):
+        numbers = inp.split(", ")
+        return inp if inp != right else ", ".join(reversed(numbers))
+    if instruction.startswith("Which number"):
+        return rng.choice([n for n in inp.split(", ") if n != right])
+    if instruction.startswith("Write these words"):
+        return inp
+    if instruction.startswith("What comes next"):
+        return inp.split(", ")[-1]
+    noun = inp.split(" the ")[1].removesuffix(" near")  # "<Subject> <verb> the NOUN near the OBJECT."
+    return noun if noun != right else rng.choice([w for w in WORDS if w != right])
+
+
+def preference_pair(row: dict, rng: random.Random) -> dict:
+    """The row as a preference pair: its short prompt, the right answer chosen, a wrong one rejected."""
+    pair = {"prompt": short_prompt(row)["prompt"], "chosen": row["output"], "rejected": wrong_answer(row, rng)}
+    assert pair["chosen"] != pair["rejected"], row
+    return pair
+
+
 def main() -> None:
     rng, taken = random.Random(SEED), set()
     heldout = generate(rng, N_HELDOUT, taken)
@@ -103,7 +136,11 @@ def main() -> None:
     write_jsonl(OUT / "heldout.jsonl", heldout)
     write_jsonl(QUICK / "train.jsonl", [short_prompt(r) for r in train])
     write_jsonl(QUICK / "heldout.jsonl", [short_prompt(r) for r in heldout])
-    print(f"wrote {len(train)} rows to {OUT / 'train.jsonl'} and {len(heldout)} to {OUT / 'heldout.jsonl'}")
+    wrong = random.Random(SEED + 1)
+    write_jsonl(PREFERENCE / "train.jsonl", [preference_pair(r, wrong) for r in train[:N_PREFERENCE]])
+    write_jsonl(PREFERENCE / "heldout.jsonl", [preference_pair(r, wrong) for r in heldout])
+    print(f"wrote {len(train)} rows to {OUT / 'train.jsonl'} and {len(heldout)} to {OUT / 'heldout.jsonl'}; "
+          f"{N_PREFERENCE} + {len(heldout)} preference pairs to {PREFERENCE}")
 
 
 if __name__ == "__main__":

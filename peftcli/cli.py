@@ -136,7 +136,7 @@ def _fmt(v, pct=False):
 def eval_(
     target: str = typer.Argument(..., help="run dir, adapter dir or recipe"),
     data: Optional[str] = typer.Option(None, "--data", help="eval file (default: the recipe's eval set)"),
-    fmt: Optional[str] = typer.Option(None, "--format", help="alpaca | completion | chat | sharegpt | text | tokenized"),
+    fmt: Optional[str] = typer.Option(None, "--format", help="alpaca | completion | chat | sharegpt | text | tokenized | preference"),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     labels: Optional[str] = typer.Option(None, "--labels", help="classification: comma-separated label answers, "
@@ -158,7 +158,9 @@ def eval_(
         return
     table = Table(title=f"{result['rows']} rows of {result['data']} ({result['format']})")
     table.add_column("model")
-    cols = ["loss", "perplexity", "exact match"] + (["label acc. (likelihood)", "label acc. (greedy)"] if label_list else [])
+    pairs = result["format"] == "preference"  # and the preference accuracy: chosen more likely than rejected
+    cols = ["loss", "perplexity", "exact match"] + (["label acc. (likelihood)", "label acc. (greedy)"] if label_list else []) \
+        + (["pref. acc. (logp)", "pref. acc. (reward)"] if pairs else [])
     for col in cols:
         table.add_column(col, justify="right")
     for name in ("base", "adapted"):
@@ -166,6 +168,9 @@ def eval_(
         if m:
             c = m.get("classification") or {}
             extra = [_fmt(c.get("label_accuracy"), pct=True), _fmt(c.get("generation_accuracy"), pct=True)] if label_list else []
+            if pairs:
+                pref = m.get("preference") or {}
+                extra += [_fmt(pref.get("eval_logp_accuracy"), pct=True), _fmt(pref.get("eval_accuracy"), pct=True)]
             table.add_row(name, _fmt(m["loss"]), _fmt(m["perplexity"]), _fmt(m["exact_match"], pct=True), *extra)
     out.print(table)
     for name in ("base", "adapted"):

@@ -53,10 +53,12 @@ REQUIRED_FIELDS = {
     "sharegpt": ("conversations",),
     "text": ("text",),
     "tokenized": ("input_ids",),
+    "preference": ("prompt", "chosen", "rejected"),
 }
 TEXT_FIELDS = ("instruction", "input", "output", "prompt", "completion", "text")
 CHAT_FORMATS = ("chat", "sharegpt")  # rendered with the chat template; labels on assistant turns
 NO_PROMPT_FORMATS = ("text", "tokenized")  # every token is the answer: no prompt, no reference
+PREFERENCE = "preference"  # (prompt, chosen, rejected) pairs for train.objective dpo / orpo
 # role names as datasets spell them (case ignored) -> the chat template's: ShareGPT's
 # human/gpt (and its chatgpt/bing/bard), Gemma's model
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
@@ -111,6 +113,9 @@ def _check_row(row: dict, fmt: str, where: str) -> None:
     for name in REQUIRED_FIELDS[fmt]:
         if name not in row:
             raise UserError(f"{where}: missing field {name!r} for format {fmt}")
+    if fmt == PREFERENCE:
+        _check_preference(row, where)
+        return
     for name in TEXT_FIELDS:
         if name in row:
             row[name] = _as_text(row[name], f"{where}: field {name!r}")
@@ -119,6 +124,33 @@ def _check_row(row: dict, fmt: str, where: str) -> None:
         row["messages"] = _normalise_turns(row[name], f"{where}: {name}")
     if fmt == "tokenized":
         _check_tokenized(row, where)
+
+
+def _check_preference(row: dict, where: str) -> None:
+    """Normalise a preference row in place: ``prompt`` text (numbers as text) or a non-empty list of
+    chat messages (:func:`_normalise_turns`; rendered with the chat template); ``chosen`` and
+    ``rejected`` text, given as a string, an assistant message ``{role: assistant, content}``, or
+    a list of one such message (TRL's conversational layout).
+
+    Raises:
+        UserError: "WHERE: field 'chosen' must be text or one assistant message ...", or a bad
+            prompt message list.
+    """
+    prompt = row["prompt"]
+    row["prompt"] = _normalise_turns(prompt, f"{where}: prompt") if isinstance(prompt, list) \
+        else _as_text(prompt, f"{where}: field 'prompt'")
+    for name in ("chosen", "rejected"):
+        value = row[name]
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        if isinstance(value, dict):
+            turn = _normalise_turns([value], f"{where}: {name}")[0]
+            if turn["role"] != "assistant":
+                raise UserError(f"{where}: field {name!r} is a {turn['role']} message; it must be the assistant's reply")
+            value = turn["content"]
+        if isinstance(value, list):
+            raise UserError(f"{where}: field {name!r} must be text or one assistant message, got a list of {len(value)}")
+        row[name] = _as_text(value, f"{where}: field {name!r}")
 
 
 def chat_messages(row: dict, fmt: str, where: str = "row") -> list[dict]:
@@ -233,6 +265,9 @@ def render_prompt(row: dict, fmt: str, tokenizer) -> str:
         return template.format(instruction=row["instruction"], input=row.get("input") or "")
     if fmt == "completion":
         return row["prompt"]
+    if fmt == PREFERENCE:
+        chat = isinstance(row["prompt"], list)
+        return render_chat(tokenizer, row["prompt"], add_generation_prompt=True) if chat else row["prompt"]
     if fmt in CHAT_FORMATS:
         messages = chat_messages(row, fmt)
         last = _assistant_turns(messages)[-1:] or [len(messages)]
@@ -250,7 +285,7 @@ def prompt_ids(row: dict, fmt: str, tokenizer, special: SpecialTokens | None = N
     :func:`render_prompt` with the tokenizer's BOS once and never its appended EOS.
     """
     text = render_prompt(row, fmt, tokenizer)
-    if fmt in CHAT_FORMATS:
+    if fmt in CHAT_FORMATS or (fmt == PREFERENCE and isinstance(row["prompt"], list)):
         return _ids(tokenizer, text)
     return tokens.encode_start(tokenizer, text, special or tokens.special_tokens(tokenizer))
 
@@ -320,12 +355,13 @@ def generation_prompt(prompt: str, recipe: Recipe | None, tokenizer, system: str
 
 
 def _prompt_row(prompt: str, fmt: str) -> dict:
-    """A row of format ``fmt`` (alpaca, completion, chat or sharegpt: as ``messages``) asking
-    ``prompt``, with an empty answer."""
+    """A row of format ``fmt`` (alpaca, completion, chat or sharegpt: as ``messages``; preference:
+    a text prompt) asking ``prompt``, with an empty answer."""
     if fmt in CHAT_FORMATS:
         return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]}
     return {"alpaca": {"instruction": prompt, "input": "", "output": ""},
-            "completion": {"prompt": prompt, "completion": ""}}[fmt]
+            "completion": {"prompt": prompt, "completion": ""},
+            PREFERENCE: {"prompt": prompt, "chosen": "", "rejected": ""}}[fmt]  # a text prompt, as completion
 
 
 def reference(row: dict, fmt: str) -> str | None:
@@ -336,6 +372,8 @@ def reference(row: dict, fmt: str) -> str | None:
         return row["output"]
     if fmt == "completion":
         return row["completion"]
+    if fmt == PREFERENCE:
+        return row["chosen"]
     if fmt in CHAT_FORMATS:
         messages = chat_messages(row, fmt)
         turns = _assistant_turns(messages)
@@ -381,6 +419,8 @@ def _nothing_to_answer(row: dict, fmt: str) -> str | None:
         if not turns:
             return "no_assistant_turn"
         return None if any(messages[i]["content"].strip() for i in turns) else "empty_answer"
+    if fmt == PREFERENCE:
+        return None if row["chosen"].strip() and row["rejected"].strip() else "empty_answer"
     return None if reference(row, fmt).strip() else "empty_answer"
 
 
@@ -446,6 +486,8 @@ def _tokenize(row: dict, fmt: str, tokenizer, max_seq_len: int, train_on_prompt:
     examples)."""
     if fmt == "text":
         return _text_examples(row["text"], tokenizer, max_seq_len, text_overlap, special)
+    if fmt == PREFERENCE:
+        return _preference_example(row, tokenizer, max_seq_len, special)
     if fmt == "tokenized":
         input_ids, labels = _tokenized_ids(row, len(tokenizer), train_on_prompt)
     else:
@@ -456,6 +498,58 @@ def _tokenize(row: dict, fmt: str, tokenizer, max_seq_len: int, train_on_prompt:
         return [], "prompt_over_max_seq_len" if any(label != IGNORE_INDEX for label in labels) else "no_labels"
     example = {"input_ids": input_ids[:max_seq_len], "labels": labels[:max_seq_len]}
     return [example], "cut" if len(input_ids) > max_seq_len else "ok"
+
+
+def _preference_example(row: dict, tokenizer, max_seq_len: int, special: SpecialTokens) -> tuple[list[dict], str]:
+    """A preference row's one example and what happened ("ok", "cut", or why it is dropped):
+
+        input_ids / labels                    prompt + chosen + end     (the chosen sequence)
+        rejected_input_ids / rejected_labels  prompt + rejected + end   (the rejected sequence)
+
+    Both start with the same prompt tokens (:func:`prompt_ids`: a text prompt as the completion
+    format renders it, BOS once, no EOS; a message list through the chat template with the
+    generation prompt), labels -100 on them; each response is tokenised apart and supervised with
+    its end (:func:`_response_ids`: EOS, or the template's end-of-turn token), as sft supervises an
+    answer. Each sequence is cut to ``max_seq_len`` from the right; a prompt that leaves no
+    response token in either is dropped ("prompt_over_max_seq_len").
+    """
+    if why := _nothing_to_answer(row, PREFERENCE):
+        return [], why
+    prompt = prompt_ids(row, PREFERENCE, tokenizer, special)
+    if len(prompt) >= max_seq_len:
+        return [], "prompt_over_max_seq_len"
+    example, cut = {}, False
+    for name, key in (("chosen", ""), ("rejected", "rejected_")):
+        response = _response_ids(row, name, tokenizer, special)
+        ids = prompt + response
+        cut = cut or len(ids) > max_seq_len
+        example[f"{key}input_ids"] = ids[:max_seq_len]
+        example[f"{key}labels"] = ([IGNORE_INDEX] * len(prompt) + response)[:max_seq_len]
+    return [example], "cut" if cut else "ok"
+
+
+def _response_ids(row: dict, name: str, tokenizer, special: SpecialTokens) -> list[int]:
+    """The token ids of a preference row's ``chosen`` or ``rejected`` reply after its prompt, with
+    the end the model learns to stop at. A text prompt: the reply's ids and EOS (the completion
+    format's answer). A message prompt: the chat template's rendering of the prompt plus the reply
+    as the assistant's, less the prompt's rendering (with the generation prompt) and trailing
+    whitespace, i.e. the reply and its end-of-turn marker (an EOS after it when the template ends
+    turns with no special token), tokenised apart so both replies follow identical prompt tokens.
+
+    Raises:
+        UserError: the template does not render the conversation as the extension of its prompt.
+    """
+    eos = [special.eos_id] if special.eos_id is not None else []
+    if not isinstance(row["prompt"], list):
+        return _ids(tokenizer, row[name]) + eos
+    prompt = render_chat(tokenizer, row["prompt"], add_generation_prompt=True)
+    full = render_chat(tokenizer, row["prompt"] + [{"role": "assistant", "content": row[name]}])
+    if not full.startswith(prompt):
+        raise UserError("chat template: a prompt and its reply do not render as the extension of the prompt with the "
+                        f"generation prompt, so the {name} reply cannot be located for label masking; "
+                        f"{tokens.TEMPLATE_HINT} that does")
+    end = eos if special.end_of_turn_id is None else []
+    return _ids(tokenizer, full[len(prompt):].rstrip()) + end
 
 
 def _text_examples(text: str, tokenizer, max_seq_len: int, overlap: int, special: SpecialTokens) -> tuple[list[dict], str]:
@@ -759,7 +853,8 @@ def tokenize_rows(rows: list[dict], fmt: str, tokenizer, max_seq_len: int, train
                       dropped_truncated=dropped.get("prompt_over_max_seq_len", 0), truncated=len(status.get("cut", [])),
                       dropped=dropped, documents=text_rows, windows=len(examples) if fmt == "text" else 0,
                       max_seq_len=max_seq_len, text_overlap=text_overlap if fmt == "text" else 0,
-                      supervised_tokens=sum(sum(label != IGNORE_INDEX for label in e["labels"]) for e in examples))
+                      supervised_tokens=sum(sum(label != IGNORE_INDEX for label in e[k]) for e in examples
+                                            for k in ("labels", "rejected_labels") if k in e))
     if not examples:
         reasons = ", ".join(_counted(n, DROP_REASONS[why], max_seq_len) + _row_list(status[why]) for why, n in dropped.items())
         raise UserError(f"{name}: no row has anything to learn ({_counted(len(rows), 'row{s}')}: {reasons})")

@@ -250,9 +250,11 @@ def classify(model: nn.Module, tokenizer, rows: list[dict], fmt: str, labels: li
 
 def score(model: nn.Module, tokenizer, examples: list[dict], rows: list[dict], fmt: str, micro_batch_size: int = 8,
           labels: list[str] | None = None, max_seq_len: int = data.DEFAULT_MAX_SEQ_LEN, generate_answers: bool = True,
-          phases: Phases = SILENT, name: str = "") -> dict:
+          phases: Phases = SILENT, name: str = "", recipe: Recipe | None = None) -> dict:
     """Loss (nats per supervised token), perplexity and exact match of one model (float32, eval mode),
-    each a phase of ``phases`` named after the model (``name``: "base", "adapted")."""
+    each a phase of ``phases`` named after the model (``name``: "base", "adapted"). On preference
+    pairs these score the chosen answers, and ``"preference"`` holds the pairs' metrics
+    (:func:`preference_scores`)."""
     from peftcli.guard import choose_loss_path
     from peftcli.loss import eval_loss, make_collate
 
@@ -266,6 +268,8 @@ def score(model: nn.Module, tokenizer, examples: list[dict], rows: list[dict], f
                             path.loss_sum, advance)
         result.update(loss=out["eval_loss"], perplexity=out["eval_ppl"], supervised_tokens=out["eval_tokens"],
                       loss_path=path.as_json(), loss_path_line=path.describe())
+    if fmt == data.PREFERENCE and examples:
+        result["preference"] = preference_scores(model, tokenizer, examples, recipe, micro_batch_size, phases, name)
     if generate_answers:
         result.update(exact_match(model, tokenizer, rows, fmt, phases=phases, name=name))
     else:
@@ -273,6 +277,24 @@ def score(model: nn.Module, tokenizer, examples: list[dict], rows: list[dict], f
     if labels:
         result["classification"] = classify(model, tokenizer, rows, fmt, labels, max_seq_len, phases=phases, name=name)
     return result
+
+
+def preference_scores(model: nn.Module, tokenizer, examples: list[dict], recipe: Recipe | None, micro_batch_size: int = 8,
+                      phases: Phases = SILENT, name: str = "") -> dict:
+    """Held-out preference metrics of one model on pair examples
+    (:func:`peftcli.preference.eval_preference`, the run's objective and its beta / orpo_lambda;
+    DPO where the recipe trained no preference objective): ``eval_logp_accuracy`` (the fraction
+    of pairs whose chosen answer the model finds more likely than the rejected one: the number to
+    compare base and adapted by), ``eval_accuracy`` (chosen reward above rejected; a base's DPO
+    rewards are 0), ``eval_loss``, ``eval_margin``, ``eval_pairs``."""
+    from peftcli.preference import PreferenceLoss, collate_pairs, eval_preference
+
+    t = recipe.train if recipe is not None else None
+    objective = t.objective if t is not None and t.objective != "sft" else "dpo"
+    loss_fn = PreferenceLoss(model, objective, t.beta if t else 0.1, t.orpo_lambda if t else 0.1)
+    collate = lambda chunk: collate_pairs(chunk, tokenizer.pad_token_id)  # noqa: E731
+    with phases.phase(f"{name} preference".strip(), len(examples), "pairs") as advance:
+        return eval_preference(loss_fn, examples, collate, micro_batch_size, nullcontext, advance)
 
 
 def _eval_data(recipe: Recipe | None, data_path: str | None, fmt: str | None, tokenizer, max_samples: int | None,
@@ -336,13 +358,14 @@ def evaluate(target: str, data_path: str | None = None, fmt: str | None = None, 
         base, tokenizer, _ = models.load_base(**{**model_cfg.model_dump(), "dtype": chosen.dtype})
         data.use_recipe_chat(tokenizer, recipe)
         result["base"] = score(base, tokenizer, examples, rows, eval_fmt, labels=labels, max_seq_len=max_len,
-                               generate_answers=generate_answers, phases=phases, name="base")
+                               generate_answers=generate_answers, phases=phases, name="base", recipe=recipe)
         del base
     if files is not None:
         loaded = artifacts.load_adapted(files)
         data.use_recipe_chat(loaded.tokenizer, recipe)
         result["adapted"] = score(loaded.model, loaded.tokenizer, examples, rows, eval_fmt, labels=labels,
-                                  max_seq_len=max_len, generate_answers=generate_answers, phases=phases, name="adapted")
+                                  max_seq_len=max_len, generate_answers=generate_answers, phases=phases, name="adapted",
+                                  recipe=recipe)
         result["adapter"] = str(loaded.adapter_dir)
     return result
 

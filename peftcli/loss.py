@@ -100,13 +100,9 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         w = weight.to(dtype)
         for start in range(0, h.shape[0], LOSS_CHUNK):
-            hc, tc = h[start:start + LOSS_CHUNK], targets[start:start + LOSS_CHUNK]
-            logits = F.linear(hc.to(dtype), w)  # (chunk, vocab), bf16 under autocast
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            total += -logp.gather(1, tc[:, None]).sum()
-            grad = logp.exp_()  # softmax
-            grad[torch.arange(tc.shape[0], device=tc.device), tc] -= 1.0
-            grad_h[start:start + LOSS_CHUNK] = (grad.to(dtype) @ w).to(h.dtype)
+            logp, grad_h[start:start + LOSS_CHUNK] = _chunk_logp_and_grad(
+                h[start:start + LOSS_CHUNK], targets[start:start + LOSS_CHUNK], w, dtype)
+            total += -logp.sum()
         ctx.save_for_backward(grad_h)
         return total
 
@@ -114,6 +110,69 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         (grad_h,) = ctx.saved_tensors
         return grad_h * grad_loss.to(grad_h.dtype), None, None
+
+
+def _matmul_dtype(weight: torch.Tensor, device: str) -> torch.dtype:
+    """The dtype the head's matmul runs in: autocast's where it is on, else the weight's."""
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+
+
+def _chunk_logp_and_grad(hc: torch.Tensor, tc: torch.Tensor, w: torch.Tensor, dtype: torch.dtype
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block of the head: (log p(t_i | h_i) (chunk,) float32, d(−log p)/dh_i = (softmax(W h_i) −
+    onehot(t_i)) W (chunk, hidden) in ``hc``'s dtype), for ``w`` (vocab, hidden) already in the
+    matmul ``dtype``."""
+    logits = F.linear(hc.to(dtype), w)  # (chunk, vocab), bf16 under autocast
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    token_logp = logp.gather(1, tc[:, None])[:, 0]
+    grad = logp.exp_()  # softmax
+    grad[torch.arange(tc.shape[0], device=tc.device), tc] -= 1.0
+    return token_logp, (grad.to(dtype) @ w).to(hc.dtype)
+
+
+def head_token_logprobs(head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target_i | h_i) under the output head, per position, never holding more than
+    :data:`LOSS_CHUNK` positions' logits (the per-token form of :func:`head_cross_entropy`, for
+    sequence log-probabilities: :mod:`peftcli.preference`).
+
+    Args:
+        head: the output Linear (vocab, hidden); a frozen one without bias takes the chunked path,
+            any other the plain formula. h: (n, hidden); targets: (n,) token ids.
+    Returns:
+        (n,) float32 log-probabilities (nats). With gradients on, each position's gradient in h is
+        computed block by block in this pass (:class:`ChunkedHeadLogProbs`).
+    """
+    frozen = isinstance(head, nn.Linear) and head.bias is None and not head.weight.requires_grad
+    if not frozen:
+        return torch.log_softmax(head(h).float(), dim=-1).gather(1, targets[:, None])[:, 0]
+    if torch.is_grad_enabled() and h.requires_grad:
+        return ChunkedHeadLogProbs.apply(h, head.weight, targets)
+    w = head.weight.to(_matmul_dtype(head.weight, h.device.type))
+    return torch.cat([torch.log_softmax(F.linear(hc.to(w.dtype), w).float(), dim=-1).gather(1, tc[:, None])[:, 0]
+                      for hc, tc in zip(h.split(LOSS_CHUNK), targets.split(LOSS_CHUNK))])
+
+
+class ChunkedHeadLogProbs(torch.autograd.Function):
+    """log p(t_i | h_i) = log_softmax(W h_i)[t_i] per position, with each position's gradient in h
+    computed in the forward pass block by block (as :class:`ChunkedHeadCrossEntropy`): position i's
+    log-probability depends on h_i alone, so dL/dh_i = (dL/dlogp_i) · (onehot(t_i) − softmax(W h_i)) W.
+
+    forward(h (n, hidden), weight (vocab, hidden), targets (n,)) -> (n,) float32; backward scales
+    the saved per-position gradients by the incoming (n,) gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets):
+        w = weight.to(_matmul_dtype(weight, h.device.type))
+        logps, grads = zip(*(_chunk_logp_and_grad(hc, tc, w, w.dtype)
+                             for hc, tc in zip(h.split(LOSS_CHUNK), targets.split(LOSS_CHUNK))))
+        ctx.save_for_backward(torch.cat(grads))  # d(-log p)/dh, (n, hidden)
+        return torch.cat(logps)
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        (neg_grad_h,) = ctx.saved_tensors
+        return -neg_grad_h * grad_logp.to(neg_grad_h.dtype)[:, None], None, None
 
 
 def per_example_attention(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict:

@@ -16,7 +16,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from peftcli import packing
+from peftcli import packing, preference
 from peftcli.loss import make_collate, supervised_loss_sum
 from peftcli.precision import AUTOCAST_DTYPES
 from peftcli.prepare import enable_gradient_checkpointing, store_linear_weights
@@ -72,9 +72,17 @@ def estimate(prepared, path) -> tuple[int, int]:
     """``peft validate``'s estimate for a prepared run (:func:`peftcli.prepare.load`) on its loss
     path (:class:`peftcli.guard.LossPath`): gradient checkpointing as the recipe sets it, then
     :func:`dry_step_peak` on :func:`largest_micro_batch`. Returns (peak bytes, tokens in that
-    micro-batch)."""
+    micro-batch). A preference run (``train.objective`` dpo / orpo) steps on its longest pairs, with
+    its loss (:class:`peftcli.preference.PreferenceLoss`: DPO's reference forward included)."""
     r, train, pad_id = prepared.recipe, prepared.datasets.train, prepared.tokenizer.pad_token_id
-    if prepared.packing:
+    loss_sum = path.loss_sum
+    if r.train.objective != "sft":
+        pair_len = lambda e: max(len(e["input_ids"]), len(e["rejected_input_ids"]))  # noqa: E731
+        longest = sorted(train, key=pair_len, reverse=True)[:r.train.micro_batch_size]
+        batch = preference.collate_pairs(longest, pad_id, r.data.pad_to_multiple_of)
+        loss_fn = preference.loss_for(prepared.model, r.train, own_forward=path.name == "reference")
+        loss_sum = lambda model, b: (loss_fn(b, len(longest), preference.chosen_tokens(b))[0], 1)  # noqa: E731
+    elif prepared.packing:
         examples = packing.largest_micro_batch(prepared.packing.rows, train, r.train.micro_batch_size)
         batch = make_collate(path.padding_free, pad_id, r.data.pad_to_multiple_of)(examples)
     else:
@@ -82,4 +90,4 @@ def estimate(prepared, path) -> tuple[int, int]:
     if r.train.gradient_checkpointing:
         enable_gradient_checkpointing(prepared.model)
     store_linear_weights(prepared)  # as the run stores them
-    return dry_step_peak(prepared.model, batch, prepared.mixed, path.loss_sum), batch["input_ids"].numel()
+    return dry_step_peak(prepared.model, batch, prepared.mixed, loss_sum), batch["input_ids"].numel()

@@ -168,7 +168,8 @@ def choose_loss_path(model: nn.Module, recipe: Recipe, method, examples: list[di
     if autocast is None:
         device = model_device(model).type
         autocast = (lambda: torch.autocast(device, dtype=dtype)) if dtype else nullcontext
-    padding_free = recipe.data.padding_free and method.PADDING_FREE
+    # preference pairs train on right-padded rows (peftcli.preference); the check runs on their chosen halves
+    padding_free = recipe.data.padding_free and method.PADDING_FREE and recipe.train.objective == "sft"
     if padding_free and not prepare_padding_free(model):
         if packed is not None:
             raise UserError(f"data.packing: {type(model).__name__} attends across examples in a padding-free row, so packed "

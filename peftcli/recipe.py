@@ -46,8 +46,8 @@ class DataSource(_Strict):
 
     path: str = Field(description="a .jsonl, .json, .csv, .parquet, .txt or .arrow file, a datasets save_to_disk dir, "
                                   "or a hub dataset id already in the local datasets cache (nothing is downloaded)")
-    format: Literal["alpaca", "completion", "chat", "sharegpt", "text", "tokenized"] = Field(
-        "alpaca", description="row layout, see Data formats")
+    format: Literal["alpaca", "completion", "chat", "sharegpt", "text", "tokenized", "preference"] = Field(
+        "alpaca", description="row layout, see Data formats (preference: prompt, chosen, rejected; train.objective dpo or orpo)")
     columns: dict[str, str] = Field(default_factory=dict, description="the format's field names mapped to the file's, "
                                     "e.g. {instruction: question, output: answer}; unmapped fields keep their names")
     weight: float = Field(1.0, gt=0, description="train only: how many times each of this source's examples is used per "
@@ -140,6 +140,13 @@ class DataConfig(_Strict):
 
 
 class TrainConfig(_Strict):
+    objective: Literal["sft", "dpo", "orpo"] = Field(
+        "sft", description="sft: next-token cross-entropy on the answers; dpo (Rafailov et al. 2023) or orpo (Hong et al. "
+                           "2024): preference tuning on format: preference rows (micro_batch_size then counts pairs)")
+    beta: float = Field(0.1, gt=0, description="dpo only: the strength of the KL penalty towards the reference (the base "
+                        "with the method off); the rewards are beta·(log π − log π_ref)")
+    orpo_lambda: float = Field(0.1, gt=0, description="orpo only: the weight of the odds-ratio term beside the chosen "
+                               "answers' NLL (TRL's ORPOConfig.beta)")
     max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
     epochs: float | None = Field(None, gt=0, description="passes over the train rows (default 1 when max_steps is unset)")
     micro_batch_size: int = Field(4, gt=0, description="examples per forward pass (packed rows with data.packing)")
@@ -155,6 +162,10 @@ class TrainConfig(_Strict):
         "auto", description="auto: bf16 autocast where the device computes bf16 natively (a CPU with AVX512-BF16 or AMX, "
                             "a GPU with bf16), fp16 on a GPU without bf16, else none")
     gradient_checkpointing: bool = False
+    neftune_alpha: float | None = Field(
+        None, gt=0, description="NEFTune (Jain et al. 2023): uniform noise of at most alpha/√(L·d) on the input "
+        "embeddings while training (L: each example's own length, d: the hidden size; never in eval or generation), "
+        "the paper uses 5 to 15; null: off")
     eval_every: int = Field(50, ge=0, description="steps between evals; 0 for only at the end")
     save_every: int = Field(100, ge=0, description="steps between checkpoints; 0 for none")
     keep_checkpoints: int | None = Field(None, gt=0, description="keep only the last K checkpoints; null keeps all")
@@ -189,6 +200,30 @@ class Recipe(_Strict):
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")
+    def _objective_data(self):
+        # preference rows and a preference objective go together (checked before any model loads)
+        formats = {s.format for s in self.data.train_sources + self.data.eval_sources}
+        objective = self.train.objective
+        if objective == "sft" and "preference" in formats:
+            raise ValueError("train.objective: format preference rows (prompt, chosen, rejected) need train.objective "
+                             "dpo or orpo; set it, or use a supervised format")
+        if objective != "sft" and formats != {"preference"}:
+            other = ", ".join(sorted(formats - {"preference"}))
+            raise ValueError(f"train.objective: {objective} trains on format preference rows (prompt, chosen, rejected), "
+                             f"but the data has format {other}; set data.train.format (and data.eval.format) to "
+                             "preference, or train.objective: sft")
+        if objective != "sft" and self.data.packing:
+            raise ValueError(f"data.packing: {objective} scores whole (prompt, chosen, rejected) pairs, which are not "
+                             "packed; set data.packing: false")
+        if objective != "sft" and self.train.neftune_alpha:
+            raise ValueError(f"train.neftune_alpha: NEFTune noises the sft forward; with {objective} it would also noise "
+                             "the pairs' scoring (and DPO's reference pass); remove it, or train.objective: sft")
+        if objective != "sft" and self.data.train_on_prompt:
+            raise ValueError(f"data.train_on_prompt: {objective} compares the chosen and rejected responses to the same "
+                             "prompt, so the prompt is never supervised; set data.train_on_prompt: false")
+        return self
+
+    @model_validator(mode="after")
     def _method_base(self):
         # a method may train on a base loaded its own way (qlora: 4-bit): resolve model.quantization for it
         quantization = CARDS[self.method.name].base_quantization(self.model.quantization)
@@ -209,6 +244,8 @@ def _format_error(err: ValidationError) -> str:
     method = loc.pop(1) if len(loc) >= 2 and loc[0] == "method" and loc[1] in METHOD_CONFIGS else None
     key = ".".join(loc) or "recipe"
     kind = e["type"]
+    if not loc and kind == "value_error":  # a whole-recipe check names its own key first
+        return e["msg"].removeprefix("Value error, ")
     if kind == "extra_forbidden":
         return f"{key}: unknown key{_did_you_mean(loc, method)}"
     if kind == "missing":
@@ -243,6 +280,7 @@ OTHER_TOOLS = {
     "num_train_epochs": "train.epochs", "gradient_accumulation_steps": "train.grad_accum",
     "per_device_train_batch_size": "train.micro_batch_size", "output_dir": "output.dir",
     "base_model": "model.name_or_path", "load_in_4bit": "model.quantization: nf4",
+    "loraplus_lr_ratio": "method.lr_ratio", "neftune_noise_alpha": "train.neftune_alpha",
 }
 
 

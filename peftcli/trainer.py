@@ -5,7 +5,9 @@ One optimizer step = ``grad_accum`` micro-batches of ``micro_batch_size`` exampl
 ``data.packing``, rows of several examples: :mod:`peftcli.packing`). The loss of
 a step is the mean cross-entropy over **all supervised tokens of the step** (each micro-batch
 contributes its token sum divided by the step's token count), so micro-batch 2 × accumulation 1
-and micro-batch 1 × accumulation 2 give the same gradients. Accelerate provides the device,
+and micro-batch 1 × accumulation 2 give the same gradients. With ``train.objective`` dpo / orpo a
+micro-batch is ``micro_batch_size`` preference pairs and the step's loss the mean over its pairs
+(:func:`peftcli.preference.accumulate`), the rewards logged beside it. Accelerate provides the device,
 mixed-precision autocast and (under ``accelerate launch``) data parallelism.
 
 What the loop builds on lives beside it: the setup path in :mod:`peftcli.prepare`, the loss in
@@ -32,9 +34,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from peftcli import artifacts, data, guard, methods, packing, precision, prepare
+from peftcli import artifacts, data, guard, methods, packing, precision, preference, prepare
 from peftcli.errors import Interrupted, UserError, WriteFault, write_error, writing
 from peftcli.loss import SupervisedLoss, count_supervised, eval_loss, make_collate
+from peftcli.neftune import NEFTune
 from peftcli.phases import clock
 from peftcli.prepare import Prepared
 from peftcli.recipe import Recipe, dump
@@ -102,6 +105,7 @@ class Counters:
     tokens_seen: int = 0  # real (unpadded) tokens of every step so far, all processes
     last_logged: float | None = None  # the last logged train loss
     pending_losses: list[float] = field(default_factory=list)  # step losses not logged yet
+    pending_metrics: list[dict] = field(default_factory=list)  # preference steps' rewards not logged yet
     grad_norm: float | None = None  # the last step's gradient norm before clipping
     window_tokens: int = 0  # tokens since the last log line (for tokens/s)
     window_t0: float = field(default_factory=time.perf_counter)
@@ -110,15 +114,16 @@ class Counters:
     def resumed(cls, saved: dict) -> Counters:
         """Counters from a checkpoint's ``progress`` (empty: a fresh run)."""
         return cls(t0=time.perf_counter() - saved.get("elapsed_s", 0.0), tokens_seen=saved.get("tokens_seen", 0),
-                   last_logged=saved.get("last_logged"), pending_losses=list(saved.get("pending_losses", [])))
+                   last_logged=saved.get("last_logged"), pending_losses=list(saved.get("pending_losses", [])),
+                   pending_metrics=list(saved.get("pending_metrics", [])))
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
     def saved(self) -> dict:
         """What a checkpoint keeps (:meth:`resumed` reads it back)."""
-        return {"pending_losses": self.pending_losses, "last_logged": self.last_logged, "tokens_seen": self.tokens_seen,
-                "elapsed_s": self.elapsed()}
+        return {"pending_losses": self.pending_losses, "pending_metrics": self.pending_metrics,
+                "last_logged": self.last_logged, "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed()}
 
 
 @dataclass
@@ -134,7 +139,7 @@ class Run:
     params: list[nn.Parameter]  # the trainable ones
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    loss_fn: nn.Module  # the (possibly DDP-wrapped) SupervisedLoss
+    loss_fn: nn.Module  # the (possibly DDP-wrapped) SupervisedLoss, or PreferenceLoss (train.objective dpo / orpo)
     collate: Callable[[list[dict]], dict]
     stream: MicroBatches
     steps: int  # optimizer steps of the whole run
@@ -143,10 +148,16 @@ class Run:
     trained: int = 0  # the last optimizer step done
     adapter_saved: bool = False  # the final adapter/ is written
     final_checkpoint_fault: WriteFault | None = None  # the last step's checkpoint failed; raised after adapter/
+    noisy: NEFTune | None = None  # train.neftune_alpha's hooks (removed by finish)
 
     @property
     def recipe(self) -> Recipe:
         return self.prepared.recipe
+
+    @property
+    def preference(self) -> bool:
+        """Whether the run tunes on preference pairs (``train.objective`` dpo / orpo)."""
+        return self.recipe.train.objective != "sft"
 
     @property
     def main(self) -> bool:
@@ -414,15 +425,26 @@ def _open_log(rundir: RunDir, checkpoint: Path | None, ds: data.Datasets, main: 
 
 def _start_optimizing(accelerator, console, rundir: RunDir, prepared: Prepared, path: guard.LossPath,
                       checkpoint: Path | None) -> Run:
-    """Optimizer, schedule, the accelerator's wrap of the loss module (data parallelism), the
+    """Optimizer (one AdamW group per method group, :func:`lr_groups`), schedule, NEFTune's hooks
+    (``train.neftune_alpha``), the accelerator's wrap of the loss module (data parallelism), the
     checkpoint's state when resuming, the data stream and the collate function."""
     recipe, model, train_set = prepared.recipe, prepared.model, prepared.datasets.train
     t = recipe.train
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, recipe)
+    groups = lr_groups(prepared)
+    params = [p for _, group in groups for p in group]
+    optimizer = make_optimizer(groups, recipe)
+    if len(groups) > 1:
+        console.print("learning rates: " + ", ".join(f"{t.lr * scale:.2e} for {len(g)} tensors" for scale, g in groups)
+                      + " (the method's groups), each on the schedule")
     steps = total_steps(recipe, prepared.train_units)
     scheduler = make_scheduler(optimizer, recipe, steps)
-    loss_fn, optimizer = accelerator.prepare(SupervisedLoss(model, path.loss_sum), optimizer)
+    loss_module = _loss_module(model, recipe, path)
+    noisy = None
+    if t.neftune_alpha:  # on the training forward only: the hooks act inside loss_module's calls, in training mode
+        noisy = NEFTune(t.neftune_alpha).attach(loss_module, model.get_input_embeddings())
+        console.print(f"NEFTune: input embeddings + U(-1, 1)·{t.neftune_alpha:g}/√(L·d) while training "
+                      f"(L each example's length, d {model.get_input_embeddings().embedding_dim})")
+    loss_fn, optimizer = accelerator.prepare(loss_module, optimizer)
     start, position, done = 0, {"epoch": 0, "index": 0}, {}
     if checkpoint is not None:
         start, position, done = _restore(checkpoint, prepared, optimizer, scheduler, accelerator.process_index)
@@ -432,11 +454,48 @@ def _start_optimizing(accelerator, console, rundir: RunDir, prepared: Prepared, 
     model.train()
     collate = make_collate(path.padding_free, prepared.tokenizer.pad_token_id, recipe.data.pad_to_multiple_of)
     shape = "padding-free rows (no padding computed)" if path.padding_free else "right-padded rows"
+    if t.objective != "sft":
+        collate = partial(preference.collate_pairs, pad_id=prepared.tokenizer.pad_token_id,
+                          multiple_of=recipe.data.pad_to_multiple_of)
+        shape = (f"{t.micro_batch_size} preference pair{'s' * (t.micro_batch_size != 1)} each, chosen and rejected as "
+                 f"right-padded rows; {_objective_line(recipe)}")
     if rows:
         shape = f"{t.micro_batch_size} packed row{'s' * (t.micro_batch_size != 1)} each, as {shape}"
     console.print(f"micro-batches: {shape}")
     return Run(accelerator, console, rundir, prepared, path, None, params, optimizer, scheduler, loss_fn, collate, stream,
-               steps, start, Counters.resumed(done))  # elapsed time and counters carry over a resume; the log comes next
+               steps, start, Counters.resumed(done), noisy=noisy)  # counters carry over a resume; the log comes next
+
+
+def lr_groups(prepared: Prepared) -> list[tuple[float, list[nn.Parameter]]]:
+    """The method's optimizer groups (:meth:`peftcli.methods.Method.lr_groups`: (learning rate as
+    a multiple of ``train.lr``, parameters)), empty ones left out.
+
+    Raises:
+        RuntimeError: the groups do not hold every trainable parameter exactly once (a method's bug).
+    """
+    groups = [(scale, group) for scale, group in prepared.method.lr_groups(prepared.model, prepared.recipe.method) if group]
+    grouped = sorted(id(p) for _, group in groups for p in group)
+    if grouped != sorted(id(p) for p in prepared.model.parameters() if p.requires_grad):
+        raise RuntimeError(f"method {prepared.recipe.method.name}: lr_groups does not hold each trainable parameter once")
+    return groups
+
+
+def _loss_module(model: nn.Module, recipe: Recipe, path: guard.LossPath) -> nn.Module:
+    """The module the steps call: :class:`peftcli.loss.SupervisedLoss` on the chosen path, or for
+    ``train.objective`` dpo / orpo a :class:`peftcli.preference.PreferenceLoss` (the model's own
+    logits where the guard chose the reference path)."""
+    t = recipe.train
+    if t.objective == "sft":
+        return SupervisedLoss(model, path.loss_sum)
+    return preference.loss_for(model, t, own_forward=path.name == "reference")
+
+
+def _objective_line(recipe: Recipe) -> str:
+    """What a preference run optimises, in words, for the banner."""
+    t = recipe.train
+    if t.objective == "dpo":
+        return f"DPO, beta {t.beta}, reference: the base with the method switched off"
+    return f"ORPO, lambda {t.orpo_lambda}, no reference model"
 
 
 def _restore(checkpoint: Path, prepared: Prepared, optimizer, scheduler, rank: int = 0) -> tuple[int, dict, dict]:
@@ -504,8 +563,14 @@ def _optimizer_step(run: Run, step: int) -> float:
     world, rank = acc.num_processes, acc.process_index
     drawn = [run.stream.next() for _ in range(world * t.grad_accum)]  # every process draws the same
     micro = [run.collate([train_set[i] for i in idx]) for idx in drawn[rank::world]]
-    loss, _ = accumulate_gradients(run.loss_fn, micro, acc.device, acc.autocast, acc.backward, acc)
-    step_tokens = sum(len(train_set[i]["input_ids"]) for idx in drawn for i in idx)  # real tokens, all processes
+    if run.preference:
+        totals = preference.accumulate(run.loss_fn, micro, acc.device, acc.autocast, acc.backward, acc)
+        loss = totals.mean_loss(t.objective)
+        run.counters.pending_metrics.append(totals.metrics(t.objective))
+    else:
+        loss, _ = accumulate_gradients(run.loss_fn, micro, acc.device, acc.autocast, acc.backward, acc)
+    # real tokens, all processes (a preference pair: its chosen and rejected sequences)
+    step_tokens = sum(len(train_set[i]["input_ids"]) + len(train_set[i].get("rejected_input_ids", ())) for idx in drawn for i in idx)
     run.counters.window_tokens += step_tokens
     run.counters.tokens_seen += step_tokens
     if not math.isfinite(loss):
@@ -514,7 +579,7 @@ def _optimizer_step(run: Run, step: int) -> float:
         raise UserError(f"train: loss is {loss} at step {step}; lower train.lr or check the data (last checkpoint kept)")
     # the L2 norm of all trainable gradients before clipping (an infinite bound clips nothing)
     run.counters.grad_norm = float(acc.clip_grad_norm_(run.params, t.max_grad_norm or float("inf")))
-    lr = run.scheduler.get_last_lr()[0]  # the rate this step used
+    lr = run.scheduler.get_last_lr()[0]  # the rate this step used (the first group: train.lr scaled)
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -531,10 +596,17 @@ def _log_train(run: Run, step: int, lr: float) -> dict:
     event = {"event": "train", "step": step, "loss": sum(c.pending_losses) / len(c.pending_losses),
              "lr": lr, "grad_norm": c.grad_norm, "tokens_per_s": c.window_tokens / max(dt, 1e-9),
              "epoch": run.stream.epoch, "elapsed_s": c.elapsed()}
+    rewards = ""
+    if c.pending_metrics:  # a preference run: the rewards, means over the steps since the last line
+        event.update({k: sum(m[k] for m in c.pending_metrics) / len(c.pending_metrics)
+                      for k in c.pending_metrics[0] if k != "loss"})
+        rewards = (f"  rewards chosen {event['rewards/chosen']:.3f} rejected {event['rewards/rejected']:.3f} "
+                   f"margin {event['rewards/margins']:.3f} accuracy {event['rewards/accuracy']:.2f}")
     run.log.write(event)
     c.last_logged = event["loss"]
-    run.console.print(f"step {step}/{run.steps}  loss {event['loss']:.4f}  lr {event['lr']:.2e}  {event['tokens_per_s']:.0f} tok/s")
-    c.pending_losses, c.window_tokens, c.window_t0 = [], 0, time.perf_counter()
+    run.console.print(f"step {step}/{run.steps}  loss {event['loss']:.4f}{rewards}  lr {event['lr']:.2e}  "
+                      f"{event['tokens_per_s']:.0f} tok/s")
+    c.pending_losses, c.pending_metrics, c.window_tokens, c.window_t0 = [], [], 0, time.perf_counter()
     return event
 
 
@@ -543,15 +615,26 @@ def _evaluate(run: Run) -> dict:
     Eval is never packed: micro-batches of ``micro_batch_size`` examples, or with ``data.packing``
     as many as that many packed rows hold on average (the loss is the same for any grouping)."""
     p, size = run.prepared, run.recipe.train.micro_batch_size
+    if run.preference:  # held-out preference loss and accuracy (:func:`peftcli.preference.eval_preference`)
+        return preference.eval_preference(run.loss_fn.module if hasattr(run.loss_fn, "module") else run.loss_fn,
+                                          p.eval_examples, run.collate, size, run.accelerator.autocast)
     if p.packing:
         size = max(1, round(size * p.packing.examples / len(p.packing.rows)))
     return eval_loss(p.model, p.eval_examples, run.collate, size, run.accelerator.autocast, run.path.loss_sum)
 
 
+def _eval_line(ev: dict) -> str:
+    """An eval event in words: loss and perplexity, or a preference eval's loss and accuracies."""
+    if "eval_accuracy" in ev:
+        return (f"eval loss {ev['eval_loss']:.4f}  accuracy {ev['eval_accuracy']:.3f} (chosen reward above rejected)  "
+                f"logp accuracy {ev['eval_logp_accuracy']:.3f}  margin {ev['eval_margin']:.3f}")
+    return f"eval loss {ev['eval_loss']:.4f}  ppl {ev['eval_ppl']:.2f}"
+
+
 def _log_eval(run: Run, step: int, console) -> None:
     ev = _evaluate(run)
     run.log.write({"event": "eval", "step": step, **ev})
-    console.print(f"step {step}: eval loss {ev['eval_loss']:.4f}  ppl {ev['eval_ppl']:.2f}")
+    console.print(f"step {step}: {_eval_line(ev)}")
 
 
 def _write_adapter(p: Prepared, out_dir: Path) -> Path:
@@ -608,6 +691,8 @@ def finish(run: Run) -> TrainResult:
         with writing(run.rundir.tensorboard, "output.dir"):
             run.accelerator.end_training()
     p = run.prepared
+    if run.noisy is not None:
+        run.noisy.detach()  # the returned model embeds without noise in any mode
     p.model.eval()
     return TrainResult(run.rundir.path, summary, p.model, p.tokenizer, p.datasets)
 
@@ -623,7 +708,7 @@ def _summary(run: Run) -> dict:
     if p.packing:
         packed = {**p.packing.as_json(), "rows_per_step": per_step}
         per_step = round(per_step * p.packing.examples / len(p.packing.rows), 2)
-    return {"method": run.recipe.method.name, "steps": run.steps, "examples_per_step": per_step,
+    return {"method": run.recipe.method.name, "objective": t.objective, "steps": run.steps, "examples_per_step": per_step,
             "processes": run.world, "final_train_loss": run.counters.last_logged,
             "trainable_params": p.trainable, "base_params": p.base_params,
             "trainable_pct_of_base": 100 * p.trainable / p.base_params,
@@ -655,7 +740,7 @@ def _write_outputs(run: Run, summary: dict) -> None:
             ev = _evaluate(run)
             run.log.write({"event": "eval", "step": run.steps, **ev})
         summary.update(ev)
-        run.console.print(f"final eval loss {ev['eval_loss']:.4f}  ppl {ev['eval_ppl']:.2f}")
+        run.console.print(f"final {_eval_line(ev)}")
     run.rundir.write_summary(summary)
     run.rundir.plot_loss(run.log.events)
     run.console.print(f"wrote {run.rundir.path}/ (adapter/, metrics.jsonl, summary.json, loss.png) in {summary['wall_s']:.1f}s")
@@ -733,17 +818,27 @@ def lr_factor(step: int, schedule: str, warmup: int, steps: int) -> float:
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(params: list[torch.nn.Parameter], recipe: Recipe) -> torch.optim.AdamW:
-    """AdamW over the trainable ``params`` (Loshchilov & Hutter 2019, Algorithm 2) with the recipe's
+def make_optimizer(groups: list[torch.nn.Parameter] | list[tuple[float, list[torch.nn.Parameter]]],
+                   recipe: Recipe) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters (Loshchilov & Hutter 2019, Algorithm 2) with the recipe's
     lr and weight decay; moments float32 like the parameters.
+
+    ``groups``: the parameters (one group at ``train.lr``), or (multiple of ``train.lr``,
+    parameters) pairs (:func:`lr_groups`): one AdamW parameter group each, at that learning rate,
+    all with the recipe's weight decay (LoRA+ changes the rates only). The schedule multiplies
+    every group's rate by the same factor (:func:`make_scheduler`).
 
     torch's fused implementation (one kernel over all tensors) where the parameters' device has
     it (CPU, CUDA): the per-tensor loop costs ~46 ms per step for LoRA's 420 tensors on this
     project's 2-core CPU, fused ~12 ms; the update is the same formula.
     """
     t = recipe.train
+    if groups and isinstance(groups[0], torch.Tensor):
+        groups = [(1.0, groups)]
+    params = [p for _, group in groups for p in group]
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params)
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
+    return torch.optim.AdamW([{"params": group, "lr": t.lr * scale} for scale, group in groups], lr=t.lr,
+                             weight_decay=t.weight_decay, fused=fused or None)
 
 
 def make_scheduler(optimizer, recipe: Recipe, steps: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -22,7 +22,7 @@ NAMES = list(methods.METHODS)
 IDS = torch.tensor([[1, 17, 42, 99, 7, 250, 3], [1, 5, 6, 200, 201, 2, 8]])
 SURFACE = ["Config", "PEFT_TYPE", "PAPER", "SUMMARY", "PADDING_FREE", "CANNOT_MERGE", "apply", "state_dict",
            "load_state_dict", "adapter_config", "config_from_adapter", "merge", "file_fields", "base_quantization",
-           "reads_adapter"]
+           "reads_adapter", "lr_groups"]
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +99,15 @@ def test_a_module_missing_or_mistyping_a_member_is_refused(name):
     assert all(getattr(real, member) is getattr(card, member) for member in methods.CARD_MEMBERS)
     with pytest.raises(TypeError, match=rf"toy_{name}: SUMMARY is not its card's"):
         methods.check(name, copy(SUMMARY=real.SUMMARY + " (changed)"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_lr_groups_hold_every_trainable_parameter_once(tiny_dir, tok, name):
+    model, cfg, _ = adapted(tiny_dir, tok, name)
+    groups = methods.get(name).lr_groups(model, cfg)
+    assert groups[0][0] == 1.0  # the first group trains at train.lr (the rate the log shows)
+    grouped = [id(p) for _, group in groups for p in group]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters() if p.requires_grad)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,7 +38,8 @@ class Method(Protocol):
     """What a method module provides (a module satisfies this Protocol; its functions take no
     ``self``). Every member is required; :mod:`peftcli.methods.common` has defaults a module can
     re-export (``file_fields = common.no_file_fields``, ``reads_adapter =
-    common.reads_peft_type(PEFT_TYPE)``); the :data:`CARD_MEMBERS` come from its card."""
+    common.reads_peft_type(PEFT_TYPE)``, ``lr_groups = common.one_lr_group``); the
+    :data:`CARD_MEMBERS` come from its card."""
 
     Config: type[BaseModel]
     """The pydantic schema of its recipe keys; its ``name`` field (a ``Literal`` of the name the
@@ -109,6 +110,14 @@ class Method(Protocol):
         """``adapter_config.json`` fields that depend on what :meth:`apply` wrapped on
         ``model`` (LoRA: the explicit target list, ``fan_in_fan_out``), written over the
         :meth:`adapter_config` ones when saving; ``{}`` for most methods."""
+
+    def lr_groups(self, model: nn.Module, cfg: BaseModel) -> list[tuple[float, list[nn.Parameter]]]:
+        """The trainable parameters of an applied ``model`` as optimizer groups, each with its
+        learning rate as a multiple of ``train.lr`` (the schedule then scales every group alike):
+        ``[(1.0, every trainable parameter)]`` for most methods
+        (:func:`peftcli.methods.common.one_lr_group`); LoRA with ``lr_ratio`` (LoRA+, Hayou et al.
+        2024): ``[(1.0, the A's), (lr_ratio, the B's)]``. The first group is at 1.0 (the rate the
+        log shows); every trainable parameter is in exactly one group."""
 
     def base_quantization(self, quantization: str) -> str:
         """The ``model.quantization`` the method trains on, given the recipe's (``none``,

@@ -5,7 +5,7 @@ takes the same way: freezing the base (:func:`freeze_base`), swapping a module i
 (:func:`replace`), listing its own layers (:func:`layers_of`), checking and copying saved
 weights (:func:`check_keys`, :func:`copy_weights`), claiming an ``adapter_config.json``
 (:func:`reads_peft_type`), refusing a merge (:func:`refuse_merge`), and the defaults of the
-surface a method may re-export (:func:`no_file_fields`). The decoder body of a model is found by
+surface a method may re-export (:func:`no_file_fields`, :func:`one_lr_group`). The decoder body of a model is found by
 :func:`peftcli.models.decoder_body` (no method keeps its own lookup).
 """
 
@@ -125,3 +125,9 @@ def no_file_fields(model: nn.Module) -> dict:
     """``file_fields`` of a method whose ``adapter_config.json`` fields do not depend on what
     ``apply`` wrapped: ``{}``."""
     return {}
+
+
+def one_lr_group(model: nn.Module, cfg) -> list[tuple[float, list[nn.Parameter]]]:
+    """``lr_groups`` of a method that trains every part at one learning rate: ``[(1.0, the
+    trainable parameters of model)]`` (``cfg`` is not read)."""
+    return [(1.0, [p for p in model.parameters() if p.requires_grad])]

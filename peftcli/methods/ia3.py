@@ -272,6 +272,7 @@ def file_fields(model: nn.Module) -> dict:
 
 
 reads_adapter = common.reads_peft_type(PEFT_TYPE)
+lr_groups = common.one_lr_group
 
 
 def merge(model: nn.Module) -> nn.Module:

@@ -23,6 +23,8 @@ Options:
 - ``target_parameters`` — LoRA on ``nn.Parameter`` weights such as the fused experts of MoE
   blocks (:mod:`peftcli.methods.lora_params`, HF peft's ``target_parameters`` layout); no
   dropout there, ``dropout`` applies to the ``target_modules`` Linear layers.
+- ``lr_ratio`` — LoRA+ (Hayou et al. 2024, https://arxiv.org/abs/2402.12354, §3-4): the B's
+  train at ``lr_ratio`` × the learning rate of the A's (:func:`lr_groups`); the files are unchanged.
 """
 
 from __future__ import annotations
@@ -603,6 +605,28 @@ def reads_adapter(cfg: dict) -> bool:
     base is not 4-bit (those are ``qlora``'s, :func:`recorded_4bit`); HF peft's files record no
     base dtype, so they are ``lora``'s."""
     return common.peft_type(cfg) == PEFT_TYPE and not recorded_4bit(cfg)
+
+
+def lr_groups(model: nn.Module, cfg: Config) -> list[tuple[float, list[nn.Parameter]]]:
+    """The optimizer groups of an applied ``model``: one at ``train.lr`` without
+    ``cfg.lr_ratio``; with it, LoRA+ (Hayou et al. 2024, "LoRA+: Efficient Low Rank Adaptation of
+    Large Models", §3-4, https://arxiv.org/abs/2402.12354): ``[(1.0, A's), (lr_ratio, B's)]``.
+
+    The paper's argument (§3, at large width n with Adam): efficient feature learning needs
+    η_B = Θ(1) but η_A = Θ(1/n), so one rate for both either barely moves B or makes A unstable;
+    it sets η_B = λ·η_A with λ about 16 (§4). Every B of the layers (Linear, DoRA and the
+    ``target_parameters`` wrappers, whose B holds one B_e per expert, each the same role) takes
+    λ. A DoRA magnitude (out,) scales the output rows directly, as B does, so it goes with B —
+    HF peft's ``create_loraplus_optimizer`` (1-D parameters with B) does the same. Anything else
+    trainable goes with A. (There is no LoRA on embedding layers here, which HF peft would give a
+    third rate.)
+    """
+    if cfg.lr_ratio is None:
+        return common.one_lr_group(model, cfg)
+    fast = {id(layer.lora_B.weight) for layer in all_layers(model).values()}
+    fast |= {id(layer.lora_magnitude_vector) for layer in lora_layers(model).values() if isinstance(layer, DoRALinear)}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [(1.0, [p for p in trainable if id(p) not in fast]), (cfg.lr_ratio, [p for p in trainable if id(p) in fast])]
 
 
 def merge(model: nn.Module) -> nn.Module:

@@ -171,6 +171,7 @@ def config_from_adapter(d: dict) -> Config:
 
 file_fields = common.no_file_fields
 reads_adapter = common.reads_peft_type(PEFT_TYPE)
+lr_groups = common.one_lr_group
 
 
 def merge(model: nn.Module) -> nn.Module:

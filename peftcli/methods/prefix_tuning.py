@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from peftcli.errors import UserError
-from peftcli.methods import common
+from peftcli.methods import common, off
 from peftcli.methods.cards.prefix_tuning import CANNOT_MERGE, PADDING_FREE, PAPER, PEFT_TYPE, SUMMARY, Config, base_quantization  # noqa: F401  (its card)
 from peftcli.models import decoder_body, decoder_body_name, one_token_forward
 
@@ -204,6 +204,9 @@ class PrefixHooks:
         self.drop_cache = False
 
     def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if off.is_off(self.encoder):  # the method switched off (peftcli.methods.off): the body's own call
+            self.drop_cache = False
+            return args, kwargs
         if args:  # bind positional arguments to their names, so every input is in kwargs
             kwargs = {**dict(zip(self.params, args)), **kwargs}
         cache = kwargs.pop("past_key_values", None) if self.cache_kw != "past_key_values" else None
@@ -295,7 +298,7 @@ def apply(model: nn.Module, cfg: Config, tokenizer=None) -> list[str]:
     device = model.get_input_embeddings().weight.device
     encoder = PrefixEncoder(cfg.num_virtual_tokens, layers, kv_heads, head_dim, cfg.projection,
                             cfg.encoder_hidden_size).to(device).train(model.training)
-    setattr(model, ENCODER, encoder)
+    setattr(model, ENCODER, off.switchable(encoder))
     hooks = PrefixHooks(body, encoder, model)
     encoder._handles = (body.register_forward_pre_hook(hooks.pre, with_kwargs=True),
                         body.register_forward_hook(hooks.post, with_kwargs=True))
@@ -373,6 +376,7 @@ def config_from_adapter(d: dict) -> Config:
 
 file_fields = common.no_file_fields
 reads_adapter = common.reads_peft_type(PEFT_TYPE)
+lr_groups = common.one_lr_group
 
 
 def merge(model: nn.Module) -> nn.Module:

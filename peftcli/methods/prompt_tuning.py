@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from peftcli.errors import UserError
-from peftcli.methods import common
+from peftcli.methods import common, off
 from peftcli.methods.cards.prompt_tuning import CANNOT_MERGE, PADDING_FREE, PAPER, PEFT_TYPE, SUMMARY, Config, base_quantization  # noqa: F401  (its card)
 from peftcli.models import decoder_body, decoder_body_name
 
@@ -75,6 +75,9 @@ class VirtualTokens:
         self._strip = False  # set by the pre-hook for the post-hook of the same call
 
     def before(self, body: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if off.is_off(self.prompt):  # the method switched off (peftcli.methods.off): the body's own call
+            self._strip = False
+            return args, kwargs
         kwargs = _as_kwargs(body, args, kwargs)
         ids, embeds, mask = kwargs.get("input_ids"), kwargs.get("inputs_embeds"), kwargs.get("attention_mask")
         if mask is not None and mask.dim() != 2:
@@ -144,7 +147,7 @@ def attach(model: nn.Module, encoder: nn.Module, n: int) -> list[str]:
     body = decoder_body(model)
     if "inputs_embeds" not in inspect.signature(body.forward).parameters:
         raise UserError(f"prompt methods need a decoder body that takes inputs_embeds; {type(body).__name__} does not")
-    model.prompt_encoder = encoder.train(model.training)  # in the model's mode, as every method's parts
+    model.prompt_encoder = off.switchable(encoder.train(model.training))  # in the model's mode, as every method's parts
     hooks = VirtualTokens(encoder, n, model.get_input_embeddings())
     body.register_forward_pre_hook(hooks.before, with_kwargs=True)
     body.register_forward_hook(hooks.after, with_kwargs=True)
@@ -304,6 +307,7 @@ def check_prompt_learning_config(d: dict) -> None:
 
 file_fields = common.no_file_fields
 reads_adapter = common.reads_peft_type(PEFT_TYPE)
+lr_groups = common.one_lr_group
 
 
 def merge(model: nn.Module) -> nn.Module:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from peftcli.methods import common, lora
 from peftcli.methods.cards.qlora import CANNOT_MERGE, PADDING_FREE, PAPER, PEFT_TYPE, SUMMARY, Config, base_quantization  # noqa: F401  (its card)
-from peftcli.methods.lora import adapter_config, apply, file_fields, load_state_dict, merge, state_dict  # noqa: F401
+from peftcli.methods.lora import adapter_config, apply, file_fields, load_state_dict, lr_groups, merge, state_dict  # noqa: F401
 
 
 def config_from_adapter(d: dict) -> Config:

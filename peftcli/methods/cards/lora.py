@@ -50,6 +50,11 @@ class Config(BaseModel):
     layers: list[int] | None = Field(None, description="only these transformer block indices")
     rslora: bool = Field(False, description="rank-stabilised scale alpha/√r")
     dora: bool = Field(False, description="DoRA: a trainable magnitude per output row times the direction of W + scale·B·A")
+    lr_ratio: float | None = Field(
+        None, gt=0, description="LoRA+ (Hayou et al. 2024): B's learning rate = lr_ratio × train.lr (A, and any "
+        "other trainable part, at train.lr; a DoRA magnitude with B, as in HF peft's create_loraplus_optimizer); "
+        "the paper recommends about 16; null: one learning rate for all",
+    )
     init: Literal["zeros", "gaussian", "pissa"] = Field(
         "zeros", description="zeros: Kaiming-uniform A, zero B; gaussian: A ~ N(0, 1/r²), zero B; "
         "pissa: A, B from the top-r singular vectors of W, the base keeps the residual (full-precision base only)",
