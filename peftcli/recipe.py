@@ -155,6 +155,11 @@ class TrainConfig(_Strict):
         "auto", description="auto: bf16 autocast where the device computes bf16 natively (a CPU with AVX512-BF16 or AMX, "
                             "a GPU with bf16), fp16 on a GPU without bf16, else none")
     gradient_checkpointing: bool = False
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="with several processes (peft train --num-processes N): ddp keeps the whole model in each "
+                           "process and averages gradients; fsdp (FSDP2) shards every parameter (frozen base and "
+                           "trainable) across the processes per decoder block, for a model too large for one; ignored "
+                           "with one process")
     eval_every: int = Field(50, ge=0, description="steps between evals; 0 for only at the end")
     save_every: int = Field(100, ge=0, description="steps between checkpoints; 0 for none")
     keep_checkpoints: int | None = Field(None, gt=0, description="keep only the last K checkpoints; null keeps all")
