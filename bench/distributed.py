@@ -1,10 +1,10 @@
 """Peak resident memory per process: one process, DDP on 2 processes, FSDP on 2 processes.
 
 The embedded SmolLM2-135M (float32, no autocast, so every case computes the same numbers), LoRA
-r 16 on every linear layer, the bundled task data, a few optimizer steps of 4 examples of up to
-256 tokens per process. Each case is one ``peft train`` (CPU processes, gloo); every process
-records its own peak RSS (``getrusage`` ``ru_maxrss``) in ``summary.json``'s ``peak_rss_gib``,
-in process order. Prints a markdown table.
+r 16 on every linear layer (and QLoRA, NF4, with DDP and FSDP), the bundled task data, a few
+optimizer steps of 4 examples of up to 256 tokens per process. Each case is one ``peft train``
+(CPU processes, gloo); every process records its own peak RSS (``getrusage`` ``ru_maxrss``) in
+``summary.json``'s ``peak_rss_gib``, in process order. Prints a markdown table.
 
     OMP_NUM_THREADS=1 python bench/distributed.py [--steps 4] [--out runs/bench/distributed]
 """
@@ -22,10 +22,14 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+FSDP = ["--set", "train.distributed=fsdp"]
+QLORA = ["--set", "method.name=qlora"]
 CASES = {
-    "1 process": [],
-    "DDP, 2 processes": ["--num-processes", "2"],
-    "FSDP, 2 processes": ["--num-processes", "2", "--set", "train.distributed=fsdp"],
+    "LoRA, 1 process": [],
+    "LoRA, DDP, 2 processes": ["--num-processes", "2"],
+    "LoRA, FSDP, 2 processes": ["--num-processes", "2", *FSDP],
+    "QLoRA, DDP, 2 processes": ["--num-processes", "2", *QLORA],
+    "QLoRA, FSDP, 2 processes": ["--num-processes", "2", *FSDP, *QLORA],
 }
 
 
@@ -48,7 +52,7 @@ def recipe(steps: int, out: Path) -> Path:
 
 def run_case(name: str, flags: list[str], recipe_path: Path, out: Path) -> dict:
     """One ``peft train`` of the case; its summary's per-process peak RSS and the wall time."""
-    run_dir = out / name.split(",")[0].replace(" ", "-").lower()
+    run_dir = out / name.replace(",", "").replace(" ", "-").lower()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "peftcli.cli", "train", str(recipe_path), "--output-dir", str(run_dir),

@@ -95,6 +95,21 @@ def test_fsdp_on_two_processes_equals_one_process_with_double_accumulation(runs)
     assert [x for _, x in evals["fsdp"]] == pytest.approx([x for _, x in evals["one"]], abs=1e-5)
 
 
+def test_qlora_under_fsdp_equals_one_process_with_double_accumulation(runs):
+    # NF4 base: its packed bytes stored as bfloat16 and sharded like any weight; each Linear4bit
+    # keeps its quantisation state (the reference: the same recipe on one process, uint8 storage)
+    qlora = ["--set", "method.name=qlora", "--set", "train.max_steps=4", "--set", "train.save_every=0"]
+    one = runs["tmp"] / "qlora-one"
+    _train(runs["recipe"], *qlora, "--set", "train.grad_accum=2", "--output-dir", one)
+    sharded = _train(runs["recipe"], *qlora, "--num-processes", "2", "--set", "train.distributed=fsdp",
+                     "--output-dir", runs["tmp"] / "qlora-fsdp")
+    assert "distributed: fsdp (2 processes" in sharded.stderr and "base nf4" in sharded.stderr
+    assert _losses(runs["tmp"] / "qlora-fsdp") == pytest.approx(_losses(one), abs=1e-5) and len(_losses(one)) == 4
+    a = _adapter(runs["tmp"] / "qlora-fsdp")
+    _assert_same_adapter(a, _adapter(one), atol=1e-5)
+    assert all(a[k].abs().max() > 1e-3 for k in a if "lora_B" in k)
+
+
 def _children(pid: int) -> list[int]:
     kids = []
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -144,8 +159,9 @@ def test_two_nodes_on_this_machine_train_what_two_processes_train(runs):
 @pytest.mark.parametrize("args, says", [
     (["--nnodes", "2", "--node-rank", "2", "--master-addr", "127.0.0.1"], "--node-rank 2: must be below --nnodes 2"),
     (["--nnodes", "2", "--node-rank", "1"], "--nnodes 2: every node needs --master-addr"),
+    (["--num-processes", "2", "--smoke", "--set", "train.distributed=fsdp"], "--smoke with train.distributed: fsdp"),
 ])
-def test_bad_node_flags_are_one_line_exit_2(tmp_path, tiny_dir, args, says):
+def test_bad_launch_flags_are_one_line_exit_2(tmp_path, tiny_dir, args, says):
     done = subprocess.run(_peft(_recipe(tmp_path, tiny_dir), *args), capture_output=True, text=True, env=_env())
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], done.stderr
