@@ -77,6 +77,33 @@ def shard(root: nn.Module, model: nn.Module) -> None:
     for block in decoder_blocks(model):
         fully_shard(block)
     fully_shard(root)
+    give_back_freed_memory()
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+MMAP_FROM = 1 << 20  # bytes: allocations from this size on are mmapped, and unmapped when freed
+
+
+def give_back_freed_memory() -> None:
+    """Make this process's large allocations go back to the OS when freed (glibc ``mallopt``:
+    ``M_MMAP_THRESHOLD`` = :data:`MMAP_FROM`; no effect off glibc).
+
+    FSDP allocates and frees every unit's gathered weights at each forward and backward, partly
+    in gloo's threads; glibc keeps freed blocks below its dynamic mmap threshold (which grows up
+    to 32 MiB) in per-thread heaps, so the resident memory of a sharded run grew above an
+    unsharded one's. Measured on the embedded SmolLM2-135M, 2 processes, LoRA, 4 steps of one
+    128-token row: RSS after the steps 2.0-2.5 GiB per process sharded, 1.3 GiB unsharded, and
+    1.0 GiB sharded with this threshold.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_FROM)
+    except (OSError, AttributeError):  # not glibc (musl): its allocator does not keep them
+        pass
 
 
 def is_sharded(t: torch.Tensor) -> bool:

@@ -701,17 +701,23 @@ def _summary(run: Run) -> dict:
 
 
 def _per_process(run: Run) -> dict[str, list]:
-    """Each process's peak memory so far, in process order (a collective with several processes):
-    ``peak_rss_gib`` (``getrusage`` ``ru_maxrss``, KiB on Linux) and ``cuda_peak_memory_gib``
-    (:func:`_cuda_peak_gib`; None off CUDA), GiB."""
+    """Each process's memory, in process order (a collective with several processes), GiB:
+    ``peak_rss_gib`` (the peak so far: ``getrusage`` ``ru_maxrss``, KiB on Linux), ``rss_gib``
+    (resident now, after the steps: ``VmRSS`` of ``/proc/self/status``; None where there is
+    none) and ``cuda_peak_memory_gib_per_process`` (:func:`_cuda_peak_gib`; None off CUDA)."""
     import resource
 
-    mine = [(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, _cuda_peak_gib(run.accelerator.device))]
+    now = None
+    if Path("/proc/self/status").is_file():
+        now = next((int(line.split()[1]) / 2**20 for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith("VmRSS:")), None)
+    mine = [(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, now, _cuda_peak_gib(run.accelerator.device))]
     if run.world > 1:
         from accelerate.utils import gather_object
 
         mine = gather_object(mine)
-    return {"peak_rss_gib": [rss for rss, _ in mine], "cuda_peak_memory_gib_per_process": [cuda for _, cuda in mine]}
+    return {"peak_rss_gib": [m[0] for m in mine], "rss_gib": [m[1] for m in mine],
+            "cuda_peak_memory_gib_per_process": [m[2] for m in mine]}
 
 
 def _cuda_peak_gib(device: torch.device) -> float | None:
