@@ -92,7 +92,12 @@ def train(
                                       help="with --resume: pass over corrupt checkpoints to the newest intact one"),
     smoke: bool = typer.Option(False, "--smoke", help="CI check: a few steps on a few rows, then verify loss and adapter round-trip"),
     num_processes: int = typer.Option(1, "--num-processes", min=1,
-                                      help="data-parallel processes on this machine (started with torchrun)"),
+                                      help="processes on this machine (started with torch's elastic launcher); "
+                                           "train.distributed says how they share the work (ddp or fsdp)"),
+    nnodes: int = typer.Option(1, "--nnodes", min=1, help="machines taking part, each running --num-processes"),
+    node_rank: int = typer.Option(0, "--node-rank", min=0, help="this machine's number, 0 .. --nnodes - 1 (0 writes the run dir)"),
+    master_addr: Optional[str] = typer.Option(None, "--master-addr", help="with --nnodes > 1: the address of node 0"),
+    master_port: int = typer.Option(29500, "--master-port", help="with --nnodes > 1: a free TCP port on node 0"),
 ):
     """Train a recipe; writes the run dir (adapter/, metrics.jsonl, summary.json, loss.png)."""
     from peftcli import launch as launcher
@@ -100,11 +105,21 @@ def train(
     from peftcli import smoke as smoke_check
     from peftcli import sources
 
-    if num_processes > 1 and "LOCAL_RANK" not in os.environ:
+    nodes = launcher.Nodes(nnodes, node_rank, master_addr, master_port)
+    nodes.check()
+    if (num_processes > 1 or nnodes > 1) and "LOCAL_RANK" not in os.environ:
         # a bad recipe or a missing data file fails here, once, not in N processes
-        sources.check_paths(recipes.load_recipe(recipe, list(set_), output_dir).data)
+        r = recipes.load_recipe(recipe, list(set_), output_dir)
+        sources.check_paths(r.data)
+        if smoke and r.train.distributed == "fsdp":
+            raise UserError("--smoke with train.distributed: fsdp: the smoke checks run the trained model in one "
+                            "process; run the smoke check on one process (drop --num-processes / --nnodes)")
+        from peftcli import sharding
+
+        sharding.check(r.train.distributed, r.model.quantization, num_processes * nnodes, r.train.objective,
+                       r.train.neftune_alpha)
         launcher.check_devices(num_processes)
-        raise typer.Exit(launcher.launch(num_processes))
+        raise typer.Exit(launcher.launch(num_processes, nodes))
     r = smoke_check.load_recipe(recipe, set_, output_dir) if smoke else recipes.load_recipe(recipe, set_, output_dir)
     if smoke and resume:
         raise UserError("--smoke and --resume: a smoke run always starts fresh; drop --resume")

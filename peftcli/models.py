@@ -141,15 +141,18 @@ def resolve(name_or_path: str) -> str:
     return name_or_path
 
 
-def quantization_config(quantization: str, dtype: torch.dtype, double_quant: bool = True):
-    """bitsandbytes settings for ``none | nf4 | fp4 | int8`` (None for none)."""
+def quantization_config(quantization: str, dtype: torch.dtype, double_quant: bool = True,
+                        quant_storage: torch.dtype = torch.uint8):
+    """bitsandbytes settings for ``none | nf4 | fp4 | int8`` (None for none). ``quant_storage``:
+    the dtype a 4-bit weight's packed bytes are stored as (the same bytes: uint8, or viewed as
+    e.g. bfloat16 so FSDP can shard them as a float parameter)."""
     from transformers import BitsAndBytesConfig
 
     if quantization == "none":
         return None
     if quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization,
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization, bnb_4bit_quant_storage=quant_storage,
                               bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=dtype)
 
 
@@ -216,8 +219,9 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def load_model(path: str, quantization: str = "none", dtype: str = "float32", double_quant: bool = True,
-               trust_remote_code: bool = False) -> nn.Module:
-    """The base causal LM in eval mode, frozen weights in ``dtype`` (or 4/8-bit via bitsandbytes).
+               trust_remote_code: bool = False, quant_storage: str = "uint8") -> nn.Module:
+    """The base causal LM in eval mode, frozen weights in ``dtype`` (or 4/8-bit via bitsandbytes,
+    the packed 4-bit bytes stored as ``quant_storage``; on CUDA on this process's current GPU).
 
     Raises:
         UserError: the path is neither a model dir nor a reachable/cached hub id.
@@ -227,9 +231,10 @@ def load_model(path: str, quantization: str = "none", dtype: str = "float32", do
     no_progress_bars()
     torch_dtype = DTYPES[dtype]
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    qcfg = quantization_config(quantization, torch_dtype, double_quant)
-    if qcfg is not None:
-        kwargs.update(quantization_config=qcfg, device_map={"": "cuda:0" if torch.cuda.is_available() else "cpu"})
+    qcfg = quantization_config(quantization, torch_dtype, double_quant, getattr(torch, quant_storage))
+    if qcfg is not None:  # each process of a multi-GPU run on its own GPU (set by accelerate), not all on cuda:0
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        kwargs.update(quantization_config=qcfg, device_map={"": device})
     local = Path(path).expanduser()
     if local.exists() and not (local / "config.json").is_file():
         raise UserError(f"model.name_or_path: {path} is not a transformers model dir (no config.json)")

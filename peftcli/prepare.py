@@ -85,7 +85,7 @@ def store_linear_weights(prepared: Prepared) -> None:
         models.store_linear_weights(prepared.model, getattr(torch, prepared.precision.linear_dtype))
 
 
-def load(recipe: Recipe, check_base: Callable[[nn.Module], object] | None = None) -> Prepared:
+def load(recipe: Recipe, check_base: Callable[[nn.Module], object] | None = None, sharded: bool = False) -> Prepared:
     """Load what ``recipe`` names and apply its method, on the CPU (4/8-bit weights where
     bitsandbytes places them at load), the base in the dtype :func:`peftcli.precision.choose`
     picks for the device the run trains on.
@@ -93,6 +93,9 @@ def load(recipe: Recipe, check_base: Callable[[nn.Module], object] | None = None
     Args:
         check_base: called with the loaded base before the method is applied (``--resume``
             refuses a checkpoint of another base there).
+        sharded: the model will be sharded (``train.distributed: fsdp``): a 4-bit base stores
+            its packed bytes as bfloat16, which FSDP shards as it shards a float weight
+            (bitsandbytes' ``quant_storage``; the quantisation state stays on each module).
     Raises:
         UserError: ``data.packing`` with a method that adds virtual tokens, a bad data file (both
             before the model loads), a base that cannot be loaded, a method that cannot apply to
@@ -107,7 +110,8 @@ def load(recipe: Recipe, check_base: Callable[[nn.Module], object] | None = None
     base_path, tok = load_tokenizer(m)
     ds = data.build(recipe.data, tok, t.seed)
     packed = packing.pack(ds.train, recipe.data.max_seq_len) if recipe.data.packing else None
-    model = models.load_model(base_path, m.quantization, chosen.dtype, m.double_quant, m.trust_remote_code)
+    model = models.load_model(base_path, m.quantization, chosen.dtype, m.double_quant, m.trust_remote_code,
+                              quant_storage="bfloat16" if sharded else "uint8")
     tok = models.fit_tokenizer(tok, model)
     if check_base is not None:
         check_base(model)
@@ -199,10 +203,11 @@ def loss_path(prepared: Prepared, autocast=None, console=None) -> guard.LossPath
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit packed weights count 2 values per byte."""
+    """(trainable, total) parameter counts; 4-bit packed weights count 2 values per byte (whatever
+    dtype the bytes are stored as)."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel() * (2 if p.dtype == torch.uint8 and hasattr(p, "quant_state") else 1)
+        n = p.numel() * (2 * p.element_size() if hasattr(p, "quant_state") else 1)
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total

@@ -166,6 +166,11 @@ class TrainConfig(_Strict):
         None, gt=0, description="NEFTune (Jain et al. 2023): uniform noise of at most alpha/√(L·d) on the input "
         "embeddings while training (L: each example's own length, d: the hidden size; never in eval or generation), "
         "the paper uses 5 to 15; null: off")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="with several processes (peft train --num-processes N): ddp keeps the whole model in each "
+                           "process and averages gradients; fsdp (FSDP2) shards every parameter (frozen base and "
+                           "trainable) across the processes per decoder block, for a model too large for one; ignored "
+                           "with one process")
     eval_every: int = Field(50, ge=0, description="steps between evals; 0 for only at the end")
     save_every: int = Field(100, ge=0, description="steps between checkpoints; 0 for none")
     keep_checkpoints: int | None = Field(None, gt=0, description="keep only the last K checkpoints; null keeps all")

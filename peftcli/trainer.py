@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from peftcli import artifacts, data, guard, methods, packing, precision, preference, prepare
+from peftcli import artifacts, data, guard, methods, packing, precision, preference, prepare, sharding
 from peftcli.errors import Interrupted, UserError, WriteFault, write_error, writing
 from peftcli.loss import SupervisedLoss, count_supervised, eval_loss, make_collate
 from peftcli.neftune import NEFTune
@@ -167,6 +167,11 @@ class Run:
     def world(self) -> int:
         return self.accelerator.num_processes
 
+    @property
+    def sharded(self) -> bool:
+        """The parameters are sharded across the processes (``train.distributed: fsdp``)."""
+        return _sharded(self.recipe, self.world)
+
 
 # ---------------------------------------------------------------------------------------------
 # 1. setup
@@ -194,8 +199,13 @@ def setup(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = 
         for done in rundir.put_back():  # a swap killed half-way: the complete old file comes back first
             console.print(f"note: a killed run's write: {done}")
     checkpoint, replace = _earlier_run(rundir, resume, overwrite, skip_corrupt, console)
+    sharding.check(t.distributed, recipe.model.quantization, accelerator.num_processes, t.objective, t.neftune_alpha)
+    if t.distributed == "fsdp" and accelerator.num_processes == 1:
+        console.print("note: train.distributed: fsdp on one process has nothing to shard with; it trains as one process "
+                      "(peft train --num-processes N shards over N)")
     seed_everything(t.seed)
-    prepared = prepare.load(recipe, check_base=partial(_check_resumed_base, checkpoint))
+    prepared = prepare.load(recipe, check_base=partial(_check_resumed_base, checkpoint),
+                            sharded=_sharded(recipe, accelerator.num_processes))
     prepare.fit_micro_batch(recipe, prepared.train_units, console.print)
     _check_resumed_recipe(rundir, recipe, checkpoint)
     _print_prepared(console, prepared, accelerator.num_processes, accelerator.distributed_type)
@@ -310,6 +320,12 @@ def bytes_needed(prepared: Prepared, steps: int) -> int:
     return int(1.1 * (adapter + at_once * checkpoint + 2**20))
 
 
+def _sharded(recipe: Recipe, world: int) -> bool:
+    """Whether the run shards its parameters: ``train.distributed: fsdp`` with several processes
+    (one process has nothing to shard with)."""
+    return recipe.train.distributed == "fsdp" and world > 1
+
+
 def _first_process() -> bool:
     """Whether this is the first process (the one that writes), known before the Accelerator is made."""
     return os.environ.get("RANK", "0") == "0"
@@ -339,6 +355,9 @@ def _rescue(run: Run) -> str:
     """The steps trained since the newest checkpoint are not lost to a run dir that cannot be
     written: the adapter as it is now goes to a new dir in the system's temporary dir (``TMPDIR``)
     instead. Returns the line saying where, or that this failed too."""
+    if run.sharded:  # gathering needs every process, and they are not all here
+        return (f"the adapter trained to step {run.trained} is sharded across the processes and could not be "
+                "gathered to be saved elsewhere")
     where = None
     try:
         where = Path(tempfile.mkdtemp(prefix=f"peft-rescued-{run.rundir.path.name}-step{run.trained}-"))
@@ -353,7 +372,8 @@ def _rescue(run: Run) -> str:
 # what --resume may change: when to log, evaluate, checkpoint and stop, and memory for speed; the rest
 # (method, data, model, optimizer, schedule, seed, micro-batches) is the run's and stays
 RESUMABLE = {"train.max_steps", "train.epochs", "train.save_every", "train.keep_checkpoints", "train.log_every",
-             "train.eval_every", "train.eval_max_samples", "train.report_to", "train.gradient_checkpointing", "output.dir"}
+             "train.eval_every", "train.eval_max_samples", "train.report_to", "train.gradient_checkpointing",
+             "train.distributed", "output.dir"}  # distributed: checkpoints hold the whole (gathered) state either way
 
 
 def _check_resumed_recipe(rundir: RunDir, recipe: Recipe, checkpoint: Path | None) -> None:
@@ -411,7 +431,10 @@ def _print_prepared(console, p: Prepared, world: int, distributed_type) -> None:
     if p.packing:
         console.print(p.packing.describe())
     if world > 1:
-        console.print(f"processes: {world} ({distributed_type}); {world * t.grad_accum} micro-batches per step")
+        how = ("every parameter sharded across them per decoder block (FSDP2)" if _sharded(p.recipe, world)
+               else f"the whole model in each, gradients averaged (DDP, {distributed_type})")
+        console.print(f"distributed: {t.distributed} ({world} processes, {how}); "
+                      f"{world * t.grad_accum} micro-batches per step")
 
 
 def _open_log(rundir: RunDir, checkpoint: Path | None, ds: data.Datasets, main: bool) -> RunLog:
@@ -426,11 +449,25 @@ def _open_log(rundir: RunDir, checkpoint: Path | None, ds: data.Datasets, main: 
 def _start_optimizing(accelerator, console, rundir: RunDir, prepared: Prepared, path: guard.LossPath,
                       checkpoint: Path | None) -> Run:
     """Optimizer (one AdamW group per method group, :func:`lr_groups`), schedule, NEFTune's hooks
-    (``train.neftune_alpha``), the accelerator's wrap of the loss module (data parallelism), the
-    checkpoint's state when resuming, the data stream and the collate function."""
+    (``train.neftune_alpha``), the loss module wrapped for several processes (DDP by the
+    accelerator, or sharded: :func:`peftcli.sharding.shard`, before the optimizer is built on the
+    sharded parameters), the checkpoint's state when resuming (its adapter loaded before
+    sharding), the data stream and the collate function."""
     recipe, model, train_set = prepared.recipe, prepared.model, prepared.datasets.train
     t = recipe.train
-    groups = lr_groups(prepared)
+    saved = RunDir.read_checkpoint(checkpoint) if checkpoint is not None else None
+    if saved is not None:
+        prepared.method.load_state_dict(model, artifacts.read_adapter_weights(saved.adapter))
+    loss_fn = _loss_module(model, recipe, path)
+    noisy = None
+    if t.neftune_alpha:  # on the training forward only: the hooks act inside loss_fn's calls, in training mode
+        noisy = NEFTune(t.neftune_alpha).attach(loss_fn, model.get_input_embeddings())
+        console.print(f"NEFTune: input embeddings + U(-1, 1)·{t.neftune_alpha:g}/√(L·d) while training "
+                      f"(L each example's length, d {model.get_input_embeddings().embedding_dim})")
+    sharded = _sharded(recipe, accelerator.num_processes)
+    if sharded:
+        sharding.shard(loss_fn, model)
+    groups = lr_groups(prepared)  # after sharding: the sharded parameters
     params = [p for _, group in groups for p in group]
     optimizer = make_optimizer(groups, recipe)
     if len(groups) > 1:
@@ -438,16 +475,13 @@ def _start_optimizing(accelerator, console, rundir: RunDir, prepared: Prepared, 
                       + " (the method's groups), each on the schedule")
     steps = total_steps(recipe, prepared.train_units)
     scheduler = make_scheduler(optimizer, recipe, steps)
-    loss_module = _loss_module(model, recipe, path)
-    noisy = None
-    if t.neftune_alpha:  # on the training forward only: the hooks act inside loss_module's calls, in training mode
-        noisy = NEFTune(t.neftune_alpha).attach(loss_module, model.get_input_embeddings())
-        console.print(f"NEFTune: input embeddings + U(-1, 1)·{t.neftune_alpha:g}/√(L·d) while training "
-                      f"(L each example's length, d {model.get_input_embeddings().embedding_dim})")
-    loss_fn, optimizer = accelerator.prepare(loss_module, optimizer)
+    if sharded:
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)
     start, position, done = 0, {"epoch": 0, "index": 0}, {}
-    if checkpoint is not None:
-        start, position, done = _restore(checkpoint, prepared, optimizer, scheduler, accelerator.process_index)
+    if saved is not None:
+        start, position, done = _restore(saved, optimizer, scheduler, accelerator.process_index, sharded)
         console.print(f"resumed from {checkpoint} (step {start})" + (" — the run was complete" if start >= steps else ""))
     rows = prepared.packing.rows if prepared.packing else None
     stream = MicroBatches(train_set, t.micro_batch_size, t.seed, **position, rows=rows)
@@ -498,13 +532,16 @@ def _objective_line(recipe: Recipe) -> str:
     return f"ORPO, lambda {t.orpo_lambda}, no reference model"
 
 
-def _restore(checkpoint: Path, prepared: Prepared, optimizer, scheduler, rank: int = 0) -> tuple[int, dict, dict]:
-    """Load adapter (through the method), optimizer, scheduler and this process's RNG state from a
-    checkpoint; returns its step, data position ({"epoch", "index"}) and the loop's counters
-    (:meth:`Counters.saved`; empty for checkpoints written before they were kept)."""
-    saved = RunDir.read_checkpoint(checkpoint)
-    prepared.method.load_state_dict(prepared.model, artifacts.read_adapter_weights(saved.adapter))
-    optimizer.load_state_dict(saved.optimizer)
+def _restore(saved, optimizer, scheduler, rank: int = 0, sharded: bool = False) -> tuple[int, dict, dict]:
+    """Load the optimizer (sharded: this process's shards of the saved full state), scheduler and
+    this process's RNG state from a checkpoint (:meth:`RunDir.read_checkpoint`; its adapter is
+    loaded by :func:`_start_optimizing`); returns its step, data position ({"epoch", "index"})
+    and the loop's counters (:meth:`Counters.saved`; empty for checkpoints written before they
+    were kept)."""
+    if sharded:
+        sharding.load_optimizer_state(optimizer, saved.optimizer)
+    else:
+        optimizer.load_state_dict(saved.optimizer)
     scheduler.load_state_dict(saved.scheduler)
     torch.set_rng_state(saved.rng[rank] if rank < len(saved.rng) else saved.rng[0])
     return saved.step, saved.position, saved.progress
@@ -531,7 +568,8 @@ def run_steps(run: Run) -> None:
             lr = _optimizer_step(run, step)
             run.trained = step
             logged = _log_train(run, step, lr) if step % t.log_every == 0 or step == run.steps else None
-            if run.main and run.prepared.eval_examples and t.eval_every and step % t.eval_every == 0 and step != run.steps:
+            if ((run.main or run.sharded) and run.prepared.eval_examples and t.eval_every and step % t.eval_every == 0
+                    and step != run.steps):  # sharded: every process computes it, the first logs it
                 _log_eval(run, step, progress.console)
             stopping = _any_process(run.accelerator, stop.signum is not None)
             # the last step too, so --resume on a finished run has nothing to redo
@@ -578,7 +616,7 @@ def _optimizer_step(run: Run, step: int) -> float:
             run.rundir.plot_loss(run.log.events)
         raise UserError(f"train: loss is {loss} at step {step}; lower train.lr or check the data (last checkpoint kept)")
     # the L2 norm of all trainable gradients before clipping (an infinite bound clips nothing)
-    run.counters.grad_norm = float(acc.clip_grad_norm_(run.params, t.max_grad_norm or float("inf")))
+    run.counters.grad_norm = float(sharding.full(acc.clip_grad_norm_(run.params, t.max_grad_norm or float("inf"))))
     lr = run.scheduler.get_last_lr()[0]  # the rate this step used (the first group: train.lr scaled)
     run.optimizer.step()
     run.scheduler.step()
@@ -620,6 +658,8 @@ def _evaluate(run: Run) -> dict:
                                           p.eval_examples, run.collate, size, run.accelerator.autocast)
     if p.packing:
         size = max(1, round(size * p.packing.examples / len(p.packing.rows)))
+    if run.sharded:  # every process, through the root FSDP unit (the loss module), which gathers the weights
+        return eval_loss(run.loss_fn, p.eval_examples, run.collate, size, run.accelerator.autocast, _call)
     return eval_loss(p.model, p.eval_examples, run.collate, size, run.accelerator.autocast, run.path.loss_sum)
 
 
@@ -631,6 +671,11 @@ def _eval_line(ev: dict) -> str:
     return f"eval loss {ev['eval_loss']:.4f}  ppl {ev['eval_ppl']:.2f}"
 
 
+def _call(loss_module: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+    """The loss module's (summed loss, supervised tokens) of a batch: the ``loss_sum`` of a sharded eval."""
+    return loss_module(batch)
+
+
 def _log_eval(run: Run, step: int, console) -> None:
     ev = _evaluate(run)
     run.log.write({"event": "eval", "step": step, **ev})
@@ -639,6 +684,13 @@ def _log_eval(run: Run, step: int, console) -> None:
 
 def _write_adapter(p: Prepared, out_dir: Path) -> Path:
     return artifacts.save_adapter(out_dir, p.model, p.recipe, p.base_path, p.fingerprint)
+
+
+def _whole(run: Run):
+    """A context in which the model's trainable parameters are whole tensors: sharded, each
+    process gathers them (:func:`peftcli.sharding.gathered`, a collective: every process enters);
+    else nothing to do."""
+    return sharding.gathered(run.prepared.model) if run.sharded else nullcontext()
 
 
 def _checkpoint(run: Run, step: int, signum: int | None) -> None:
@@ -654,9 +706,11 @@ def _checkpoint(run: Run, step: int, signum: int | None) -> None:
 
         rng = gather_object(rng)
     saved = run.rundir.checkpoint(step)
-    if run.main:
-        run.rundir.save_checkpoint(step, partial(_write_adapter, run.prepared), run.optimizer, run.scheduler, rng,
-                                   run.stream.position, run.counters.saved())
+    with _whole(run):  # sharded: the adapter and optimizer state gathered (every process), as one process saves them
+        optimizer = sharding.full_optimizer_state(run.optimizer) if run.sharded else run.optimizer
+        if run.main:
+            run.rundir.save_checkpoint(step, partial(_write_adapter, run.prepared), optimizer, run.scheduler, rng,
+                                       run.stream.position, run.counters.saved())
     run.accelerator.wait_for_everyone()
     if run.main:
         run.rundir.prune_checkpoints(run.recipe.train.keep_checkpoints)
@@ -664,7 +718,10 @@ def _checkpoint(run: Run, step: int, signum: int | None) -> None:
         return
     if run.main:
         run.rundir.plot_loss(run.log.events)
-    procs = f" --num-processes {run.world}" if run.world > 1 else ""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", run.world))  # processes on this node (set by the launcher)
+    procs = f" --num-processes {local}" if local > 1 else ""
+    if run.world > local:
+        procs += f" --nnodes {run.world // local} (on every node, with its --node-rank and --master-addr)"
     raise Interrupted(f"{signal.Signals(signum).name}: stopped after step {step}/{run.steps}; checkpoint {saved}. "
                       f"Resume with: peft train {run.rundir.recipe} --resume{procs}", signum)
 
@@ -674,15 +731,21 @@ def _checkpoint(run: Run, step: int, signum: int | None) -> None:
 
 
 def finish(run: Run) -> TrainResult:
-    """The run's files (first process): ``adapter/`` first, then the final eval, ``summary.json``
-    and ``loss.png``; then the trained model in eval mode.
+    """The run's files (first process): ``adapter/`` first (sharded: gathered from every
+    process), then the final eval, ``summary.json`` and ``loss.png``; then the trained model in
+    eval mode (sharded: each process's shards).
 
     Raises:
         WriteFault: a write failed (the last step's checkpoint included), after the adapter was
             written if it could be.
     """
     summary = _summary(run)
-    if run.main:
+    with _whole(run):
+        if run.main:
+            with writing(run.rundir.adapter, "output.dir"):
+                summary["adapter_dir"] = str(_write_adapter(run.prepared, run.rundir.adapter))
+            run.adapter_saved = True
+    if run.main or run.sharded:
         _write_outputs(run, summary)
     run.accelerator.wait_for_everyone()
     if run.final_checkpoint_fault is not None:
@@ -717,7 +780,28 @@ def _summary(run: Run) -> dict:
             "mixed_precision": p.mixed, "precision": p.precision.as_json(), "padding_free": run.path.padding_free,
             "packing": packed, "loss_path": run.path.as_json(),
             "device": str(run.accelerator.device), "tokens_seen": run.counters.tokens_seen, "wall_s": run.counters.elapsed(),
-            "cuda_peak_memory_gib": _cuda_peak_gib(run.accelerator.device)}
+            "cuda_peak_memory_gib": _cuda_peak_gib(run.accelerator.device), "distributed": run.recipe.train.distributed,
+            **_per_process(run)}
+
+
+def _per_process(run: Run) -> dict[str, list]:
+    """Each process's memory, in process order (a collective with several processes), GiB:
+    ``peak_rss_gib`` (the peak so far: ``getrusage`` ``ru_maxrss``, KiB on Linux), ``rss_gib``
+    (resident now, after the steps: ``VmRSS`` of ``/proc/self/status``; None where there is
+    none) and ``cuda_peak_memory_gib_per_process`` (:func:`_cuda_peak_gib`; None off CUDA)."""
+    import resource
+
+    now = None
+    if Path("/proc/self/status").is_file():
+        now = next((int(line.split()[1]) / 2**20 for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith("VmRSS:")), None)
+    mine = [(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, now, _cuda_peak_gib(run.accelerator.device))]
+    if run.world > 1:
+        from accelerate.utils import gather_object
+
+        mine = gather_object(mine)
+    return {"peak_rss_gib": [m[0] for m in mine], "rss_gib": [m[1] for m in mine],
+            "cuda_peak_memory_gib_per_process": [m[2] for m in mine]}
 
 
 def _cuda_peak_gib(device: torch.device) -> float | None:
@@ -727,11 +811,9 @@ def _cuda_peak_gib(device: torch.device) -> float | None:
 
 
 def _write_outputs(run: Run, summary: dict) -> None:
-    """adapter/ (first: a failure after it keeps the trained weights), the final eval (unless a
-    finished run resumed has it already), summary.json, loss.png."""
-    with writing(run.rundir.adapter, "output.dir"):
-        summary["adapter_dir"] = str(_write_adapter(run.prepared, run.rundir.adapter))
-    run.adapter_saved = True
+    """After adapter/ (written first by :func:`finish`: a failure after it keeps the trained
+    weights): the final eval (unless a finished run resumed has it already; sharded, every
+    process computes it), then on the first process summary.json, loss.png."""
     if run.prepared.eval_examples:
         final = [e for e in run.log.events if e.get("event") == "eval" and e.get("step") == run.steps]
         if final:
@@ -741,6 +823,8 @@ def _write_outputs(run: Run, summary: dict) -> None:
             run.log.write({"event": "eval", "step": run.steps, **ev})
         summary.update(ev)
         run.console.print(f"final {_eval_line(ev)}")
+    if not run.main:
+        return
     run.rundir.write_summary(summary)
     run.rundir.plot_loss(run.log.events)
     run.console.print(f"wrote {run.rundir.path}/ (adapter/, metrics.jsonl, summary.json, loss.png) in {summary['wall_s']:.1f}s")

@@ -40,7 +40,7 @@ def test_two_processes_equal_one_process_with_double_accumulation(tmp_path, tiny
     recipe = _recipe(tmp_path, tiny_dir)
     two = _train(recipe, "--num-processes", "2", "--output-dir", str(tmp_path / "two"))
     _train(recipe, "--set", "train.grad_accum=2", "--output-dir", str(tmp_path / "one"))
-    assert "processes: 2" in two.stderr  # really ran data-parallel
+    assert "distributed: ddp (2 processes" in two.stderr  # really ran data-parallel
     a, b = load_file(tmp_path / "two/adapter/adapter_model.safetensors"), load_file(tmp_path / "one/adapter/adapter_model.safetensors")
     assert a.keys() == b.keys()
     for k in a:
