@@ -360,3 +360,43 @@ def test_orpo_loss_equals_trl(method, tok, tmp_path, fresh_accelerate_state):
     assert abs(totals.rejected_reward / half - metrics["eval_rewards/rejected"]) < 1e-5
     assert abs(totals.log_odds / half - metrics["eval_log_odds_chosen"]) < 1e-5
     assert abs(totals.nll_sum / totals.chosen_tokens - metrics["eval_nll_loss"]) < 1e-5
+
+
+def test_dpo_on_two_processes_equals_one_process_with_double_accumulation(tmp_path, tiny_dir):
+    # DDP over gloo (2 CPU processes): each takes every other micro-batch of the step; the pair
+    # counts and losses are summed across them, so the step is one process's with grad_accum 2
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from peftcli.rundir import read_events
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS * 3)
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "model": {"name_or_path": str(tiny_dir), "dtype": "float32"},
+        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
+        "data": {"train": {"path": str(data), "format": "preference"}, "max_seq_len": 64},
+        "train": {"objective": "dpo", "max_steps": 3, "micro_batch_size": 2, "lr": 1e-2, "log_every": 1,
+                  "eval_every": 0, "save_every": 0, "mixed_precision": "no"},
+        "output": {"dir": str(tmp_path / "unused")}})
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+
+    def train(*args):
+        done = subprocess.run([sys.executable, "-m", "peftcli.cli", "train", str(recipe), *args], capture_output=True,
+                              text=True, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    two = train("--num-processes", "2", "--output-dir", str(tmp_path / "two"))
+    train("--set", "train.grad_accum=2", "--output-dir", str(tmp_path / "one"))
+    assert "2 processes" in two.stderr
+    a, b = (load_file(tmp_path / run / "adapter/adapter_model.safetensors") for run in ("two", "one"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+    assert any(a[k].abs().max() > 1e-4 for k in a if "lora_B" in k)
+    steps = {run: [e for e in read_events(tmp_path / run / "metrics.jsonl") if e.get("event") == "train"] for run in ("two", "one")}
+    for key in ("loss", "rewards/margins", "rewards/accuracy"):
+        assert [e[key] for e in steps["two"]] == pytest.approx([e[key] for e in steps["one"]], abs=1e-5), key
