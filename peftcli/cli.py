@@ -76,8 +76,22 @@ def user_errors(fn):
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             raise typer.Exit(130) from None
+        except Exception as e:
+            if "LOCAL_RANK" in os.environ and _lost_a_peer(e):
+                # another process of the run died (killed, out of memory): the launcher says which, in one line
+                raise typer.Exit(1) from None
+            raise
 
     return wrapper
+
+
+def _lost_a_peer(e: BaseException) -> bool:
+    """Whether ``e`` is a collective that failed because another process of the run went away
+    (gloo: the connection reset or closed by the peer; NCCL: a remote error or a timeout)."""
+    name, text = type(e).__name__, str(e)
+    return name in ("DistBackendError", "DistNetworkError") or (
+        isinstance(e, RuntimeError) and any(s in text for s in ("Connection reset by peer", "Connection closed by peer",
+                                                                  "gloo/transport", "NCCL error", "remote process exited")))
 
 
 @app.command()

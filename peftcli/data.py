@@ -350,8 +350,33 @@ def generation_prompt(prompt: str, recipe: Recipe | None, tokenizer, system: str
         raise UserError(f"--system: only a chat run's prompt has a system message (this one: {'--raw' if raw else fmt})")
     if raw or fmt in NO_PROMPT_FORMATS:
         return prompt
+    if fmt == PREFERENCE and preference_prompts(recipe) == "chat":  # the pairs' prompts were chat messages
+        return prompt_ids({"prompt": [{"role": "user", "content": prompt}], "chosen": "", "rejected": ""}, fmt, tokenizer)
     rows = add_system_prompt([_prompt_row(prompt, fmt)], fmt, system if system is not None else run_system)
     return prompt_ids(rows[0], fmt, tokenizer)
+
+
+def preference_prompts(recipe: Recipe) -> str:
+    """How a preference run's train rows gave their prompts: ``"chat"`` (every prompt a list of
+    messages, rendered with the chat template) or ``"text"`` (every prompt text), read from the
+    run's train sources, so generation sends a prompt the way the run trained on them.
+
+    Raises:
+        UserError: the train data is no longer there to tell, or it mixes the two (``--raw`` then
+        sends a prompt as written).
+    """
+    kinds = set()
+    for key, source in sources.keyed(recipe.data.train, "data.train"):
+        try:
+            rows = load_rows(source, key)
+        except UserError as e:
+            raise UserError(f"generate: this preference run's prompts are read from its train data to render them "
+                            f"as it trained, and that failed ({e}); pass --raw with the prompt as the model should see it") from None
+        kinds |= {"chat" if isinstance(r.get("prompt"), list) else "text" for r in rows}
+    if len(kinds) != 1:
+        raise UserError("generate: this preference run trained on both chat and text prompts; pass --raw with the prompt "
+                        "as the model should see it")
+    return kinds.pop()
 
 
 def _prompt_row(prompt: str, fmt: str) -> dict:

@@ -34,6 +34,9 @@ class Nodes:
         """
         if not 0 <= self.rank < self.count:
             raise UserError(f"--node-rank {self.rank}: must be below --nnodes {self.count} (nodes are numbered from 0)")
+        if self.count == 1 and self.addr:
+            raise UserError(f"--master-addr {self.addr}: only with --nnodes above 1 (the processes of one machine "
+                            "meet on it without an address)")
         if self.count > 1 and not self.addr:
             raise UserError(f"--nnodes {self.count}: every node needs --master-addr (the address of node 0, "
                             "the same on every node)")
@@ -91,6 +94,9 @@ def launch(n: int, nodes: Nodes = Nodes()) -> int:
     config = LaunchConfig(min_nodes=nodes.count, max_nodes=nodes.count, nproc_per_node=n, max_restarts=0,
                           monitor_interval=0.5, shutdown_timeout=600,  # time for the workers to finish the step and checkpoint
                           **rendezvous)
+    if nodes.count > 1:  # the rendezvous waits for every node, silently: say for what
+        print(f"node {nodes.rank} of {nodes.count}: waiting for all {nodes.count} nodes at {nodes.addr}:{nodes.port}",
+              file=sys.stderr, flush=True)
     try:
         elastic_launch(config, sys.executable)("-m", "peftcli.cli", *args)
     except SignalException as e:
@@ -100,5 +106,13 @@ def launch(n: int, nodes: Nodes = Nodes()) -> int:
         for code in (2, 130, 143, 129):
             if code in codes:
                 return code
+        # a worker killed from outside (the OOM killer, kill -9); the agent then stops the others with SIGTERM
+        killed = sorted((f.signal_name() == "SIGTERM", rank, f) for rank, f in e.failures.items() if f.exitcode < 0)
+        if killed:
+            _, rank, failure = killed[0]
+            print(f"error: process {rank} (pid {failure.pid}) was killed by {failure.signal_name()} (out of memory?); the "
+                  "other processes stopped with it; resume from the newest checkpoint with the same command and --resume",
+                  file=sys.stderr)
+            return 1
         return next((c for c in codes if c > 0), 1)
     return 0

@@ -162,8 +162,8 @@ class FullState:
 
 def full_optimizer_state(optimizer: torch.optim.Optimizer) -> FullState:
     """The optimizer's ``state_dict`` with every DTensor (AdamW's moments of a sharded parameter)
-    gathered whole: the checkpoint a single process writes, so it resumes on any number of
-    processes. A collective (every process, same order: the state's own order)."""
+    gathered whole: the checkpoint a single process writes, so it resumes under either engine
+    (on the number of processes that wrote it: the trainer checks). A collective (every process, same order: the state's own order)."""
     sd = optimizer.state_dict()
     state = {i: {k: full(v) if isinstance(v, torch.Tensor) else v for k, v in s.items()} for i, s in sd["state"].items()}
     return FullState({**sd, "state": state})

@@ -207,6 +207,7 @@ def setup(recipe: Recipe, resume: bool = False, console=None, overwrite: bool = 
     prepared = prepare.load(recipe, check_base=partial(_check_resumed_base, checkpoint),
                             sharded=_sharded(recipe, accelerator.num_processes))
     prepare.fit_micro_batch(recipe, prepared.train_units, console.print)
+    _check_same_run_everywhere(accelerator, recipe, prepared)
     _check_resumed_recipe(rundir, recipe, checkpoint)
     _print_prepared(console, prepared, accelerator.num_processes, accelerator.distributed_type)
     if recipe.model.quantization == "none":
@@ -457,6 +458,7 @@ def _start_optimizing(accelerator, console, rundir: RunDir, prepared: Prepared, 
     t = recipe.train
     saved = RunDir.read_checkpoint(checkpoint) if checkpoint is not None else None
     if saved is not None:
+        _check_resumed_processes(saved, accelerator.num_processes, checkpoint)
         prepared.method.load_state_dict(model, artifacts.read_adapter_weights(saved.adapter))
     loss_fn = _loss_module(model, recipe, path)
     noisy = None
@@ -530,6 +532,22 @@ def _objective_line(recipe: Recipe) -> str:
     if t.objective == "dpo":
         return f"DPO, beta {t.beta}, reference: the base with the method switched off"
     return f"ORPO, lambda {t.orpo_lambda}, no reference model"
+
+
+def _check_resumed_processes(saved, processes: int, checkpoint: Path) -> None:
+    """A step takes ``processes × grad_accum`` micro-batches, so resuming on another number of
+    processes would train a different run from there on (smaller or larger steps, the data order
+    shifted) under the same recipe. The checkpoint holds one RNG state per process that wrote it.
+
+    Raises:
+        UserError: the number of processes differs from the checkpoint's.
+    """
+    wrote = len(saved.rng)
+    if wrote != processes:
+        flag = f"--num-processes {wrote}" if wrote > 1 else "one process (no --num-processes)"
+        raise UserError(f"--resume: {checkpoint} was written by {wrote} process(es) and this run has {processes}: each "
+                        f"step would take {processes} × train.grad_accum micro-batches instead of {wrote} ×; resume with "
+                        f"{flag} (in all, over every node)")
 
 
 def _restore(saved, optimizer, scheduler, rank: int = 0, sharded: bool = False) -> tuple[int, dict, dict]:
@@ -1008,6 +1026,35 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
     return flat
+
+
+def _check_same_run_everywhere(accelerator, recipe: Recipe, prepared: Prepared) -> None:
+    """With several processes (on several nodes, each started by its own command), every process
+    must train the same recipe on the same examples: under FSDP each updates its own shard with
+    its own settings, under DDP each its own copy, and either way the saved adapter would mix
+    them with nothing said. Compared: the recipe (all but ``output``, which only the first
+    process writes) and the train examples' count and token count.
+
+    Raises:
+        UserError: one line naming the first process that differs from process 0, and how.
+    """
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    train_set = prepared.datasets.train
+    mine = {k: v for k, v in _flat(recipe.model_dump(mode="json")).items() if not k.startswith("output.")}
+    mine["train examples"] = len(train_set)
+    mine["train tokens"] = sum(len(e["input_ids"]) for e in train_set)
+    everyone: list = [None] * accelerator.num_processes
+    dist.all_gather_object(everyone, mine)
+    for rank, theirs in enumerate(everyone[1:], start=1):
+        differ = sorted(k for k in set(theirs) | set(everyone[0]) if theirs.get(k) != everyone[0].get(k))
+        if differ:
+            k = differ[0]
+            raise UserError(f"process {rank} does not train what process 0 trains: {k} is {theirs.get(k)!r} there and "
+                            f"{everyone[0].get(k)!r} on process 0 ({len(differ)} difference(s)); every node must run the "
+                            "same recipe, --set overrides and data")
 
 
 def _progress(console, steps: int, start: int):

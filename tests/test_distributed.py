@@ -98,3 +98,25 @@ def test_sigterm_to_the_parent_checkpoints_every_process_and_says_how_to_resume(
     assert last[0].startswith("SIGTERM: stopped after step") and last[0].endswith("--resume --num-processes 2")
     saved = list((run / "checkpoints").glob("step-*"))
     assert len(saved) == 1 and len(torch.load(saved[0] / "rng.pt", weights_only=True)["torch"]) == 2
+
+
+def test_a_worker_killed_from_outside_is_one_line(tmp_path, tiny_dir):
+    # the OOM killer's SIGKILL to one worker: the other stopped on the lost connection with a
+    # 128-line gloo traceback and exit 1; now the launcher names the process and the signal
+    recipe = _recipe(tmp_path, tiny_dir)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "peftcli.cli", "train", recipe, "--num-processes", "2", "--output-dir", str(run),
+                             "--set", "train.max_steps=100000", "--set", "train.save_every=0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not ((run / "metrics.jsonl").exists() and '"event": "train"' in (run / "metrics.jsonl").read_text()):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "no step"
+        time.sleep(0.05)
+    workers = [int(p) for p in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()]
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    lines = [line for line in stderr.strip().splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 1 and "Traceback" not in stderr and len(lines) == 1, stderr[-3000:]
+    assert "was killed by SIGKILL" in lines[0] and "--resume" in lines[0]

@@ -160,6 +160,7 @@ def test_two_nodes_on_this_machine_train_what_two_processes_train(runs):
     (["--nnodes", "2", "--node-rank", "2", "--master-addr", "127.0.0.1"], "--node-rank 2: must be below --nnodes 2"),
     (["--nnodes", "2", "--node-rank", "1"], "--nnodes 2: every node needs --master-addr"),
     (["--num-processes", "2", "--smoke", "--set", "train.distributed=fsdp"], "--smoke with train.distributed: fsdp"),
+    (["--master-addr", "127.0.0.1"], "--master-addr 127.0.0.1: only with --nnodes above 1"),
 ])
 def test_bad_launch_flags_are_one_line_exit_2(tmp_path, tiny_dir, args, says):
     done = subprocess.run(_peft(_recipe(tmp_path, tiny_dir), *args), capture_output=True, text=True, env=_env())
@@ -269,3 +270,53 @@ def test_every_method_sharded_gives_the_whole_models_loss_gradients_and_file(tmp
         assert "error" not in r, (case, r)
         assert r["keys"] and r["file_keys"] and r["sharded"], (case, r)  # every parameter a shard, the file whole
         assert r["loss_diff"] < 1e-5 and r["grad_diff"] < 1e-5 and r["file_diff"] == 0, (case, r)
+
+
+def test_nodes_that_train_different_recipes_or_data_are_refused(tiny_dir, tmp_path, monkeypatch):
+    # seen in a trial: node 1 started with --set train.lr=0.5 trained its FSDP shards at that rate and
+    # the run finished with a mixed adapter; now every process compares what it trains with process 0
+    import torch.distributed as dist
+
+    from peftcli import prepare, trainer
+    from peftcli.errors import UserError
+    from peftcli.recipe import load_recipe
+
+    recipe = load_recipe(_recipe(tmp_path, tiny_dir))
+    prepared = prepare.load(recipe)
+
+    class TwoProcesses:
+        num_processes = 2
+
+    def gather(node1_recipe, node1_drops=0):
+        def all_gather_object(out, mine):
+            out[0] = mine
+            theirs = trainer._flat(node1_recipe.model_dump(mode="json"))
+            out[1] = {**{k: v for k, v in theirs.items() if not k.startswith("output.")},
+                      "train examples": mine["train examples"] - node1_drops, "train tokens": mine["train tokens"]}
+        return all_gather_object
+
+    monkeypatch.setattr(dist, "all_gather_object", gather(recipe))
+    trainer._check_same_run_everywhere(TwoProcesses(), recipe, prepared)  # the same run: nothing said
+    other = recipe.model_copy(deep=True)
+    other.train.lr = 0.5
+    monkeypatch.setattr(dist, "all_gather_object", gather(other))
+    with pytest.raises(UserError, match="process 1 does not train what process 0 trains: train.lr is 0.5 there"):
+        trainer._check_same_run_everywhere(TwoProcesses(), recipe, prepared)
+    monkeypatch.setattr(dist, "all_gather_object", gather(recipe, node1_drops=1))
+    with pytest.raises(UserError, match="train examples is"):
+        trainer._check_same_run_everywhere(TwoProcesses(), recipe, prepared)
+
+
+def test_resume_on_another_number_of_processes_is_refused(tmp_path):
+    # a step takes processes x grad_accum micro-batches: resuming on fewer would halve every step from there on
+    from types import SimpleNamespace
+
+    from peftcli import trainer
+    from peftcli.errors import UserError
+
+    saved = SimpleNamespace(rng=[torch.get_rng_state()] * 2)
+    trainer._check_resumed_processes(saved, 2, tmp_path)
+    with pytest.raises(UserError, match="written by 2 process.*this run has 1.*resume with --num-processes 2"):
+        trainer._check_resumed_processes(saved, 1, tmp_path)
+    with pytest.raises(UserError, match="resume with one process"):
+        trainer._check_resumed_processes(SimpleNamespace(rng=[torch.get_rng_state()]), 2, tmp_path)

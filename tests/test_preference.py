@@ -400,3 +400,26 @@ def test_dpo_on_two_processes_equals_one_process_with_double_accumulation(tmp_pa
     steps = {run: [e for e in read_events(tmp_path / run / "metrics.jsonl") if e.get("event") == "train"] for run in ("two", "one")}
     for key in ("loss", "rewards/margins", "rewards/accuracy"):
         assert [e[key] for e in steps["two"]] == pytest.approx([e[key] for e in steps["one"]], abs=1e-5), key
+
+
+def test_generate_sends_a_prompt_the_way_the_pairs_gave_theirs(tmp_path, tok):
+    # seen in a trial: a DPO run on chat-message prompts was queried with the raw text (no chat
+    # template), a format it never trained on
+    from peftcli.data import generation_prompt, prompt_ids
+    from peftcli.errors import UserError
+    from peftcli.recipe import validate
+
+    def recipe_on(rows):
+        data = write_jsonl(tmp_path / f"pairs{len(rows)}-{rows[0]['chosen']}.jsonl", rows)
+        return validate({"model": {"name_or_path": "smollm2-135m"}, "method": {"name": "lora"},
+                         "data": {"train": {"path": str(data), "format": "preference"}}, "train": {"objective": "dpo"}})
+
+    chat_rows = [r for r in PAIRS if isinstance(r["prompt"], list)]
+    text_rows = [r for r in PAIRS if isinstance(r["prompt"], str)]
+    asked = "reverse the word cat"
+    want_chat = tok.apply_chat_template([{"role": "user", "content": asked}], add_generation_prompt=True, tokenize=False)
+    assert tok.decode(generation_prompt(asked, recipe_on(chat_rows), tok)) == want_chat
+    assert generation_prompt(asked, recipe_on(text_rows), tok) == prompt_ids({"prompt": asked, "completion": ""}, "completion", tok)
+    with pytest.raises(UserError, match="both chat and text prompts; pass --raw"):
+        generation_prompt(asked, recipe_on(PAIRS), tok)
+    assert generation_prompt(asked, recipe_on(PAIRS), tok, raw=True) == asked
