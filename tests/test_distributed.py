@@ -79,7 +79,8 @@ def test_a_data_error_in_the_workers_is_one_line_exit_2(tmp_path, tiny_dir):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "train.jsonl:2" in lines[0], done.stderr
 
 
-def test_sigterm_to_the_parent_checkpoints_every_process_and_says_how_to_resume(tmp_path, tiny_dir):
+def _long_run_after_its_first_step(tmp_path, tiny_dir) -> tuple[subprocess.Popen, object]:
+    """A 2-process run of (nearly) endless steps, returned once its first step is logged; and its run dir."""
     recipe = _recipe(tmp_path, tiny_dir)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     run = tmp_path / "run"
@@ -90,6 +91,11 @@ def test_sigterm_to_the_parent_checkpoints_every_process_and_says_how_to_resume(
     while not ((run / "metrics.jsonl").exists() and '"event": "train"' in (run / "metrics.jsonl").read_text()):
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "no step"
         time.sleep(0.05)
+    return proc, run
+
+
+def test_sigterm_to_the_parent_checkpoints_every_process_and_says_how_to_resume(tmp_path, tiny_dir):
+    proc, run = _long_run_after_its_first_step(tmp_path, tiny_dir)
     proc.send_signal(signal.SIGTERM)  # to the parent only, as a CI timeout does
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr
@@ -103,16 +109,7 @@ def test_sigterm_to_the_parent_checkpoints_every_process_and_says_how_to_resume(
 def test_a_worker_killed_from_outside_is_one_line(tmp_path, tiny_dir):
     # the OOM killer's SIGKILL to one worker: the other stopped on the lost connection with a
     # 128-line gloo traceback and exit 1; now the launcher names the process and the signal
-    recipe = _recipe(tmp_path, tiny_dir)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "peftcli.cli", "train", recipe, "--num-processes", "2", "--output-dir", str(run),
-                             "--set", "train.max_steps=100000", "--set", "train.save_every=0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 120
-    while not ((run / "metrics.jsonl").exists() and '"event": "train"' in (run / "metrics.jsonl").read_text()):
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "no step"
-        time.sleep(0.05)
+    proc, _ = _long_run_after_its_first_step(tmp_path, tiny_dir)
     workers = [int(p) for p in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()]
     assert len(workers) == 2
     os.kill(workers[1], signal.SIGKILL)
