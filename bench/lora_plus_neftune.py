@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from measure import run_measured
+from measure import replace_marked_block, run_measured
 
 ROOT = Path(__file__).resolve().parent.parent
 PEFT = [sys.executable, "-m", "peftcli.cli"]
@@ -105,13 +105,11 @@ BEGIN, END = "<!-- plus:begin -->", "<!-- plus:end -->"
 
 def write_doc(rows: list[dict], meta: dict) -> None:
     """Replace the block between the plus markers of docs/methods.md with the table."""
-    text = DOC.read_text()
-    head, rest = text.split(BEGIN, 1)
-    block = (f"{BEGIN}\n_Measured {meta['date']} at commit {meta['commit']} on {meta['machine']} with "
-             f"`OMP_NUM_THREADS=1 python bench/lora_plus_neftune.py`: the demo recipe (LoRA r=16, all-linear, 40 steps of 8 "
-             f"rows, lr 2e-3 cosine, warmup 4, seed 0), in-run eval every {meta['eval_every']} steps on the first 50 "
-             f"held-out rows; target: {meta['target_rule']}._\n\n{table(rows, meta['target'], meta['early'])}\n{END}")
-    DOC.write_text(head + block + rest.split(END, 1)[1])
+    replace_marked_block(DOC, BEGIN, END, (
+        f"_Measured {meta['date']} at commit {meta['commit']} on {meta['machine']} with "
+        f"`OMP_NUM_THREADS=1 python bench/lora_plus_neftune.py`: the demo recipe (LoRA r=16, all-linear, 40 steps of 8 "
+        f"rows, lr 2e-3 cosine, warmup 4, seed 0), in-run eval every {meta['eval_every']} steps on the first 50 "
+        f"held-out rows; target: {meta['target_rule']}._\n\n{table(rows, meta['target'], meta['early'])}"))
 
 
 def main() -> None:

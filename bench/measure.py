@@ -28,3 +28,17 @@ def run_measured(cmd: list[str], log: Path, env: dict | None = None) -> dict:
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(map(str, cmd))}\n  see {log}")
     return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_gib": usage.ru_maxrss / 2**20}  # KiB on Linux
+
+
+def replace_marked_block(doc: Path, begin: str, end: str, body: str) -> None:
+    """Rewrite ``doc`` with the text between its ``begin`` and ``end`` markers replaced by ``body``
+    (the markers kept): how a bench script puts its measured table into the docs.
+
+    Raises:
+        SystemExit: ``doc`` lacks one of the markers.
+    """
+    text = doc.read_text()
+    if begin not in text or end not in text:
+        raise SystemExit(f"{doc}: markers {begin} / {end} not found")
+    head, rest = text.split(begin, 1)
+    doc.write_text(f"{head}{begin}\n{body}\n{end}{rest.split(end, 1)[1]}")

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from measure import run_measured
+from measure import replace_marked_block, run_measured
 
 ROOT = Path(__file__).resolve().parent.parent
 PEFT = [sys.executable, "-m", "peftcli.cli"]
@@ -99,14 +99,10 @@ def table(rows: list[dict], meta: dict) -> str:
 
 def write_doc(rows: list[dict], meta: dict) -> None:
     """Replace the comparison block of docs/methods.md with the measured table."""
-    text = DOC.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{DOC}: markers {BEGIN} / {END} not found")
-    block = (f"{BEGIN}\n_Measured {meta['date']} on {meta['machine']} with `python bench/methods.py`; "
-             f"{meta['steps']} steps of {meta['examples_per_step']} examples each, the recipes' own learning rates "
-             f"and `mixed_precision: auto` ({meta['mixed_precision']})._\n\n{table(rows, meta)}\n{END}")
-    head, rest = text.split(BEGIN, 1)
-    DOC.write_text(head + block + rest.split(END, 1)[1])
+    replace_marked_block(DOC, BEGIN, END, (
+        f"_Measured {meta['date']} on {meta['machine']} with `python bench/methods.py`; "
+        f"{meta['steps']} steps of {meta['examples_per_step']} examples each, the recipes' own learning rates "
+        f"and `mixed_precision: auto` ({meta['mixed_precision']})._\n\n{table(rows, meta)}"))
 
 
 def main() -> None:
