@@ -561,7 +561,7 @@ def _restore(saved, optimizer, scheduler, rank: int = 0, sharded: bool = False) 
     else:
         optimizer.load_state_dict(saved.optimizer)
     scheduler.load_state_dict(saved.scheduler)
-    torch.set_rng_state(saved.rng[rank] if rank < len(saved.rng) else saved.rng[0])
+    torch.set_rng_state(saved.rng[rank])  # one state per process: _check_resumed_processes came first
     return saved.step, saved.position, saved.progress
 
 
